@@ -1,0 +1,47 @@
+# effllm — `make reproduce` (tiny profile, CPU, offline) and `make test` work from a fresh clone with Python 3.10+.
+PYTHON ?= python3
+PROFILE ?= tiny
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. On a GPU host use e.g.
+#   make reproduce PROFILE=gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help install reproduce test lab figures bench clean
+
+help:
+	@echo "make reproduce [PROFILE=tiny|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
+	@echo "make test       the test suite (CPU, offline)"
+	@echo "make lab        JupyterLab with the project's kernel"
+	@echo "make figures    re-draw every figure from stored records"
+	@echo "make clean      remove outputs/ and the venv"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+reproduce: $(STAMP)
+	$(PY) -m effllm_utils.reproduce --profile $(PROFILE) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+figures: $(STAMP)
+	$(PY) -m effllm_utils.figures --profile $(PROFILE)
+
+lab: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[lab]"
+	$(PY) -m ipykernel install --sys-prefix --name effllm --display-name "effllm (.venv)"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf outputs $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,45 @@
+"""effllm_utils: the package behind the effllm notebooks (telemetry, metrics, run records, data, plots)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+PROFILES = ("tiny", "gpu", "paper")
+# Every study, in the order `make reproduce` runs them. Names are stable ids (params, records, figures).
+STUDIES = ("hardware", "attention", "positional_encoding", "moe", "attention_free", "depth_width",
+           "peft", "quantization", "lvm", "vlm", "paper_figures")
+
+
+def repo_root() -> Path:
+    """The effllm checkout (holds notebooks/ and params/); override with $EFFLLM_ROOT."""
+    if "EFFLLM_ROOT" in os.environ:
+        return Path(os.environ["EFFLLM_ROOT"]).resolve()
+    return Path(__file__).resolve().parents[1]
+
+
+def outputs_dir(profile: str) -> Path:
+    """outputs/<profile>/ (records, executed notebooks, figures, tables); override the root with $EFFLLM_OUTPUTS."""
+    check_profile(profile)
+    root = Path(os.environ["EFFLLM_OUTPUTS"]) if "EFFLLM_OUTPUTS" in os.environ else repo_root() / "outputs"
+    return root / profile
+
+
+def cache_dir() -> Path:
+    """Where derived artefacts that are expensive to rebuild live (tokenizers); override with $EFFLLM_CACHE."""
+    path = Path(os.environ.get("EFFLLM_CACHE", Path.home() / ".cache" / "effllm"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def check_profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return profile
+
+
+def check_study(study: str) -> str:
+    if study not in STUDIES:
+        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    return study

@@ -1,0 +1,175 @@
+"""Data: the embedded public-domain corpus and tokenizer (`tiny`), and Hub dataset loaders (`gpu`, `paper`).
+
+Embedded corpus: 42 Shakespeare works and 4 Milton works from Project Gutenberg, shipped compressed in
+`effllm_utils/data/corpus.jsonl.xz` (provenance: scripts/prepare_corpus.py and data/CORPUS_PROVENANCE.json).
+Splits are per document: the last `VALID_FRACTION` of every work (cut at a line break) is validation, the rest
+train, so both splits see every author and genre and no text is in both. `domain="milton"` is the held-out domain.
+
+Tokenizer: byte-level BPE trained with `tokenizers` on the train split of the whole corpus, cached under
+$EFFLLM_CACHE/tokenizers/, returned as a `transformers.PreTrainedTokenizerFast`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import lzma
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+from . import cache_dir
+
+VALID_FRACTION = 0.05
+DOMAINS = ("shakespeare", "milton")
+SPECIAL_TOKENS = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>", "unk_token": "<|unk|>"}
+
+
+@functools.lru_cache(maxsize=1)
+def _documents_raw() -> bytes:
+    return lzma.decompress(resources.files("effllm_utils").joinpath("data/corpus.jsonl.xz").read_bytes())
+
+
+def documents(domain: str | None = None) -> list[dict]:
+    """Every embedded work as {id, title, author, domain, text}; `domain` filters ('shakespeare' or 'milton')."""
+    if domain is not None and domain not in DOMAINS:
+        raise ValueError(f"unknown corpus domain {domain!r}; choose one of {', '.join(DOMAINS)}")
+    docs = [json.loads(line) for line in _documents_raw().decode().splitlines()]
+    return [d for d in docs if domain is None or d["domain"] == domain]
+
+
+def _split_point(text: str) -> int:
+    cut = int(len(text) * (1 - VALID_FRACTION))
+    nl = text.rfind("\n", 0, cut)
+    return nl + 1 if nl > 0 else cut
+
+
+def corpus_text(split: str, domain: str | None = "shakespeare") -> str:
+    """The concatenated text of one split ('train' or 'validation') of one domain (None: both domains)."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'validation'")
+    parts = []
+    for d in documents(domain):
+        cut = _split_point(d["text"])
+        parts.append(d["text"][:cut] if split == "train" else d["text"][cut:])
+    return "\n\n".join(parts)
+
+
+def corpus_sha256() -> str:
+    return hashlib.sha256(_documents_raw()).hexdigest()
+
+
+def train_tokenizer(vocab_size: int = 4096, min_frequency: int = 2, texts: Iterator[str] | None = None):
+    """Train a byte-level BPE tokenizer (no caching) and wrap it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be at least 300 (256 bytes + specials + merges), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    if texts is None:
+        texts = iter([corpus_text("train", None)])
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+
+
+def tokenizer(vocab_size: int = 4096):
+    """The suite's tokenizer for the embedded corpus, trained once and cached (keyed by corpus and vocab size)."""
+    from transformers import PreTrainedTokenizerFast
+
+    path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{corpus_sha256()[:12]}"
+    if not (path / "tokenizer.json").is_file():
+        tok = train_tokenizer(vocab_size)
+        tmp = path.with_name(path.name + ".partial")
+        tok.save_pretrained(tmp)
+        tmp.replace(path) if not path.exists() else None
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def token_ids(split: str, tok, domain: str | None = "shakespeare"):
+    """The split encoded as one flat int64 tensor (documents joined by EOS), for LM training and perplexity."""
+    import torch
+
+    ids: list[int] = []
+    for d in documents(domain):
+        cut = _split_point(d["text"])
+        ids += tok(d["text"][:cut] if split == "train" else d["text"][cut:])["input_ids"] + [tok.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hub datasets for the gpu / paper profiles
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    key: str
+    path: str
+    config: str | None
+    split: str
+    prompt: str  # column holding the text (pretraining) or the instruction (SFT)
+    responses: tuple[str, ...]  # SFT answer columns, joined; empty for plain text
+    note: str
+
+    def to_text(self, row: dict) -> str:
+        if not self.responses:
+            return str(row[self.prompt])
+        body = "\n\n".join(str(row[k]) for k in self.responses if row.get(k))
+        return f"### Instruction:\n{row[self.prompt]}\n\n### Response:\n{body}"
+
+
+HUB_DATASETS: dict[str, HubDataset] = {d.key: d for d in [
+    HubDataset("fineweb_edu", "HuggingFaceFW/fineweb-edu", "sample-10BT", "train", "text", (),
+               "pretraining corpus of the paper (its 10B-token sample)"),
+    HubDataset("openo1_sft", "O1-OPEN/OpenO1-SFT", None, "train", "instruction", ("output",),
+               "the paper's general fine-tuning set (Table 7)"),
+    HubDataset("medical_o1", "FreedomIntelligence/medical-o1-reasoning-SFT", "en", "train", "Question",
+               ("Complex_CoT", "Response"), "the paper's domain fine-tuning set (Table 8)"),
+]}
+
+
+class DatasetUnavailable(RuntimeError):
+    """A Hub dataset needed by a profile cannot be loaded (offline, not cached, or not accessible)."""
+
+
+def load_hub_dataset(key: str, limit: int | None = None, streaming: bool = False, data_files: str | None = None):
+    """A Hub dataset by its effllm key, with a `text` column added (the formatted training text).
+
+    data_files: load a local copy instead (JSON/JSONL/Parquet/CSV with the Hub dataset's columns) — for
+    air-gapped clusters, and how the tests exercise this code. Offline or unreachable: DatasetUnavailable with one
+    line saying what to do."""
+    import datasets
+
+    if key not in HUB_DATASETS:
+        raise ValueError(f"unknown dataset {key!r}; choose one of {', '.join(HUB_DATASETS)}")
+    spec = HUB_DATASETS[key]
+    split = spec.split if limit is None or streaming else f"{spec.split}[:{limit}]"
+    try:
+        if data_files:
+            fmt = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(Path(data_files).suffix)
+            if fmt is None:
+                raise ValueError(f"data_files {data_files!r}: use a .jsonl, .json, .parquet or .csv file")
+            ds = datasets.load_dataset(fmt, data_files=data_files, split=split, streaming=streaming)
+        else:
+            ds = datasets.load_dataset(spec.path, spec.config, split=split, streaming=streaming)
+    except (ConnectionError, OSError, FileNotFoundError) as e:
+        where = data_files or f"{spec.path}" + (f" ({spec.config})" if spec.config else "")
+        raise DatasetUnavailable(
+            f"dataset {key!r} ({where}) could not be loaded: {type(e).__name__}: {str(e).splitlines()[0][:200]} — "
+            f"the gpu/paper profiles need it: run with network access to the Hugging Face Hub, pre-download it into "
+            f"$HF_HOME, or pass a local copy with data_files=") from None
+    if streaming and limit is not None:
+        ds = ds.take(limit)
+    missing = [c for c in (spec.prompt, *spec.responses) if c not in (ds.column_names or [])]
+    if missing:
+        raise DatasetUnavailable(f"dataset {key!r}: columns {missing} missing (has {ds.column_names}); "
+                                 f"is this the right dataset?")
+    return ds.map(lambda row: {"text": spec.to_text(row)})
+

@@ -1,0 +1,159 @@
+"""`make reproduce`: run every study notebook of a profile in batch with papermill.
+
+    python -m effllm_utils.reproduce --profile tiny [--only hardware,attention] [--dry-run] [--force]
+
+Each study's `params/<profile>/<study>.yaml` is validated against its notebook's parameters cell first; each
+notebook runs in its own kernel with a per-cell timeout and is written, executed, to
+outputs/<profile>/notebooks/<study>.ipynb. A failing notebook is reported (cell and error) and the batch goes on;
+the summary table ends the run, and the exit status is 1 if any study failed. Records are written atomically by the
+notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import PROFILES, STUDIES, outputs_dir, repo_root
+from .params import ParamsError, notebook_path, study_params
+from .runs import atomic_write_text
+
+
+@dataclass
+class Outcome:
+    study: str
+    status: str  # ok | failed | planned
+    seconds: float = 0.0
+    detail: str = ""
+    notebook: str = ""
+
+
+def manifest(root: Path) -> list[str]:
+    """Studies with a notebook, in the canonical order (hardware first: the others use its measured peak)."""
+    return [s for s in STUDIES if notebook_path(s, root).is_file()]
+
+
+def select(only: str | None, root: Path) -> list[str]:
+    available = manifest(root)
+    if not only:
+        return available
+    chosen = [s.strip() for s in only.split(",") if s.strip()]
+    for s in chosen:
+        if s not in STUDIES:
+            raise ValueError(f"unknown study {s!r} in --only; known studies: {', '.join(STUDIES)}")
+        if s not in available:
+            raise ValueError(f"study {s!r} has no notebook yet ({notebook_path(s, root)})")
+    return [s for s in available if s in chosen]
+
+
+def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None) -> Outcome:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    t0 = time.perf_counter()
+    try:
+        values = study_params(study, profile, root)
+    except ParamsError as e:
+        return Outcome(study, "failed", 0.0, f"params: {e}")
+    out_dir = outputs_dir(profile) / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{study}.ipynb"
+    partial = out_dir / f".{study}.partial.ipynb"
+    try:
+        papermill.execute_notebook(
+            str(notebook_path(study, root)), str(partial), parameters={**values, "profile": profile, "force": force},
+            kernel_name=kernel, execution_timeout=timeout_s, progress_bar=False, log_output=False, cwd=str(root))
+        outcome = Outcome(study, "ok", time.perf_counter() - t0, "", str(final))
+    except PapermillExecutionError as e:
+        detail = f"cell {e.exec_count}: {e.ename}: {e.evalue}".strip()
+        outcome = Outcome(study, "failed", time.perf_counter() - t0, detail, str(final))
+    except Exception as e:  # noqa: BLE001 - kernel death, timeout, bad notebook: report and go on
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        outcome = Outcome(study, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {first}"[:500],
+                          str(final))
+    if partial.exists():
+        partial.replace(final)  # the executed notebook, failed cells included, for inspection
+    return outcome
+
+
+def _table(outcomes: list[Outcome]) -> str:
+    rows = [("study", "status", "time", "detail")] + [(o.study, o.status, f"{o.seconds:.1f}s", o.detail)
+                                                      for o in outcomes]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]}" for r in rows)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m effllm_utils.reproduce", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "tiny"), help=f"one of {', '.join(PROFILES)}")
+    ap.add_argument("--only", help="comma-separated studies to run (default: every study with a notebook)")
+    ap.add_argument("--dry-run", action="store_true", help="validate params and print the plan; run nothing")
+    ap.add_argument("--force", action="store_true", help="re-run techniques whose records exist")
+    ap.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout in seconds")
+    ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's, python3)")
+    ap.add_argument("--root", type=Path, default=None, help="effllm checkout holding notebooks/ and params/")
+    args = ap.parse_args(argv)
+    if args.root:
+        os.environ["EFFLLM_ROOT"] = str(args.root.resolve())  # kernels inherit it
+    root = repo_root()
+    try:
+        if args.profile not in PROFILES:
+            raise ValueError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+        studies = select(args.only, root)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not studies:
+        print(f"error: no study notebooks under {root / 'notebooks'}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        bad = 0
+        for s in studies:
+            try:
+                values = study_params(s, args.profile, root)
+                print(f"{s}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
+            except ParamsError as e:
+                bad += 1
+                print(f"{s}: error: {e}")
+        return 1 if bad else 0
+
+    from tqdm.auto import tqdm
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    outcomes: list[Outcome] = []
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    try:
+        bar = tqdm(studies, desc=f"reproduce[{args.profile}]", unit="study", file=sys.stderr)
+        for s in bar:
+            bar.set_postfix_str(s)
+            o = run_study(s, args.profile, root, args.force, args.timeout, args.kernel)
+            outcomes.append(o)
+            if o.status != "ok":
+                tqdm.write(f"FAILED {s}: {o.detail}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during {s!r}: finished records are kept and nothing half-written remains; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
+    summary = {"profile": args.profile, "started_at": started, "force": args.force,
+               "studies": [asdict(o) for o in outcomes]}
+    atomic_write_text(outputs_dir(args.profile) / "reproduce_summary.json", json.dumps(summary, indent=1) + "\n")
+    print("\n" + _table(outcomes))
+    failed = [o.study for o in outcomes if o.status != "ok"]
+    print(f"\n{len(outcomes) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+          + f"; executed notebooks in {outputs_dir(args.profile) / 'notebooks'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

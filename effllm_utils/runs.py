@@ -1,0 +1,294 @@
+"""Run records: one JSON file per (study, technique, scale, params), written atomically.
+
+    rec = runs.execute(study="hardware", technique="matmul_fp32", profile="tiny", params=P, fn=measure)
+    df = runs.load_runs("tiny", study="hardware")     # one row per record, metrics as columns
+
+`fn()` returns a dict with any of `metrics` (keys from effllm_utils.metrics.METRICS, units in the key), `quality`
+and `artifacts` (curves, per-sample lists). A record that exists with status "ok" is skipped (returned as loaded)
+unless `force`; a failed record is retried. An exception in `fn` writes a record with status "failed" and the error
+(so a batch goes on); KeyboardInterrupt/SystemExit write nothing, and since every write is a temp file + rename, an
+interrupted run never leaves a half-written record: the next run resumes with what is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from . import check_profile, check_study, outputs_dir, repo_root
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed")
+_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "papermill", "nvidia-ml-py", "gptqmodel",
+             "torchao", "datasets", "tokenizers")
+
+
+@dataclasses.dataclass
+class RunRecord:
+    run_id: str
+    study: str
+    technique: str
+    profile: str
+    scale: str = ""
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    quality: dict[str, Any] = dataclasses.field(default_factory=dict)
+    artifacts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    status: str = "ok"
+    error: str | None = None
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)
+    started_at: str = ""
+    duration_s: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True, default=_jsonable, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<string>") -> "RunRecord":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: not a valid run record (JSON error: {e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: not a valid run record (top level is {type(data).__name__}, not an object)")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"{source}: run record schema version {version!r}, this effllm reads "
+                             f"{SCHEMA_VERSION}; re-run the study with --force to rewrite it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown run record field(s) {unknown}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                         and f.name not in data)
+        if missing:
+            raise ValueError(f"{source}: run record lacks field(s) {missing}")
+        return cls(**data)
+
+    def flat(self) -> dict[str, Any]:
+        """One DataFrame row: identity columns, then metrics and quality by key, params as `param.<k>`,
+        environment as `env.<k>` (artifacts stay in the record: they are lists, not cells)."""
+        row = {k: getattr(self, k) for k in ("run_id", "study", "technique", "scale", "profile", "status", "error",
+                                             "started_at", "duration_s")}
+        row.update(self.metrics)
+        row.update(self.quality)
+        row.update({f"param.{k}": _cell(v) for k, v in self.params.items()})
+        row.update({f"env.{k}": _cell(v) for k, v in self.environment.items()})
+        return row
+
+
+def _cell(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+
+
+def _jsonable(o: Any) -> Any:
+    """JSON fallback for numpy scalars/arrays, paths and tensors found in metrics."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"cannot store {type(o).__name__} in a run record")
+
+
+def _finite(o: Any) -> Any:
+    """NaN/inf are not JSON: store them as None (a missing measurement), never as a fake number."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if hasattr(o, "item") and getattr(o, "ndim", None) == 0:  # numpy / torch scalar
+        return _finite(o.item())
+    return o
+
+
+# -- identity and paths ------------------------------------------------------------------------------------------
+
+def params_hash(params: dict[str, Any]) -> str:
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def make_run_id(study: str, technique: str, params: dict[str, Any], scale: str = "") -> str:
+    """Deterministic id: study, technique, scale and a hash of the params (same inputs -> same id)."""
+    parts = [study, technique] + ([scale] if scale else []) + [params_hash(params)]
+    return "--".join(_slug(p) for p in parts)
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in str(s))
+
+
+def runs_dir(profile: str, study: str | None = None) -> Path:
+    base = outputs_dir(profile) / "runs"
+    return base / check_study(study) if study else base
+
+
+def record_path(profile: str, study: str, run_id: str) -> Path:
+    return runs_dir(profile, study) / f"{run_id}.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(rec: RunRecord) -> Path:
+    if rec.status not in STATUSES:
+        raise ValueError(f"record status must be one of {STATUSES}, not {rec.status!r}")
+    path = record_path(rec.profile, rec.study, rec.run_id)
+    rec.metrics, rec.quality, rec.artifacts = _finite(rec.metrics), _finite(rec.quality), _finite(rec.artifacts)
+    atomic_write_text(path, rec.to_json() + "\n")
+    return path
+
+
+def read_record(path: Path) -> RunRecord:
+    return RunRecord.from_json(Path(path).read_text(), source=str(path))
+
+
+# -- environment ------------------------------------------------------------------------------------------------
+
+def _git(*args: str) -> str | None:
+    try:
+        r = subprocess.run(["git", *args], cwd=repo_root(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _static_environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "hostname": platform.node(), "cpu_model": _cpu_model(), "cpu_count": os.cpu_count()}
+    for pkg in _PACKAGES:
+        try:
+            env[f"{pkg}_version"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            env[f"{pkg}_version"] = None
+    env.update(device_info())
+    return env
+
+
+def device_info() -> dict[str, Any]:
+    """device ('cuda:0 NVIDIA H100 80GB HBM3' or the CPU model), device_name, driver and CUDA versions."""
+    info: dict[str, Any] = {"device_type": "cpu", "device_name": _cpu_model(), "driver_version": None,
+                            "cuda_version": None, "gpu_count": 0}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info.update(device_type="cuda", device_name=torch.cuda.get_device_name(0),
+                        cuda_version=torch.version.cuda, gpu_count=torch.cuda.device_count())
+            import pynvml
+
+            pynvml.nvmlInit()
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            info["driver_version"] = drv.decode() if isinstance(drv, bytes) else drv
+    except Exception as e:  # noqa: BLE001 - environment capture must never fail a run
+        info["device_probe_error"] = f"{type(e).__name__}: {e}"
+    return info
+
+
+def environment() -> dict[str, Any]:
+    """What produced a record: git sha + dirty flag, versions, device, driver, CPU model."""
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_sha": sha, "git_dirty": (bool(status) if status is not None else None), **_static_environment()}
+
+
+# -- running ----------------------------------------------------------------------------------------------------
+
+def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]],
+            scale: str = "", force: bool = False, verbose: bool = True) -> RunRecord:
+    """Run `fn` once for (study, technique, scale, params) and store its record; skip if an ok record exists."""
+    check_study(study)
+    check_profile(profile)
+    run_id = make_run_id(study, technique, params, scale)
+    path = record_path(profile, study, run_id)
+    if path.exists() and not force:
+        rec = read_record(path)
+        if rec.status == "ok":
+            if verbose:
+                print(f"[skip] {run_id}: record exists (force=True to re-run)")
+            return rec
+    rec = RunRecord(run_id=run_id, study=study, technique=technique, profile=profile, scale=scale,
+                    params=params, environment=environment(),
+                    started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    t0 = time.perf_counter()
+    try:
+        result = fn() or {}
+        unknown = set(result) - {"metrics", "quality", "artifacts"}
+        if unknown:
+            raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "
+                             f"use 'metrics', 'quality' and 'artifacts'")
+        rec.metrics = dict(result.get("metrics", {}))
+        rec.quality = dict(result.get("quality", {}))
+        rec.artifacts = dict(result.get("artifacts", {}))
+    except Exception as e:  # noqa: BLE001 - a failed run is recorded and the batch goes on
+        rec.status = "failed"
+        rec.error = f"{type(e).__name__}: {e}"
+        rec.artifacts = {"traceback": traceback.format_exc(limit=20)}
+        if verbose:
+            print(f"[failed] {run_id}: {rec.error}")
+    rec.duration_s = time.perf_counter() - t0
+    write_record(rec)
+    if verbose and rec.status == "ok":
+        print(f"[ok] {run_id} ({rec.duration_s:.1f} s)")
+    return rec
+
+
+def load_runs(profile: str, study: str | None = None, status: str | None = None):
+    """All records of a profile (optionally one study / one status) as a pandas DataFrame, one row each.
+
+    Leftover temp files of interrupted writes are ignored; a record that does not parse is an error naming it."""
+    import pandas as pd
+
+    base = runs_dir(profile, study)
+    paths = sorted(base.glob("*.json") if study else base.glob("*/*.json")) if base.is_dir() else []
+    rows = [read_record(p).flat() for p in paths]
+    cols = ["run_id", "study", "technique", "scale", "profile", "status", "error", "started_at", "duration_s"]
+    df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
+    if status is not None:
+        df = df[df["status"] == status].reset_index(drop=True)
+    return df
+
+
+def load_records(profile: str, study: str) -> list[RunRecord]:
+    """The records themselves (with artifacts such as curves), sorted by run_id."""
+    base = runs_dir(profile, study)
+    return [read_record(p) for p in sorted(base.glob("*.json"))] if base.is_dir() else []
