@@ -60,14 +60,14 @@ def _parse_types(annotation: str, default: Any, where: str) -> tuple[type, ...]:
     return (type(default),)
 
 
-def _assigned_names(nb_path: Path) -> list[str]:
+def _assigned_names(nb_path: Path) -> list[str] | None:
     """Names the parameters cell assigns, by Python's own parser (to catch lines papermill cannot parse)."""
     import nbformat
 
     nb = nbformat.read(str(nb_path), as_version=4)
     cell = next((c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if cell is None:
-        return []
+        return None
     names = []
     for node in ast.parse(cell.source).body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] \
@@ -91,9 +91,10 @@ def notebook_parameters(nb_path: str | Path) -> dict[str, ParamSpec]:
         except (ValueError, SyntaxError):
             raise ParamsError(f"{where}: default {p['default']!r} is not a plain literal") from None
         specs[name] = ParamSpec(name, _parse_types(p["inferred_type_name"], default, where), default, p["help"])
-    if not specs:
+    assigned = _assigned_names(nb_path)
+    if assigned is None:
         raise ParamsError(f"{nb_path}: no cell tagged 'parameters'")
-    lost = [n for n in _assigned_names(nb_path) if n not in specs]
+    lost = [n for n in assigned if n not in specs]
     if lost:
         raise ParamsError(f"{nb_path}: papermill cannot parse the parameters line(s) for {lost}; write each as "
                           f"`name: type = literal  # help` on one line, with no '=' in the comment")

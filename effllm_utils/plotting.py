@@ -40,33 +40,39 @@ def technique_color(technique: str) -> str:
     return PALETTE[int(hashlib.sha256(technique.encode()).hexdigest(), 16) % len(PALETTE)]
 
 
+# Output settings that make files reproducible and fonts editable, applied at save time whatever the style.
+_SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path", "svg.hashsalt": "effllm"}
+
+
 def use_style() -> None:
     """Apply the house style (call once per notebook; savefig applies it too)."""
     plt.rcParams.update({
-        "figure.figsize": (6.0, 3.6), "figure.dpi": 110, "savefig.dpi": 200, "savefig.bbox": "tight",
+        "figure.figsize": (6.0, 3.6), "figure.dpi": 110,
         "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
         "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-        "legend.frameon": False, "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO),
-        "pdf.fonttype": 42, "ps.fonttype": 42,  # embed TrueType, not Type 3
-        "svg.fonttype": "path", "svg.hashsalt": "effllm",  # deterministic SVG ids
+        "legend.frameon": False, "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO), **_SAVE_RC,
     })
+
+
+_SAVE_META = {"pdf": {"CreationDate": None, "ModDate": None, "Producer": "effllm", "Creator": "effllm"},
+              "svg": {"Date": None, "Creator": "effllm"}, "png": {"Software": "effllm"}}
 
 
 def savefig(fig, name: str, profile: str, formats: Sequence[str] = ("pdf", "png", "svg"),
             directory: Path | None = None) -> list[Path]:
-    """Write `fig` as outputs/<profile>/figures/<name>.{pdf,png,svg}; same figure -> same bytes (no timestamps)."""
-    use_style()
+    """Write `fig` as outputs/<profile>/figures/<name>.{pdf,png,svg}: TrueType fonts embedded in the PDF, no
+    timestamps, fixed SVG ids — the same figure gives the same bytes."""
+    bad = [f for f in formats if f not in _SAVE_META]
+    if bad:
+        raise ValueError(f"unknown figure format {bad[0]!r}; choose from {', '.join(_SAVE_META)}")
     out = directory or outputs_dir(profile) / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"pdf": {"CreationDate": None, "ModDate": None, "Producer": "effllm", "Creator": "effllm"},
-            "svg": {"Date": None, "Creator": "effllm"}, "png": {"Software": "effllm"}}
     paths = []
-    for fmt in formats:
-        if fmt not in meta:
-            raise ValueError(f"unknown figure format {fmt!r}; choose from {', '.join(meta)}")
-        path = out / f"{name}.{fmt}"
-        fig.savefig(path, format=fmt, metadata=meta[fmt])
-        paths.append(path)
+    with plt.rc_context(_SAVE_RC):
+        for fmt in formats:
+            path = out / f"{name}.{fmt}"
+            fig.savefig(path, format=fmt, metadata=_SAVE_META[fmt], dpi=200, bbox_inches="tight")
+            paths.append(path)
     return paths
 
 

@@ -71,7 +71,8 @@ def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int,
             kernel_name=kernel, execution_timeout=timeout_s, progress_bar=False, log_output=False, cwd=str(root))
         outcome = Outcome(study, "ok", time.perf_counter() - t0, "", str(final))
     except PapermillExecutionError as e:
-        detail = f"cell {e.exec_count}: {e.ename}: {e.evalue}".strip()
+        # exec_count is the In [n] label of the executed notebook (which includes papermill's injected cell)
+        detail = f"cell [{e.exec_count}]: {e.ename}: {e.evalue}".strip()
         outcome = Outcome(study, "failed", time.perf_counter() - t0, detail, str(final))
     except Exception as e:  # noqa: BLE001 - kernel death, timeout, bad notebook: report and go on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""

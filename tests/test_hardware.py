@@ -1,0 +1,31 @@
+import pytest
+
+from effllm_utils import hardware, metrics, runs
+
+
+def test_measurements_are_positive_and_shaped():
+    mm = hardware.matmul_sweep([32, 64], "fp32", "cpu", min_time_s=0.01, repeats=2)
+    assert mm["metrics"]["matmul_tflops"] > 0 and mm["artifacts"]["sizes"] == [32, 64]
+    assert mm["metrics"]["matmul_tflops"] == max(mm["artifacts"]["tflops_median"])
+    bw = hardware.memory_bandwidth(4, "cpu", min_time_s=0.01, repeats=2)
+    assert bw["metrics"]["mem_bw_gbs"] > 0
+    idle = hardware.idle_power(0.05, "cpu", 0.01)
+    assert idle["metrics"]["idle_power_w"] is None or idle["metrics"]["idle_power_w"] > 0
+    assert idle["metrics"]["idle_power_w"] is not None or idle["artifacts"]["energy_reason"]
+    ov = hardware.telemetry_overhead("cpu", 0.01, block_s=0.05, pairs=2, width=32, batch=4)
+    assert set(ov["metrics"]) >= {"telemetry_overhead_pct", "sampler_duty_pct", "step_s_on", "step_s_off"}
+    assert len(ov["artifacts"]["step_s_on"]) == 2 and 0 <= ov["metrics"]["sampler_duty_pct"] < 50
+    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+        hardware.matmul_tflops(8, "int3", "cpu")
+
+
+def test_measured_peak_is_used_for_devices_outside_the_table(outputs):
+    env = runs.environment()
+    rec = runs.execute("hardware", "matmul_fp32", "tiny", {}, lambda: {"metrics": {"matmul_tflops": 0.25}},
+                       verbose=False)
+    assert rec.status == "ok"
+    peaks = hardware.measured_peaks("tiny", env["device_name"])
+    assert peaks == {"fp32": 0.25}
+    value, source = metrics.peak_flops(env["device_name"], "fp32", measured=peaks)
+    assert value == pytest.approx(0.25e12) and "measured" in source
+    assert hardware.measured_peaks("tiny", "some other CPU") == {}

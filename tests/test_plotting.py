@@ -1,0 +1,50 @@
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from effllm_utils import plotting
+
+
+def _figure():
+    plotting.use_style()
+    fig, ax = plt.subplots()
+    plotting.bar(ax, ["mha", "gqa", "mqa"], [3.0, 2.0, 1.0], "AMU (GB)")
+    return fig
+
+
+def test_savefig_writes_deterministic_pdf_png_svg_with_truetype(outputs):
+    paths = plotting.savefig(_figure(), "demo", "tiny")
+    assert [p.suffix for p in paths] == [".pdf", ".png", ".svg"]
+    assert all(p.parent == outputs / "tiny" / "figures" for p in paths)
+    pdf = paths[0].read_bytes()
+    assert b"/FontFile2" in pdf and b"/Type3" not in pdf  # embedded TrueType, not Type 3
+    assert b"CreationDate" not in pdf
+    first = {p.suffix: p.read_bytes() for p in paths}
+    plotting.savefig(_figure(), "demo", "tiny")
+    assert {p.suffix: p.read_bytes() for p in paths} == first  # same figure, same bytes
+    with pytest.raises(ValueError, match="unknown figure format 'jpg'"):
+        plotting.savefig(_figure(), "demo", "tiny", formats=("jpg",))
+
+
+def test_technique_colours_fixed_and_distinct_within_a_study():
+    for group in plotting._GROUPS:
+        colours = [plotting.technique_color(t) for t in group]
+        assert len(set(colours)) == len(colours), group
+    assert plotting.technique_color("my_new_method") == plotting.technique_color("my_new_method")
+    assert plotting.technique_color("lora") == plotting.TECHNIQUE_COLORS["lora"]
+
+
+def test_pareto_front():
+    # (latency, loss): b dominates c; a and b trade off; d is dominated by a
+    x, y = [1, 2, 3, 1.5], [5, 3, 4, 6]
+    assert plotting.pareto_front(x, y) == [0, 1]
+    assert plotting.pareto_front([1, 2], [1, 2], y_better="higher") == [0, 1]
+
+
+def test_radar_normalises_each_metric(outputs):
+    fig = plt.figure()
+    ax = fig.add_subplot(projection="polar")
+    table = {"mha": {"amu_gb": 10, "al_s": 1.0}, "mqa": {"amu_gb": 5, "al_s": 2.0}}
+    plotting.radar(ax, table, ["amu_gb", "al_s"])
+    lines = {l.get_label(): l.get_ydata() for l in ax.get_lines()}
+    assert np.allclose(lines["mha"][:2], [0.1, 1.0]) and np.allclose(lines["mqa"][:2], [1.0, 0.1])

@@ -1,0 +1,128 @@
+"""The batch runner end to end on small fixture notebooks, each executed by papermill in its own kernel."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from effllm_utils import reproduce, runs
+
+PARAMS = 'profile: str = "tiny"  # profile\nforce: bool = False  # force\nfail: bool = False  # raise in the body\n' \
+         'sleep_s: float = 0.0  # pause between the two records\n'
+BODY = '''import os, time
+from effllm_utils import runs, params
+P = params.from_namespace(STUDY, globals())
+def measure(name):
+    with open(os.environ["EFFLLM_TEST_COUNTER"], "a") as f:
+        f.write(name + "\\n")
+    return {"metrics": {"al_s": 1.0}}
+runs.execute(STUDY, "first", profile, P, lambda: measure("first"), force=force)
+if fail or os.environ.get("EFFLLM_TEST_FAIL") == STUDY:
+    raise ValueError("boom in the study")
+time.sleep(sleep_s)
+runs.execute(STUDY, "second", profile, P, lambda: measure("second"), force=force)'''
+
+
+def make_study(root: Path, study: str, yaml_text: str = "") -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(PARAMS)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell(BODY.replace("STUDY", repr(study)))]
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
+    (root / "notebooks").mkdir(exist_ok=True)
+    nbformat.write(nb, root / "notebooks" / f"{study}.ipynb")
+    (root / "params" / "tiny").mkdir(parents=True, exist_ok=True)
+    (root / "params" / "tiny" / f"{study}.yaml").write_text(yaml_text)
+
+
+@pytest.fixture
+def root(tmp_path, outputs, monkeypatch):
+    monkeypatch.setenv("EFFLLM_TEST_COUNTER", str(tmp_path / "counter.txt"))
+    monkeypatch.delenv("EFFLLM_ROOT", raising=False)
+    r = tmp_path / "checkout"
+    r.mkdir()
+    return r
+
+
+def counter(root: Path) -> list[str]:
+    p = root.parent / "counter.txt"
+    return p.read_text().split() if p.exists() else []
+
+
+def test_batch_goes_on_after_a_failure_and_resumes(root, outputs, capsys, monkeypatch):
+    make_study(root, "hardware")
+    make_study(root, "attention")
+    monkeypatch.setenv("EFFLLM_TEST_FAIL", "attention")  # fails after its first record, same params next time
+    make_study(root, "moe", "sleep_s: fast\n")  # bad params: reported, batch goes on
+    code = reproduce.main(["--profile", "tiny", "--root", str(root)])
+    out = capsys.readouterr()
+    assert code == 1
+    lines = {line.split()[0]: line for line in out.out.splitlines() if line.strip()}
+    assert "failed" in lines["attention"] and "cell [3]: ValueError: boom in the study" in lines["attention"]
+    assert "failed" in lines["moe"] and "moe.yaml: key 'sleep_s' must be float, got str 'fast'" in lines["moe"]
+    assert "1 ok, 2 failed: attention, moe" in out.out
+    assert counter(root) == ["first", "second", "first"]
+    nb_dir = outputs / "tiny" / "notebooks"
+    assert sorted(p.name for p in nb_dir.iterdir()) == ["attention.ipynb", "hardware.ipynb"]  # no partials left
+    executed = nbformat.read(nb_dir / "hardware.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    summary = json.loads((outputs / "tiny" / "reproduce_summary.json").read_text())
+    assert [s["status"] for s in summary["studies"]] == ["ok", "failed", "failed"]
+
+    # second run: records that exist are skipped; only the failed study's missing record is retried
+    monkeypatch.delenv("EFFLLM_TEST_FAIL")
+    (root / "params" / "tiny" / "moe.yaml").write_text("")
+    assert reproduce.main(["--profile", "tiny", "--root", str(root)]) == 0
+    assert counter(root) == ["first", "second", "first", "second", "first", "second"]
+    assert len(runs.load_runs("tiny")) == 6
+    # --force re-runs everything of the selected study
+    assert reproduce.main(["--profile", "tiny", "--root", str(root), "--only", "hardware", "--force"]) == 0
+    assert counter(root)[-2:] == ["first", "second"] and len(counter(root)) == 8
+
+
+def test_cli_errors_and_dry_run(root, capsys):
+    make_study(root, "hardware", "sleep_s: 0.5\n")
+    assert reproduce.main(["--root", str(root), "--only", "atention"]) == 2
+    assert "unknown study 'atention' in --only" in capsys.readouterr().err
+    assert reproduce.main(["--root", str(root), "--only", "peft"]) == 2
+    assert "study 'peft' has no notebook yet" in capsys.readouterr().err
+    assert reproduce.main(["--root", str(root), "--profile", "huge"]) == 2
+    assert "unknown profile 'huge'" in capsys.readouterr().err
+    assert reproduce.main(["--root", str(root), "--dry-run"]) == 0
+    assert 'hardware: notebooks/hardware.ipynb with params/tiny/hardware.yaml {"sleep_s": 0.5}' in \
+        capsys.readouterr().out
+    (root / "params" / "tiny" / "hardware.yaml").write_text("slep_s: 1\n")
+    assert reproduce.main(["--root", str(root), "--dry-run"]) == 1
+    assert "unknown key 'slep_s'" in capsys.readouterr().out
+    assert counter(root) == []  # a dry run runs nothing
+
+
+def test_kill_leaves_no_half_written_record_and_the_next_run_resumes(root, outputs):
+    make_study(root, "hardware", "sleep_s: 60.0\n")
+    env = dict(os.environ, EFFLLM_OUTPUTS=str(outputs))
+    cmd = [sys.executable, "-m", "effllm_utils.reproduce", "--profile", "tiny", "--root", str(root)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = outputs / "tiny" / "runs" / "hardware"
+    deadline = time.time() + 120
+    while not (folder.is_dir() and any(folder.glob("*.json"))) and time.time() < deadline:
+        time.sleep(0.2)
+    assert counter(root) == ["first"]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command again to resume" in err
+    files = sorted(p.name for p in folder.iterdir())
+    assert len(files) == 1 and files[0].startswith("hardware--first--") and files[0].endswith(".json")
+    assert runs.read_record(folder / files[0]).status == "ok"
+
+    (root / "params" / "tiny" / "hardware.yaml").write_text("")
+    # a changed params file is a new run identity; resume with the same params instead:
+    (root / "params" / "tiny" / "hardware.yaml").write_text("sleep_s: 60.0\n")
+    nb = root / "notebooks" / "hardware.ipynb"
+    nb.write_text(nb.read_text().replace("time.sleep(sleep_s)", "pass"))
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    assert counter(root) == ["first", "second"]  # the first record was not measured again

@@ -1,0 +1,98 @@
+import json
+import os
+
+import pytest
+
+from effllm_utils import runs
+
+
+def test_run_id_is_deterministic_and_tracks_params():
+    a = runs.make_run_id("attention", "gqa", {"lr": 1e-3, "layers": 4}, scale="1M")
+    assert a == runs.make_run_id("attention", "gqa", {"layers": 4, "lr": 1e-3}, scale="1M")  # key order
+    assert a != runs.make_run_id("attention", "gqa", {"lr": 2e-3, "layers": 4}, scale="1M")
+    assert a.startswith("attention--gqa--1M--") and "/" not in runs.make_run_id("hardware", "x", {}, "a/b c")
+
+
+def test_execute_writes_skips_and_forces(outputs):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"metrics": {"al_s": 0.5, "nan_is_missing": float("nan")}, "artifacts": {"curve": [1.0, 2.0]}}
+
+    rec = runs.execute("hardware", "t1", "tiny", {"n": 1}, fn, verbose=False)
+    path = runs.record_path("tiny", "hardware", rec.run_id)
+    stored = json.loads(path.read_text())
+    assert stored["status"] == "ok" and stored["metrics"] == {"al_s": 0.5, "nan_is_missing": None}
+    assert stored["schema_version"] == runs.SCHEMA_VERSION and "git_sha" in stored["environment"]
+    assert {"torch_version", "device_name", "cpu_model", "git_dirty"} <= set(stored["environment"])
+    runs.execute("hardware", "t1", "tiny", {"n": 1}, fn, verbose=False)
+    assert len(calls) == 1  # skipped: the record exists
+    runs.execute("hardware", "t1", "tiny", {"n": 1}, fn, force=True, verbose=False)
+    assert len(calls) == 2
+
+
+def test_failed_run_is_recorded_and_retried(outputs):
+    def boom():
+        raise RuntimeError("CUDA out of memory")
+
+    rec = runs.execute("hardware", "t2", "tiny", {}, boom, verbose=False)
+    assert rec.status == "failed" and rec.error == "RuntimeError: CUDA out of memory"
+    assert "Traceback" in rec.artifacts["traceback"]
+    rec = runs.execute("hardware", "t2", "tiny", {}, lambda: {"metrics": {"al_s": 1.0}}, verbose=False)
+    assert rec.status == "ok"  # a failed record does not block a retry
+    with pytest.raises(ValueError, match="unknown study 'atention'"):
+        runs.execute("atention", "t", "tiny", {}, lambda: {}, verbose=False)
+    rec = runs.execute("hardware", "t3", "tiny", {}, lambda: {"metric": {}}, verbose=False)
+    assert rec.status == "failed" and "unknown section(s) ['metric']" in rec.error
+
+
+def test_interrupt_writes_nothing(outputs):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runs.execute("hardware", "t4", "tiny", {}, interrupted, verbose=False)
+    folder = runs.runs_dir("tiny", "hardware")
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    runs.atomic_write_text(path, "old")
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        runs.atomic_write_text(path, "new")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_load_runs_frame_and_bad_records(outputs):
+    assert runs.load_runs("tiny").empty
+    runs.execute("hardware", "a", "tiny", {"k": [1, 2]}, lambda: {"metrics": {"al_s": 1.0}, "quality": {"ppl": 9.0}},
+                 verbose=False)
+    runs.execute("hardware", "b", "tiny", {}, lambda: 1 / 0, verbose=False)
+    df = runs.load_runs("tiny")
+    assert sorted(df["technique"]) == ["a", "b"] and set(df["status"]) == {"ok", "failed"}
+    row = df[df.technique == "a"].iloc[0]
+    assert row["al_s"] == 1.0 and row["ppl"] == 9.0 and row["param.k"] == "[1, 2]"
+    assert len(runs.load_runs("tiny", "hardware", status="ok")) == 1
+    folder = runs.runs_dir("tiny", "hardware")
+    (folder / ".x.json.123.tmp").write_text("{half")  # leftover of an interrupted write: ignored
+    assert len(runs.load_runs("tiny")) == 2
+    (folder / "broken.json").write_text("{half")
+    with pytest.raises(ValueError, match=r"broken\.json: not a valid run record"):
+        runs.load_runs("tiny")
+    (folder / "broken.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(ValueError, match="schema version 99"):
+        runs.load_runs("tiny")
+
+
+def test_record_round_trips():
+    rec = runs.RunRecord(run_id="x", study="hardware", technique="t", profile="tiny", metrics={"al_s": 1.5})
+    assert runs.RunRecord.from_json(rec.to_json()) == rec
+    with pytest.raises(ValueError, match=r"unknown run record field\(s\) \['extra'\]"):
+        runs.RunRecord.from_json(json.dumps(json.loads(rec.to_json()) | {"extra": 1}))
