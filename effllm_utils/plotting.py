@@ -28,7 +28,7 @@ _GROUPS = (
     ("transformer", "mamba", "rwkv", "pythia"),
     ("full", "freeze", "lora", "lora_plus", "rslora", "dora", "pissa", "qlora"),
     ("fp32", "fp16", "bf16", "int8", "int4_gptq", "int4_rtn"),
-    ("matmul_fp32", "matmul_bf16", "memory_bandwidth", "idle_power", "telemetry_overhead"),
+    ("matmul_fp32", "matmul_bf16", "matmul_fp16", "memory_bandwidth", "idle_power", "telemetry_overhead"),
 )
 TECHNIQUE_COLORS: dict[str, str] = {t: PALETTE[i] for group in _GROUPS for i, t in enumerate(group)}
 
