@@ -1,0 +1,191 @@
+"""One training loop for pretraining and fine-tuning, on `accelerate`.
+
+    result = train(model, train_ids, val_ids, TrainConfig(steps=200, batch_size=16, seq_len=256))
+    result["metrics"]   # al_s, tokens_per_s, tt, amu_gb, aec_w, pcu, mfu_pct, ... (telemetry over the timed steps)
+    result["quality"]   # loss, ppl (validation)
+    result["artifacts"] # loss and validation curves, per-step times
+
+AdamW (fused on GPU), linear warm-up + cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
+optional torch.compile, periodic validation perplexity, a non-finite loss stops the run (`TrainingDiverged`, which
+runs.execute records as a failed run), safetensors checkpoints, and a telemetry Monitor around the timed steps
+(the first `skip_steps` — compilation, allocator warm-up — are excluded).
+
+It runs unchanged under `torchrun` / `accelerate launch` with several processes: the global batch (batch_size x
+grad_accum x processes is NOT what is fixed — `batch_size` is the GLOBAL micro-batch) is split across ranks, so one
+process and N processes see the same samples per step and give the same loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import metrics
+from .telemetry import Monitor
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch, GLOBAL (split across processes)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    eval_every: int = 50  # steps between validation passes (and one at the end)
+    eval_batches: int = 8
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    seed: int = 0
+    skip_steps: int = 2  # steps excluded from the timed telemetry window
+    telemetry_period_s: float = 0.1
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if self.steps <= self.skip_steps:
+            raise ValueError(f"steps ({self.steps}) must exceed skip_steps ({self.skip_steps}) to time anything")
+        self.betas = tuple(self.betas)
+
+
+def lr_lambda(cfg: TrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def batch_starts(n_tokens: int, seq_len: int, batch: int, step: int, micro: int, seed: int) -> torch.Tensor:
+    """Start offsets of the global micro-batch `micro` of `step`: a pure function of its arguments, so every process
+    agrees on the global batch and a resumed or re-run job sees the same data."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+    return torch.randint(0, n_tokens - seq_len - 1, (batch,), generator=g)
+
+
+def eval_starts(n_tokens: int, seq_len: int, n: int) -> torch.Tensor:
+    """Evenly spaced validation windows (deterministic, covering the split)."""
+    return torch.linspace(0, n_tokens - seq_len - 1, n).long()
+
+
+def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfig, flops_per_token: float | None = None,
+          peak_flops: float | None = None, checkpoint_dir: str | Path | None = None,
+          accelerator=None) -> dict[str, Any]:
+    """Train `model` (any causal LM taking input_ids and labels) and measure it. See the module docstring.
+
+    flops_per_token: analytic training FLOPs per token (default 6 x parameters); peak_flops: device peak FLOP/s
+    for PCU/MFU (None: not reported)."""
+    from accelerate import Accelerator
+
+    # cpu=True is how accelerate picks the gloo backend for several CPU processes under torchrun
+    acc = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    device = acc.device
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    world, rank = acc.num_processes, acc.process_index
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    if len(train_ids) <= cfg.seq_len + 1 or len(val_ids) <= cfg.seq_len + 1:
+        raise ValueError(f"seq_len {cfg.seq_len} is longer than the data ({len(train_ids)} train / "
+                         f"{len(val_ids)} validation tokens)")
+    torch.manual_seed(cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                            fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    model, opt = acc.prepare(model, opt)
+    step_fn = torch.compile(model) if cfg.compile else model
+    local = cfg.batch_size // world
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def evaluate() -> float:
+        model.eval()
+        starts = eval_starts(len(val_ids), cfg.seq_len + 1, cfg.eval_batches * cfg.batch_size)
+        losses = []
+        with torch.no_grad():
+            for b in range(cfg.eval_batches):
+                chunk = starts[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
+                x = _windows(val_ids, chunk, cfg.seq_len).to(device)
+                with autocast:
+                    losses.append(step_fn(input_ids=x, labels=x).loss.float())
+        model.train()
+        return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+    curve, val_curve, step_times = [], [], []
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    mon = Monitor(period_s=cfg.telemetry_period_s, device=str(device) if device.type == "cuda" else "cpu")
+    model.train()
+    for step in range(cfg.steps):
+        if step == cfg.skip_steps:
+            mon.start()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            starts = batch_starts(len(train_ids), cfg.seq_len, cfg.batch_size, step, micro, cfg.seed)
+            x = _windows(train_ids, starts[rank * local:(rank + 1) * local], cfg.seq_len).to(device)
+            with autocast:
+                loss = step_fn(input_ids=x, labels=x).loss / cfg.grad_accum
+            acc.backward(loss)
+            total += loss.detach()
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step_loss = acc.reduce(total, reduction="mean").item()  # also synchronises the device
+        step_times.append(time.perf_counter() - t0)
+        if not math.isfinite(step_loss):
+            if mon._thread is not None:
+                mon.stop()
+            raise TrainingDiverged(f"loss became {step_loss} at step {step} (lr {sched.get_last_lr()[0]:.2e}); "
+                                   f"lower the learning rate or enable gradient clipping")
+        curve.append(step_loss)
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            val_curve.append((step + 1, evaluate()))
+    telem = mon.stop()
+    timed = step_times[cfg.skip_steps:]
+    val_loss = evaluate()
+    val_curve.append((cfg.steps, val_loss))
+    seconds = sum(timed)
+    tokens = tokens_per_step * len(timed)
+    fpt = flops_per_token if flops_per_token is not None else 6.0 * n_params
+    m = {
+        "params": n_params, "trainable_params": sum(p.numel() for p in trainable),
+        **metrics.latency(timed), "tokens_per_s": tokens / seconds, "tt": metrics.tt(tokens, n_params, seconds),
+        "samples_per_s": cfg.batch_size * cfg.grad_accum * len(timed) / seconds,
+        "flops_per_token": fpt, "amu_gb": telem["amu_gb"], "amu_frac": telem["amu_frac"],
+        "peak_mem_gb": telem["peak_mem_gb"], "gpu_util_pct": telem["gpu_util_pct"], "aec_w": telem["aec_w"],
+        "energy_j": telem["energy_j"], "j_per_token": telem["energy_j"] / tokens if telem["energy_j"] else None,
+        "processes": world, "precision": "bf16" if use_bf16 else "fp32",
+    }
+    if peak_flops:
+        m["pcu"] = metrics.pcu(fpt * tokens / world, seconds, peak_flops)  # per device
+        m["mfu_pct"] = 100 * m["pcu"]
+    if checkpoint_dir is not None and acc.is_main_process:
+        acc.unwrap_model(model).save_pretrained(checkpoint_dir, safe_serialization=True)
+    return {"metrics": m, "quality": {"loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)),
+                                      "train_loss": sum(curve[-5:]) / len(curve[-5:])},
+            "artifacts": {"loss_curve": curve, "val_curve": val_curve, "step_s": step_times,
+                          "energy_method": telem["energy_method"], "energy_reason": telem["energy_reason"],
+                          "telemetry_errors": telem["errors"]}}

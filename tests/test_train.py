@@ -1,0 +1,75 @@
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from effllm_utils import models
+from effllm_utils.train import TrainConfig, TrainingDiverged, batch_starts, lr_lambda, train
+
+HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
+IDS = (torch.arange(8_000) * 7 + torch.arange(8_000) // 97) % 128  # learnable: the next token follows from this one
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_lambda(TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1))
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_batches_are_a_pure_function_of_step():
+    a = batch_starts(1000, 32, 4, step=3, micro=1, seed=0)
+    assert torch.equal(a, batch_starts(1000, 32, 4, step=3, micro=1, seed=0))
+    assert not torch.equal(a, batch_starts(1000, 32, 4, step=4, micro=1, seed=0))
+
+
+def test_training_lowers_the_loss_and_reports_metrics(tmp_path):
+    torch.manual_seed(0)
+    model = models.EffLLMForCausalLM(models.config("test"))
+    r = train(model, IDS[:6000], IDS[6000:], TrainConfig(steps=30, batch_size=8, seq_len=32, lr=1e-2, eval_every=10,
+                                                         eval_batches=2, telemetry_period_s=0.02),
+              peak_flops=1e12, checkpoint_dir=tmp_path / "ckpt")
+    curve = r["artifacts"]["loss_curve"]
+    assert len(curve) == 30 and curve[-1] < curve[0] - 0.3
+    assert [s for s, _ in r["artifacts"]["val_curve"]] == [10, 20, 30]
+    m = r["metrics"]
+    assert m["params"] == model.num_parameters() and m["al_s"] > 0 and m["amu_gb"] > 0
+    assert m["tokens_per_s"] == pytest.approx(8 * 32 / m["al_s"], rel=1e-6)
+    assert m["mfu_pct"] == pytest.approx(100 * m["tokens_per_s"] * m["flops_per_token"] / 1e12, rel=1e-6)
+    assert r["quality"]["ppl"] == pytest.approx(math.exp(r["quality"]["loss"]))
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_the_run():
+    model = models.EffLLMForCausalLM(models.config("test"))
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 0"):
+        train(model, IDS[:6000], IDS[6000:], TrainConfig(steps=5, batch_size=4, seq_len=16, eval_every=100))
+
+
+def test_bad_train_configs():
+    with pytest.raises(ValueError, match="precision must be"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="must exceed skip_steps"):
+        TrainConfig(steps=2, skip_steps=2)
+    model = models.EffLLMForCausalLM(models.config("test"))
+    with pytest.raises(ValueError, match="seq_len 5000 is longer than the data"):
+        train(model, IDS[:4000], IDS[4000:], TrainConfig(steps=5, seq_len=5000))
+
+
+@pytest.mark.parametrize("ffn", ["dense", "moe"])
+def test_two_processes_match_one_on_the_same_global_batch(tmp_path, ffn):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    single, double = tmp_path / "one.json", tmp_path / "two.json"
+    subprocess.run([sys.executable, str(HELPER), str(single), ffn], env=env, check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(HELPER), str(double), ffn], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(double.read_text())
+    assert a["processes"] == 1 and b["processes"] == 2
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["val"] == pytest.approx(a["val"], rel=1e-4)
