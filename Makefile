@@ -16,6 +16,7 @@ help:
 	@echo "make test       the test suite (CPU, offline)"
 	@echo "make lab        JupyterLab with the project's kernel"
 	@echo "make figures    re-draw every figure from stored records"
+	@echo "make bench      training-step throughput and MFU (backbone vs transformers Qwen2; MoE vs dense)"
 	@echo "make clean      remove outputs/ and the venv"
 
 $(PY):
@@ -34,6 +35,9 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m effllm_utils.bench $(ARGS)
 
 figures: $(STAMP)
 	$(PY) -m effllm_utils.figures --profile $(PROFILE)

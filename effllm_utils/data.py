@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import lzma
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -86,21 +87,34 @@ def tokenizer(vocab_size: int = 4096):
     path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{corpus_sha256()[:12]}"
     if not (path / "tokenizer.json").is_file():
         tok = train_tokenizer(vocab_size)
-        tmp = path.with_name(path.name + ".partial")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         tok.save_pretrained(tmp)
-        tmp.replace(path) if not path.exists() else None
+        if not path.exists():
+            tmp.replace(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
 def token_ids(split: str, tok, domain: str | None = "shakespeare"):
-    """The split encoded as one flat int64 tensor (documents joined by EOS), for LM training and perplexity."""
+    """The split encoded as one flat int64 tensor (documents joined by EOS), for LM training and perplexity.
+    Cached under $EFFLLM_CACHE/tokens/, keyed by the corpus, the tokenizer's vocabulary, the split and domain."""
     import torch
 
+    if split not in ("train", "validation"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'validation'")
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:12]
+    path = cache_dir() / "tokens" / f"{corpus_sha256()[:12]}-{vocab}-{domain or 'all'}-{split}.pt"
+    if path.is_file():
+        return torch.load(path)
     ids: list[int] = []
     for d in documents(domain):
         cut = _split_point(d["text"])
         ids += tok(d["text"][:cut] if split == "train" else d["text"][cut:])["input_ids"] + [tok.eos_token_id]
-    return torch.tensor(ids, dtype=torch.long)
+    out = torch.tensor(ids, dtype=torch.long)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(out, tmp)
+    tmp.replace(path)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,12 @@ import sys
 
 from . import PROFILES
 
-# study -> "module:function(profile) -> list of written paths", each drawing from records only.
+# study -> "module:function", called as function(profile) or function(profile, study); each draws from records only
+# and returns the paths it wrote.
 FIGURES = {
     "hardware": "effllm_utils.hardware:figures",
+    **{s: "effllm_utils.pretrain:figures" for s in ("attention", "positional_encoding", "moe", "attention_free",
+                                                     "depth_width")},
 }
 
 
@@ -22,8 +25,9 @@ def draw(profile: str, studies: list[str] | None = None) -> dict[str, list]:
     for study, target in FIGURES.items():
         if studies and study not in studies:
             continue
-        module, fn = target.split(":")
-        out[study] = getattr(importlib.import_module(module), fn)(profile)
+        module, name = target.split(":")
+        fn = getattr(importlib.import_module(module), name)
+        out[study] = fn(profile) if module.endswith("hardware") else fn(profile, study)
     return out
 
 

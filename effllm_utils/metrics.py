@@ -220,9 +220,11 @@ def efficiency_score(rows: Mapping[str, Sequence[float]] | "pandas.DataFrame",  
 class TransformerShape:
     """The shape of a decoder-only transformer, enough to count its FLOPs and KV bytes.
 
-    attention: mha | gqa | mqa | mla | nsa. For mla the low-rank fields apply (DeepSeek-V2/V3 naming);
-    for nsa, `attended_tokens` gives how many keys one query attends to on average (compressed + selected +
-    window branches), which replaces the dense context length in the attention term.
+    attention: mha | gqa | mqa | mla | nsa. For mla the low-rank fields apply (DeepSeek-V2/V3 naming).
+    For nsa, the keys one query attends to are seq_len/nsa_block compressed blocks + (nsa_selected + 2) selected
+    blocks (the top ones, the first and the current) + the nsa_window sliding window, capped at seq_len — what a
+    sparse kernel computes (effllm's reference NSA computes dense masked attention, so its MFU is understated).
+    `attended_tokens`, when set, overrides that count for any attention.
     MoE: n_experts > 1 routes each token to top_k experts of width moe_d_ff (default d_ff), plus
     n_shared_experts always-on experts."""
     d_model: int
@@ -242,6 +244,9 @@ class TransformerShape:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    nsa_block: int = 64
+    nsa_selected: int = 16
+    nsa_window: int = 512
     attended_tokens: float | None = None
     lm_head: bool = True
     extra: dict = field(default_factory=dict, compare=False)
@@ -292,7 +297,11 @@ def forward_flops_per_token(s: TransformerShape, seq_len: int) -> float:
         qk, v = s.qk_nope_head_dim + s.qk_rope_head_dim, s.v_head_dim
     else:
         qk = v = s.hd
-    ctx = min(s.attended_tokens, seq_len) if s.attended_tokens is not None else seq_len
+    ctx = seq_len
+    if s.attended_tokens is not None:
+        ctx = min(s.attended_tokens, seq_len)
+    elif s.attention == "nsa":
+        ctx = min(seq_len, seq_len / s.nsa_block + (s.nsa_selected + 2) * s.nsa_block + s.nsa_window)
     attn = 2 * s.n_layers * s.n_heads * (qk + v) * ctx
     return float(matmul + attn)
 

@@ -24,8 +24,9 @@ PALETTE = OKABE_ITO + TOL_MUTED
 _GROUPS = (
     ("mha", "gqa", "mqa", "mla", "nsa"),
     ("rope", "sinusoidal", "learned", "relative", "none"),
-    ("dense", "moe"),
+    ("dense", "dense_2x", "moe_8x", "moe_8x_half"),
     ("transformer", "mamba", "rwkv", "pythia"),
+    ("L2", "L4", "L8", "L12", "L6", "L24", "L36"),
     ("full", "freeze", "lora", "lora_plus", "rslora", "dora", "pissa", "qlora"),
     ("fp32", "fp16", "bf16", "int8", "int4_gptq", "int4_rtn"),
     ("matmul_fp32", "matmul_bf16", "matmul_fp16", "memory_bandwidth", "idle_power", "telemetry_overhead"),

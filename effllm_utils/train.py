@@ -128,7 +128,7 @@ def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfi
                 chunk = starts[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
                 x = _windows(val_ids, chunk, cfg.seq_len).to(device)
                 with autocast:
-                    losses.append(step_fn(input_ids=x, labels=x).loss.float())
+                    losses.append(step_fn(input_ids=x, labels=x, use_cache=False).loss.float())
         model.train()
         return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
@@ -145,7 +145,7 @@ def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfi
             starts = batch_starts(len(train_ids), cfg.seq_len, cfg.batch_size, step, micro, cfg.seed)
             x = _windows(train_ids, starts[rank * local:(rank + 1) * local], cfg.seq_len).to(device)
             with autocast:
-                loss = step_fn(input_ids=x, labels=x).loss / cfg.grad_accum
+                loss = step_fn(input_ids=x, labels=x, use_cache=False).loss / cfg.grad_accum
             acc.backward(loss)
             total += loss.detach()
         if cfg.grad_clip:

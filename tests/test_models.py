@@ -67,6 +67,15 @@ def test_moe_block_matches_mixtral():
     assert aux.item() >= 0.99  # the Switch balance loss is >= 1 (1 when perfectly balanced)
 
 
+@pytest.mark.parametrize("attention", models.ATTENTIONS)
+def test_every_variant_trains_under_bf16_autocast(attention):
+    m = EffLLMForCausalLM(models.config("test", attention=attention, ffn="moe"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(IDS, labels=IDS, use_cache=False).loss
+    loss.backward()
+    assert torch.isfinite(loss) and m.model.layers[0].mlp.experts.gate_up_proj.grad is not None
+
+
 def test_moe_aux_loss_is_minimal_for_a_uniform_router():
     moe = EffLLMForCausalLM(models.config("test", ffn="moe")).model.layers[0].mlp
     with torch.no_grad():

@@ -15,8 +15,10 @@ FAMILIES = ("mamba", "rwkv", "pythia")
 
 def _config(family: str, hidden: int, n_layers: int, vocab_size: int, context: int):
     if family == "mamba":
+        # use_mambapy: without the mamba_ssm CUDA kernels, the parallel scan of `mambapy` (pure PyTorch) is ~9x
+        # faster than transformers' sequential reference scan (1.9 vs 17 s/step measured on the tiny CPU profile)
         return MambaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers, state_size=16,
-                           expand=2, conv_kernel=4, use_cache=True, tie_word_embeddings=False)
+                           expand=2, conv_kernel=4, use_cache=True, tie_word_embeddings=False, use_mambapy=True)
     if family == "rwkv":
         return RwkvConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers,
                           attention_hidden_size=hidden, intermediate_size=4 * hidden, context_length=context,

@@ -77,10 +77,6 @@ class EffLLMConfig(PretrainedConfig):
         """The effllm_utils.metrics.TransformerShape of this config (for FLOPs and KV bytes)."""
         from ..metrics import TransformerShape
 
-        nsa_tokens = None
-        if self.attention == "nsa":
-            nsa_tokens = self.max_position_embeddings / self.nsa_block_size \
-                + self.nsa_num_selected * self.nsa_block_size + self.nsa_window
         return TransformerShape(
             d_model=self.hidden_size, n_layers=self.num_hidden_layers, n_heads=self.num_attention_heads,
             n_kv_heads=self.num_key_value_heads, head_dim=self.head_dim, vocab_size=self.vocab_size,
@@ -88,4 +84,5 @@ class EffLLMConfig(PretrainedConfig):
             n_experts=self.num_local_experts if self.ffn == "moe" else 1, top_k=self.num_experts_per_tok,
             moe_d_ff=self.moe_intermediate_size, q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
             qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
-            v_head_dim=self.v_head_dim, attended_tokens=nsa_tokens)
+            v_head_dim=self.v_head_dim, nsa_block=self.nsa_block_size, nsa_selected=self.nsa_num_selected,
+            nsa_window=self.nsa_window)

@@ -129,27 +129,24 @@ class Attention(nn.Module):
         c = config
         self.layer_idx, self.n_heads, self.n_kv, self.head_dim = layer_idx, c.num_attention_heads, \
             c.num_key_value_heads, c.head_dim
-        self.use_rope = c.position == "rope"
-        self.rope_theta = c.rope_theta
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
 
-    def qkv(self, x, positions, cache):
+    def qkv(self, x, rope, cache):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        if self.use_rope:
-            cos, sin = rope_cos_sin(self.head_dim, self.rope_theta, positions, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         return q, k, v
 
-    def forward(self, x, positions, allowed, bias, cache):
-        q, k, v = self.qkv(x, positions, cache)
+    def forward(self, x, positions, rope, allowed, bias, cache):
+        q, k, v = self.qkv(x, rope, cache)
         out = _sdpa(q, k, v, allowed, bias)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
@@ -163,7 +160,6 @@ class MLAttention(nn.Module):
         self.layer_idx, self.n_heads = layer_idx, c.num_attention_heads
         self.q_lora_rank, self.kv_lora_rank = c.q_lora_rank, c.kv_lora_rank
         self.nope, self.rope, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        self.use_rope, self.rope_theta = c.position == "rope", c.rope_theta
         qk = self.nope + self.rope
         if c.q_lora_rank is None:
             self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk, bias=False)
@@ -176,7 +172,7 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.qkv_bias)
 
-    def forward(self, x, positions, allowed, bias, cache):
+    def forward(self, x, positions, rope, allowed, bias, cache):
         B, T, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.nope + self.rope).transpose(1, 2)
@@ -184,9 +180,8 @@ class MLAttention(nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
         latent = self.kv_a_layernorm(latent).view(B, 1, T, self.kv_lora_rank)
         k_rot = k_rot.view(B, 1, T, self.rope)
-        if self.use_rope:
-            cos, sin = rope_cos_sin(self.rope, self.rope_theta, positions, q.dtype)
-            q_rot, k_rot = apply_rope(q_rot, cos, sin), apply_rope(k_rot, cos, sin)
+        if rope is not None:
+            q_rot, k_rot = apply_rope(q_rot, *rope), apply_rope(k_rot, *rope)
         if cache is not None:  # the cache holds the compressed latent and the shared rotary key
             latent, k_rot = cache.update(latent, k_rot, self.layer_idx)
         S = latent.shape[2]
@@ -208,9 +203,9 @@ class NSAttention(Attention):
         self.v_compress = nn.Linear(self.block * self.head_dim, self.head_dim, bias=False)
         self.gate = nn.Linear(c.hidden_size, 3 * self.n_heads, bias=True)
 
-    def forward(self, x, positions, allowed, bias, cache):
+    def forward(self, x, positions, rope, allowed, bias, cache):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x, positions, cache)
+        q, k, v = self.qkv(x, rope, cache)
         S, G, l = k.shape[2], self.n_heads // self.n_kv, self.block
         if allowed is None:
             allowed = allowed_mask(positions, S, None)
@@ -279,8 +274,30 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inner))
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, d]; idx, weights [N, k]. Tokens are grouped by expert into a zero-padded [E, C, d] batch and all
-        experts run as two batched matmuls (dropless: C is the busiest expert's load)."""
+        """x [N, d]; idx, weights [N, k] -> [N, d]. Dropless: every routed token is computed."""
+        dtype = torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else x.dtype
+        if x.is_cuda and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") \
+                and torch.cuda.get_device_capability(x.device) >= (9, 0):
+            return self._grouped(x, idx, weights, dtype)
+        return self._padded(x, idx, weights)
+
+    def _grouped(self, x, idx, weights, dtype):
+        """Hopper: tokens sorted by expert, one grouped GEMM per projection over jagged groups (no padding, no host
+        sync, so torch.compile sees static shapes)."""
+        N, k = idx.shape
+        E = self.gate_up_proj.shape[0]
+        sorted_e, order = torch.sort(idx.reshape(-1))
+        token = order // k
+        offs = torch.cumsum(torch.histc(sorted_e.int(), bins=E, min=0, max=E - 1), 0, dtype=torch.int32)
+        gate, up = torch._grouped_mm(x[token].to(dtype), self.gate_up_proj.to(dtype).transpose(-2, -1),
+                                     offs=offs).chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(-2, -1), offs=offs)
+        contrib = y * weights.reshape(-1)[order, None].to(dtype)
+        return torch.zeros_like(x).index_add_(0, token, contrib.to(x.dtype))
+
+    def _padded(self, x, idx, weights):
+        """Anywhere: tokens grouped by expert into a zero-padded [E, C, d] batch, all experts as two batched
+        matmuls (C is the busiest expert's load, rounded up to a power of two so a compiled graph sees few shapes)."""
         N, k = idx.shape
         E = self.gate_up_proj.shape[0]
         flat_e = idx.reshape(-1)
@@ -290,13 +307,13 @@ class Experts(nn.Module):
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(N * k, device=x.device) - starts[sorted_e]
         token = order // k
-        C = int(counts.max())
+        C = 1 << (int(counts.max()) - 1).bit_length()
         batch = x.new_zeros(E, C, x.shape[-1])
         batch[sorted_e, rank] = x[token]
         gate, up = torch.bmm(batch, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
         y = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
         contrib = y[sorted_e, rank] * weights.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, contrib)
+        return torch.zeros_like(x).index_add_(0, token, contrib.to(x.dtype))  # autocast: bmm gives bf16
 
 
 class MoE(nn.Module):
@@ -315,7 +332,7 @@ class MoE(nn.Module):
         top_p = top_p / top_p.sum(-1, keepdim=True)
         out = self.experts(h, top_i, top_p).view(B, T, d)
         # Switch-Transformer balance loss: E * sum_e (fraction of assignments to e) * (mean router prob of e)
-        frac = torch.bincount(top_i.reshape(-1), minlength=self.n_experts).float() / top_i.numel()
+        frac = F.one_hot(top_i, self.n_experts).sum((0, 1)).float() / top_i.numel()  # no host sync
         aux = self.n_experts * (frac * probs.mean(0)).sum()
         return out, aux
 
@@ -333,8 +350,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.ffn == "moe" else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, positions, allowed, bias, cache):
-        x = x + self.self_attn(self.input_layernorm(x), positions, allowed, bias, cache)
+    def forward(self, x, positions, rope, allowed, bias, cache):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, allowed, bias, cache)
         h = self.mlp(self.post_attention_layernorm(x))
         if isinstance(h, tuple):
             return x + h[0], h[1]
@@ -414,10 +431,13 @@ class EffLLMModel(EffLLMPreTrainedModel):
             if allowed is None:
                 allowed = allowed_mask(slots, S, pad)
         aux = x.new_zeros(())
-        # NSA's blocks are laid out over cache slots; RoPE and the rest use the (possibly padded) position ids
-        layer_positions = slots if c.attention == "nsa" else position_ids
+        rope = None  # cos/sin once per forward, shared by every layer
+        if c.position == "rope":
+            rope = rope_cos_sin(c.qk_rope_head_dim if c.attention == "mla" else c.head_dim, c.rope_theta,
+                                position_ids, x.dtype)
+        # NSA's blocks are laid out over cache slots; RoPE uses the (possibly padded) position ids
         for layer in self.layers:
-            x, layer_aux = layer(x, layer_positions, allowed, bias, past_key_values)
+            x, layer_aux = layer(x, slots, rope, allowed, bias, past_key_values)
             if layer_aux is not None:
                 aux = aux + layer_aux
         return self.norm(x), past_key_values, aux
@@ -446,8 +466,9 @@ class EffLLMForCausalLM(EffLLMPreTrainedModel, GenerationMixin):
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            # shift the labels, not the logits: slicing [B, T, vocab] logits would copy them
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100)
             if self.config.ffn == "moe":
                 loss = loss + self.config.router_aux_loss_coef * aux / self.config.num_hidden_layers
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)

@@ -1,0 +1,109 @@
+"""`make bench`: training-step throughput and MFU of the backbone, beside transformers' Qwen2 at the same shape.
+
+    python -m effllm_utils.bench                 # the gpu profile's shape on CUDA, the tiny shape on CPU
+    python -m effllm_utils.bench --shape gpu --batch 16 --seq 1024 --steps 30
+
+Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
+compiled, and the backbone with 8 experts top-2 compiled. Each trains on random tokens through `train.train`
+(AdamW, bf16 autocast on GPU, clipping) for `--steps`, the first `--skip` excluded; MFU uses analytic FLOPs and the
+device's datasheet peak (or the hardware study's measured peak). Prints measured numbers and ratios; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=344, vocab_size=4096, max_position_embeddings=512),
+    "gpu": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                intermediate_size=2048, vocab_size=151_936, max_position_embeddings=2048),
+}
+
+
+def _qwen2(dims: dict):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**dims, tie_word_embeddings=False, attn_implementation="sdpa"))
+
+
+def run_case(name: str, model, fpt: float, active_params: int, args, peak: float | None) -> dict:
+    from .train import TrainConfig, train
+
+    ids = torch.randint(0, model.config.vocab_size, (args.batch * args.seq * 4 + 2,))
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=1e-4, warmup_steps=1,
+                      eval_every=10**9, eval_batches=1, compile=name.endswith("compiled"), skip_steps=args.skip,
+                      precision=args.precision)
+    r = train(model.to(args.device), ids, ids, cfg, flops_per_token=fpt, peak_flops=peak)
+    m = r["metrics"]
+    return {"case": name, "tokens_per_s": m["tokens_per_s"], "mfu_pct": m.get("mfu_pct"), "al_s": m["al_s"],
+            "active_params": active_params, "peak_mem_gb": m["peak_mem_gb"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import metrics, models
+    from .pretrain import device_peak
+
+    ap = argparse.ArgumentParser(prog="python -m effllm_utils.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=SHAPES, default=None, help="default: gpu on CUDA, tiny on CPU")
+    ap.add_argument("--batch", type=int, default=None, help="default: 16 on CUDA, 8 on CPU")
+    ap.add_argument("--seq", type=int, default=None, help="default: 1024 on CUDA, 128 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="default: 30 on CUDA, 8 on CPU")
+    ap.add_argument("--skip", type=int, default=None, help="steps excluded (compilation); default 10 on CUDA, 3 on CPU")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--cases", default="qwen2_eager,qwen2_compiled,effllm_dense_compiled,effllm_moe_compiled")
+    ap.add_argument("--profile", default="tiny", help="whose hardware records give the peak of an unknown device")
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.shape = args.shape or ("gpu" if cuda else "tiny")
+    args.batch, args.seq = args.batch or (16 if cuda else 8), args.seq or (1024 if cuda else 128)
+    args.steps, args.skip = args.steps or (30 if cuda else 8), args.skip if args.skip is not None else (10 if cuda else 3)
+    if cuda and cuda and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no GPU; run `make bench` on a GPU host or pass --device cpu",
+              file=sys.stderr)
+        return 2
+    dims = SHAPES[args.shape]
+    peak, source = device_peak(args.profile, args.device, args.precision)
+    print(f"device {args.device}, shape {args.shape} {dims}, batch {args.batch}x{args.seq}, peak: "
+          f"{peak / 1e12 if peak else float('nan'):.1f} TFLOP/s ({source})")
+    dense_cfg = models.EffLLMConfig(**dims, attention="gqa")
+    moe_cfg = models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8, num_experts_per_tok=2)
+    dense_fpt = metrics.training_flops_per_token(dense_cfg.shape(), args.seq)
+    moe_fpt = metrics.training_flops_per_token(moe_cfg.shape(), args.seq)
+    nonemb = lambda cfg: metrics.forward_flops_per_token(cfg.shape(), 0) / 2  # active matmul params  # noqa: E731
+    results = []
+    for case in args.cases.split(","):
+        torch.manual_seed(0)
+        if case.startswith("qwen2"):
+            model, fpt, active = _qwen2(dims), dense_fpt, nonemb(dense_cfg)
+        elif case.startswith("effllm_dense"):
+            model, fpt, active = models.EffLLMForCausalLM(dense_cfg), dense_fpt, nonemb(dense_cfg)
+        elif case.startswith("effllm_moe"):
+            model, fpt, active = models.EffLLMForCausalLM(moe_cfg), moe_fpt, nonemb(moe_cfg)
+        else:
+            print(f"error: unknown case {case!r}", file=sys.stderr)
+            return 2
+        results.append(run_case(case, model, fpt, active, args, peak))
+        r = results[-1]
+        print(f"{r['case']:<24} {r['tokens_per_s']:>12,.0f} tokens/s   MFU {r['mfu_pct'] or float('nan'):6.1f}%   "
+              f"{r['al_s'] * 1e3:8.1f} ms/step   peak mem {r['peak_mem_gb']:.1f} GB", flush=True)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    by = {r["case"]: r for r in results}
+    if "qwen2_eager" in by and "effllm_dense_compiled" in by:
+        print(f"effllm dense compiled / transformers Qwen2 eager tokens/s: "
+              f"{by['effllm_dense_compiled']['tokens_per_s'] / by['qwen2_eager']['tokens_per_s']:.2f}x")
+    if "effllm_moe_compiled" in by and "effllm_dense_compiled" in by:
+        d, m = by["effllm_dense_compiled"], by["effllm_moe_compiled"]
+        ratio = (m["tokens_per_s"] * m["active_params"]) / (d["tokens_per_s"] * d["active_params"])
+        print(f"MoE vs dense, tokens/s x active matmul params (achieved useful FLOP rate): {ratio:.2f} "
+              f"(MoE {m['active_params'] / 1e6:.0f}M active vs dense {d['active_params'] / 1e6:.0f}M)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

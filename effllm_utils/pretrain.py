@@ -1,0 +1,216 @@
+"""Architecture pretraining studies (attention, positional_encoding, moe, attention_free, depth_width).
+
+All five share one shape: for every scale and technique, build a model, pretrain it with `train.train` under
+telemetry, store a record; then draw the paper's table and a radar chart from the records. A technique is a name
+and a dict of backbone config overrides, e.g. `{"mla": {"attention": "mla"}}`; two special keys:
+  baseline: "mamba" | "rwkv" | "pythia"   a transformers model matched to the backbone's parameter count
+  match_params: true                      re-solve hidden_size so the total parameter count matches the scale's
+                                          base config (the depth/width study varies depth at fixed size)
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from . import data, hardware, metrics, outputs_dir, runs
+from .runtime import resolve_device, seed_everything
+
+TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_steps", "eval_every", "eval_batches",
+              "precision", "compile", "seed")
+SPECIAL_KEYS = ("baseline", "match_params")
+RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
+TABLE_COLUMNS = {  # record column -> table header (units in the header, as in the paper's tables)
+    "technique": "technique", "scale": "scale", "params": "params", "ppl": "PPL", "amu_gb": "AMU (GB)",
+    "al_s": "AL (s/iter)", "tt": "TT (tokens/param/s)", "tokens_per_s": "tokens/s", "aec_w": "AEC (W)",
+    "pcu": "PCU", "mfu_pct": "MFU (%)", "flops_per_token": "FLOPs/token", "kv_bytes_per_token": "KV bytes/token",
+}
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+def tokenizer_for(P: dict[str, Any]):
+    """The embedded-corpus BPE (`tokenizer: embedded`) or a Hub tokenizer by name."""
+    if P["tokenizer"] == "embedded":
+        return data.tokenizer(P["vocab_size"])
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(P["tokenizer"])
+    except OSError as e:
+        raise data.DatasetUnavailable(f"tokenizer {P['tokenizer']!r} could not be loaded ({str(e).splitlines()[0]}); "
+                                      f"it needs the Hugging Face Hub or a local copy in $HF_HOME") from None
+
+
+def token_data(P: dict[str, Any], tok):
+    """(train_ids, val_ids): the embedded corpus, or `train_tokens` of a Hub dataset (validation: the next 5%)."""
+    if P["dataset"] == "embedded":
+        return data.token_ids("train", tok), data.token_ids("validation", tok)
+    import torch
+
+    ds = data.load_hub_dataset(P["dataset"], streaming=True)
+    ids: list[int] = []
+    target = int(P["train_tokens"] * 1.05)
+    for row in ds:
+        ids += tok(row["text"])["input_ids"] + [tok.eos_token_id]
+        if len(ids) >= target:
+            break
+    ids_t = torch.tensor(ids[:target], dtype=torch.long)
+    cut = int(len(ids_t) / 1.05)
+    return ids_t[:cut], ids_t[cut:]
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+def _base_config(scale_dims: dict[str, Any], vocab_size: int, overrides: dict[str, Any]):
+    from . import models
+
+    return models.EffLLMConfig(**({"vocab_size": vocab_size} | scale_dims | overrides))
+
+
+def non_embedding_params(cfg) -> int:
+    """Parameters outside the token embedding and the LM head (Kaplan et al.'s N), counted without allocating."""
+    import torch
+
+    from .models import EffLLMForCausalLM
+
+    with torch.device("meta"):
+        model = EffLLMForCausalLM(cfg)
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def match_hidden_size(scale_dims: dict[str, Any], vocab_size: int, overrides: dict[str, Any], multiple: int = 8):
+    """Overrides with hidden_size (and intermediate_size in the scale's ratio) solved so the non-embedding parameter
+    count is the closest to the scale's base config: depth changes, size does not. Non-embedding, because at small
+    scales the embedding dominates the total and would hide the trade-off."""
+    target = non_embedding_params(_base_config(scale_dims, vocab_size, {}))
+    ratio = scale_dims.get("intermediate_size", 688) / scale_dims.get("hidden_size", 256)
+    heads = overrides.get("num_attention_heads", scale_dims.get("num_attention_heads", 4))
+    step = math.lcm(multiple, heads * 2)
+
+    def with_width(h: int) -> dict[str, Any]:
+        return overrides | {"hidden_size": h, "intermediate_size": int(round(h * ratio / 8)) * 8}
+
+    return with_width(min(range(step, 64 * step + 1, step), key=lambda h: abs(
+        non_embedding_params(_base_config(scale_dims, vocab_size, with_width(h))) - target)))
+
+
+def build_model(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any], context: int):
+    """(model, flops_per_token or None, kv_bytes_per_token or None) for one technique spec."""
+    from . import models
+    from .models.baselines import build_baseline
+
+    spec = dict(spec)
+    family = spec.pop("baseline", None)
+    if family is not None:
+        backbone = models.EffLLMForCausalLM(_base_config(scale_dims, vocab_size, {}))
+        n_layers = scale_dims.get("num_hidden_layers", backbone.config.num_hidden_layers)
+        model = build_baseline(family, backbone.num_parameters(), n_layers, vocab_size, context)
+        return model, None, None
+    if spec.pop("match_params", False):
+        spec = match_hidden_size(scale_dims, vocab_size, spec)
+    cfg = _base_config(scale_dims, vocab_size, spec)
+    model = models.EffLLMForCausalLM(cfg)
+    shape = cfg.shape()
+    return model, metrics.training_flops_per_token(shape, context), metrics.kv_bytes_per_token(shape, 2)
+
+
+def device_peak(profile: str, device: str, precision: str) -> tuple[float | None, str]:
+    """Peak FLOP/s for PCU: the datasheet, else the hardware study's measured peak, else None with the reason."""
+    name = runs.device_info()["device_name"] if device.startswith("cuda") else runs.environment()["device_name"]
+    dtype = "bf16" if precision == "bf16" or (precision == "auto" and device.startswith("cuda")) else "fp32"
+    try:
+        return metrics.peak_flops(name, dtype, measured=hardware.measured_peaks(profile, name))
+    except ValueError as e:
+        return None, str(e)
+
+
+# -- one study ---------------------------------------------------------------------------------------------------
+
+def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    """Pretrain every (scale, technique) of a study and store one record each (existing ones are skipped)."""
+    from .train import TrainConfig, train
+
+    device = resolve_device(profile, P["device"])
+    records = []
+    for scale, dims in P["scales"].items():
+        for technique, spec in P["techniques"].items():
+            run_params = {k: P[k] for k in (*TRAIN_KEYS, "vocab_size", "dataset", "tokenizer", "train_tokens")
+                          if k in P} | {"dims": dims, "spec": spec, "device": device}
+
+            def fn(dims=dims, spec=spec, technique=technique, scale=scale):
+                seed_everything(P["seed"])
+                tok = tokenizer_for(P)
+                train_ids, val_ids = token_data(P, tok)
+                model, fpt, kv = build_model(dims, len(tok), spec, P["seq_len"])
+                peak, peak_source = device_peak(profile, device, P["precision"])
+                ckpt = outputs_dir(profile) / "checkpoints" / study / f"{scale}-{technique}"
+                cfg = TrainConfig(**{k: P[k] for k in TRAIN_KEYS})
+                result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
+                               checkpoint_dir=ckpt if P["save_checkpoints"] else None)
+                result["metrics"]["kv_bytes_per_token"] = kv
+                result["artifacts"]["peak_flops_source"] = peak_source
+                result["artifacts"]["flops_per_token_source"] = "analytic (effllm_utils.metrics)" if fpt \
+                    else "6 x parameters (transformers baseline)"
+                result["artifacts"]["model_config"] = model.config.to_dict()
+                return result
+
+            records.append(runs.execute(study, technique, profile, run_params, fn, scale=scale, force=force))
+    return records
+
+
+# -- tables and figures (from records only) -----------------------------------------------------------------------
+
+def table(profile: str, study: str):
+    """The study's table as a DataFrame, one row per ok record, paper-style headers."""
+    import pandas as pd
+
+    df = runs.load_runs(profile, study, status="ok")
+    if df.empty:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS.values()))
+    cols = [c for c in TABLE_COLUMNS if c in df]
+    return df[cols].rename(columns=TABLE_COLUMNS).sort_values(["scale", "technique"]).reset_index(drop=True)
+
+
+def write_table(df, profile: str, name: str) -> list[Path]:
+    """CSV, Markdown and LaTeX under outputs/<profile>/tables/, written atomically."""
+    out = outputs_dir(profile) / "tables"
+    paths = [out / f"{name}.csv", out / f"{name}.md", out / f"{name}.tex"]
+    runs.atomic_write_text(paths[0], df.to_csv(index=False))
+    runs.atomic_write_text(paths[1], df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    runs.atomic_write_text(paths[2], df.to_latex(index=False, float_format="%.4g"))
+    return paths
+
+
+def figures(profile: str, study: str) -> list[Path]:
+    """Table (CSV/MD/TeX), a radar chart per scale over the six metrics, and the loss curves."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from . import plotting
+
+    recs = [r for r in runs.load_records(profile, study) if r.status == "ok"]
+    if not recs:
+        return []
+    paths = write_table(table(profile, study), profile, study)
+    plotting.use_style()
+    for scale in sorted({r.scale for r in recs}):
+        rs = [r for r in recs if r.scale == scale]
+        rows = {r.technique: {**r.metrics, **r.quality} for r in rs}
+        keys = [k for k in RADAR_METRICS if all(rows[t].get(k) is not None for t in rows)]
+        left_out = [k for k in RADAR_METRICS if k not in keys]
+        fig = plt.figure(figsize=(10, 4), layout="constrained")
+        ax = fig.add_subplot(1, 2, 1, projection="polar")
+        plotting.radar(ax, rows, keys)
+        ax.set_title(f"{study} — {scale} (1 = best)" + (f"\nnot measured here: {', '.join(left_out)}"
+                                                       if left_out else ""), fontsize=9)
+        ax2 = fig.add_subplot(1, 2, 2)
+        for r in rs:
+            curve = r.artifacts["loss_curve"]
+            ax2.plot(np.arange(1, len(curve) + 1), curve, color=plotting.technique_color(r.technique),
+                     label=f"{r.technique} (val ppl {r.quality['ppl']:.1f})")
+        ax2.set(xlabel="step", ylabel="train loss (nats/token)", title="loss curves")
+        ax2.legend(fontsize=7)
+        paths += plotting.savefig(fig, f"{study}_{scale}", profile)
+        plt.close(fig)
+    return paths
