@@ -61,10 +61,12 @@ def match_width(family: str, target_params: int, n_layers: int, vocab_size: int,
 def build_baseline(family: str, target_params: int, n_layers: int, vocab_size: int, context: int,
                    tolerance: float = 0.10, multiple: int = 8):
     """A freshly initialised `transformers` model of `family` within `tolerance` of `target_params`."""
-    hidden = match_width(family, target_params, n_layers, vocab_size, context, multiple)
-    model = _CLASSES[family](_config(family, hidden, n_layers, vocab_size, context))
-    n = sum(p.numel() for p in model.parameters())
-    if abs(n - target_params) > tolerance * target_params:
-        raise ValueError(f"{family}: closest size has {n:,} parameters, more than {tolerance:.0%} from the target "
-                         f"{target_params:,}; change n_layers or multiple")
-    return model
+    if family not in FAMILIES:
+        raise ValueError(f"unknown baseline family {family!r}; choose one of {', '.join(FAMILIES)}")
+    for step in sorted({multiple, 2, 1}, reverse=True):  # finer widths only when the coarse grid misses
+        hidden = match_width(family, target_params, n_layers, vocab_size, context, step)
+        n = count_params(family, hidden, n_layers, vocab_size, context)
+        if abs(n - target_params) <= tolerance * target_params:
+            return _CLASSES[family](_config(family, hidden, n_layers, vocab_size, context))
+    raise ValueError(f"{family}: closest size has {n:,} parameters, more than {tolerance:.0%} from the target "
+                     f"{target_params:,}; change n_layers")

@@ -1,0 +1,82 @@
+"""The architecture-study layer end to end on a micro configuration, from params to records, tables and figures."""
+import pytest
+
+from effllm_utils import figures, pretrain, runs
+
+DIMS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 64, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4, "v_head_dim": 8, "nsa_block_size": 8, "nsa_num_selected": 2, "nsa_window": 16}
+P = dict(device="auto", scales={"micro": DIMS}, vocab_size=512, dataset="embedded", tokenizer="embedded",
+         train_tokens=0, steps=4, batch_size=4, grad_accum=1, seq_len=32, lr=0.003, warmup_steps=1, eval_every=1000,
+         eval_batches=1, precision="auto", compile=False, seed=0, save_checkpoints=True)
+
+
+def test_depth_width_holds_non_embedding_parameters():
+    base = pretrain.non_embedding_params(pretrain._base_config(DIMS, 512, {}))
+    for layers in (1, 2, 4, 8):
+        o = pretrain.match_hidden_size(DIMS, 512, {"num_hidden_layers": layers})
+        n = pretrain.non_embedding_params(pretrain._base_config(DIMS, 512, o))
+        assert abs(n - base) / base < 0.15, (layers, o, n, base)
+        assert o["hidden_size"] % 8 == 0 and o["num_hidden_layers"] == layers
+
+
+def test_build_model_backbone_and_baseline():
+    model, fpt, kv = pretrain.build_model(DIMS, 512, {"attention": "mla"}, context=32)
+    assert model.config.attention == "mla" and fpt > 6 * 0 and kv == 2 * (16 + 4) * 2
+    backbone, _, _ = pretrain.build_model(DIMS, 512, {}, context=32)
+    mamba, fpt, kv = pretrain.build_model(DIMS, 512, {"baseline": "mamba"}, context=32)
+    assert type(mamba).__name__ == "MambaForCausalLM" and fpt is None and kv is None
+    assert abs(mamba.num_parameters() - backbone.num_parameters()) <= 0.1 * backbone.num_parameters()
+    with pytest.raises(ValueError, match="unknown baseline family 'lstm'"):
+        pretrain.build_model(DIMS, 512, {"baseline": "lstm"}, context=32)
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        pretrain.build_model(DIMS, 512, {"attention": "flash"}, context=32)
+
+
+def test_run_study_records_tables_figures_and_skips(outputs):
+    params = P | {"techniques": {"gqa": {"attention": "gqa"}, "nsa": {"attention": "nsa"},
+                                 "rwkv": {"baseline": "rwkv"}}}
+    recs = pretrain.run_study("attention", "tiny", params)
+    assert [(r.technique, r.status) for r in recs] == [("gqa", "ok"), ("nsa", "ok"), ("rwkv", "ok")], \
+        [r.error for r in recs]
+    gqa = recs[0]
+    assert gqa.scale == "micro" and gqa.metrics["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2
+    assert gqa.quality["ppl"] > 1 and len(gqa.artifacts["loss_curve"]) == 4
+    assert "pcu" in gqa.metrics or "no peak" in gqa.artifacts["peak_flops_source"]
+    assert recs[2].artifacts["flops_per_token_source"].startswith("6 x parameters")
+    assert (outputs / "tiny" / "checkpoints" / "attention" / "micro-gqa" / "model.safetensors").is_file()
+    table = pretrain.table("tiny", "attention")
+    assert list(table["technique"]) == ["gqa", "nsa", "rwkv"] and "AMU (GB)" in table and "PPL" in table
+    paths = {p.name for p in pretrain.figures("tiny", "attention")}
+    assert {"attention.csv", "attention.md", "attention.tex", "attention_micro.pdf", "attention_micro.png",
+            "attention_micro.svg"} <= paths
+    assert "| technique" in (outputs / "tiny" / "tables" / "attention.md").read_text()
+    again = pretrain.run_study("attention", "tiny", params)  # records exist: nothing is retrained
+    assert [r.duration_s for r in again] == [r.duration_s for r in recs]
+    drawn = figures.draw("tiny")
+    assert drawn["attention"] and drawn["moe"] == [] and drawn["hardware"] == []
+
+
+def test_missing_hub_data_is_a_failed_record_with_one_clear_line(outputs, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    params = P | {"techniques": {"gqa": {}}, "tokenizer": "Qwen/Qwen2.5-0.5B", "dataset": "fineweb_edu"}
+    rec = pretrain.run_study("attention", "tiny", params)[0]
+    assert rec.status == "failed" and "DatasetUnavailable: tokenizer 'Qwen/Qwen2.5-0.5B' could not be loaded" \
+        in rec.error and "\n" not in rec.error
+    assert runs.load_runs("tiny", "attention")["status"].tolist() == ["failed"]
+
+
+def test_gpu_profile_without_a_gpu_says_so(outputs):
+    with pytest.raises(ValueError, match="profile 'gpu' needs a CUDA GPU"):
+        pretrain.run_study("attention", "gpu", P | {"techniques": {"gqa": {}}})
+
+
+@pytest.mark.parametrize("family", ["mamba", "rwkv", "pythia"])
+def test_baselines_match_the_tiny_backbone_within_ten_percent(family):
+    from effllm_utils import models
+    from effllm_utils.models.baselines import build_baseline
+
+    target = models.EffLLMForCausalLM(models.config("tiny")).num_parameters()
+    model = build_baseline(family, target, n_layers=4, vocab_size=4096, context=512)
+    assert abs(model.num_parameters() - target) <= 0.1 * target
+    assert model.config.num_hidden_layers == 4
