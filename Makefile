@@ -45,7 +45,7 @@ figures: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[lab]"
 	$(PY) -m ipykernel install --sys-prefix --name effllm --display-name "effllm (.venv)"
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean:
 	rm -rf outputs $(VENV) *.egg-info .pytest_cache
