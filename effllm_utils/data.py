@@ -15,6 +15,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -55,6 +56,55 @@ def corpus_text(split: str, domain: str | None = "shakespeare") -> str:
         cut = _split_point(d["text"])
         parts.append(d["text"][:cut] if split == "train" else d["text"][cut:])
     return "\n\n".join(parts)
+
+
+_SPEAKER = re.compile(r"^([A-Z][A-Za-z' ]{0,30})\.$")
+
+
+def dialogue_pairs(split: str, max_chars: int = 400) -> list[tuple[str, str]]:
+    """An instruction-style set from the plays: (instruction, response) where the instruction quotes one speech and
+    names the next speaker, and the response is that next speech. Built from the given split of every Shakespeare
+    work (speeches are blocks that start with a speaker line such as "Ham." or "HAMLET."); long speeches are cut at
+    `max_chars` on a line break. Deterministic."""
+    pairs = []
+    for text in corpus_text(split, "shakespeare").split("\n\n\n"):
+        speeches = []
+        for block in text.split("\n\n"):
+            lines = [ln for ln in block.strip().split("\n") if ln.strip() and not ln.lstrip().startswith("[")]
+            if len(lines) >= 2 and (m := _SPEAKER.match(lines[0].strip())):
+                speech = "\n".join(ln.strip() for ln in lines[1:])
+                if len(speech) > max_chars:
+                    speech = speech[:speech.rfind("\n", 0, max_chars)] if "\n" in speech[:max_chars] else speech[:max_chars]
+                speeches.append((m.group(1).strip(), speech))
+            else:
+                speeches.append(None)  # a scene heading or stage direction breaks the exchange
+        for a, b in zip(speeches, speeches[1:]):
+            if a and b and a[0] != b[0]:
+                pairs.append((f"{a[0]} says:\n{a[1]}\n\nReply as {b[0]}.", b[1]))
+    return pairs
+
+
+def sft_examples(pairs: list[tuple[str, str]], tok, seq_len: int) -> dict:
+    """Tokenised SFT examples {"input_ids", "labels"} of shape [N, seq_len]: the prompt
+    "### Instruction:\n...\n\n### Response:\n" carries no loss (-100), the response and EOS do; right-padded.
+    An instruction too long for the context is cut from the left (its end, which says what to answer, stays) so the
+    response keeps at least half of the sequence."""
+    import torch
+
+    head = tok("### Instruction:\n")["input_ids"]
+    tail = tok("\n\n### Response:\n")["input_ids"]
+    ids = torch.full((len(pairs), seq_len), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(pairs), seq_len), -100, dtype=torch.long)
+    for i, (instruction, response) in enumerate(pairs):
+        answer = tok(response)["input_ids"] + [tok.eos_token_id]
+        room = max(0, seq_len - len(head) - len(tail) - min(len(answer), seq_len // 2))
+        instr = tok(instruction)["input_ids"]
+        prompt = head + (instr[-room:] if room else []) + tail
+        seq = (prompt + answer)[:seq_len]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        labels[i, len(prompt):len(seq)] = torch.tensor(seq[len(prompt):], dtype=torch.long)
+    keep = (labels != -100).any(1)  # a template longer than seq_len leaves nothing to learn
+    return {"input_ids": ids[keep], "labels": labels[keep]}
 
 
 def corpus_sha256() -> str:

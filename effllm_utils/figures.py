@@ -11,12 +11,13 @@ import sys
 
 from . import PROFILES
 
-# study -> "module:function", called as function(profile) or function(profile, study); each draws from records only
-# and returns the paths it wrote.
+# study -> "module:function", called as function(profile, study); each draws from records only and returns the paths
+# it wrote.
 FIGURES = {
     "hardware": "effllm_utils.hardware:figures",
     **{s: "effllm_utils.pretrain:figures" for s in ("attention", "positional_encoding", "moe", "attention_free",
                                                      "depth_width")},
+    "peft": "effllm_utils.finetune:figures",
 }
 
 
@@ -27,7 +28,7 @@ def draw(profile: str, studies: list[str] | None = None) -> dict[str, list]:
             continue
         module, name = target.split(":")
         fn = getattr(importlib.import_module(module), name)
-        out[study] = fn(profile) if module.endswith("hardware") else fn(profile, study)
+        out[study] = fn(profile, study)
     return out
 
 

@@ -140,7 +140,7 @@ def measured_peaks(profile: str, device_name: str) -> dict[str, float]:
     return {t.removeprefix("matmul_"): float(v) for t, v in zip(df["technique"], df["matmul_tflops"])}
 
 
-def figures(profile: str) -> list:
+def figures(profile: str, study: str = "hardware") -> list:
     """The hardware study's figure, drawn from its records only."""
     import matplotlib.pyplot as plt
 

@@ -70,29 +70,59 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def batch_starts(n_tokens: int, seq_len: int, batch: int, step: int, micro: int, seed: int) -> torch.Tensor:
-    """Start offsets of the global micro-batch `micro` of `step`: a pure function of its arguments, so every process
-    agrees on the global batch and a resumed or re-run job sees the same data."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
-    return torch.randint(0, n_tokens - seq_len - 1, (batch,), generator=g)
-
-
-def eval_starts(n_tokens: int, seq_len: int, n: int) -> torch.Tensor:
-    """Evenly spaced validation windows (deterministic, covering the split)."""
-    return torch.linspace(0, n_tokens - seq_len - 1, n).long()
-
-
 def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
 
 
-def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfig, flops_per_token: float | None = None,
+class Data:
+    """Training or validation data: a flat token stream (language modelling on random windows) or a set of
+    examples {"input_ids": [N, L], "labels": [N, L]} (supervised fine-tuning; labels -100 where no loss is taken,
+    e.g. the prompt and the padding)."""
+
+    def __init__(self, data, seq_len: int, name: str):
+        self.examples = isinstance(data, dict)
+        if self.examples:
+            self.ids, self.labels = data["input_ids"], data["labels"]
+            if self.ids.shape != self.labels.shape or self.ids.ndim != 2:
+                raise ValueError(f"{name}: input_ids and labels must both be [N, L], got {tuple(self.ids.shape)} and "
+                                 f"{tuple(self.labels.shape)}")
+            self.n = self.ids.shape[0]
+            if self.n == 0:
+                raise ValueError(f"{name}: no examples (is seq_len {seq_len} shorter than the prompt template?)")
+        else:
+            self.ids, self.n = data, len(data)
+            if self.n <= seq_len + 1:
+                raise ValueError(f"seq_len {seq_len} is longer than the {name} data ({self.n} tokens)")
+        self.seq_len = seq_len
+
+    def batch(self, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.examples:
+            return self.ids[picks], self.labels[picks]
+        x = _windows(self.ids, picks, self.seq_len)
+        return x, x
+
+    def train_picks(self, batch: int, step: int, micro: int, seed: int) -> torch.Tensor:
+        """The global micro-batch `micro` of `step`: a pure function of its arguments, so every process agrees on the
+        global batch and a re-run sees the same data."""
+        high = self.n if self.examples else self.n - self.seq_len - 1
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step * 1009 + micro)
+        return torch.randint(0, high, (batch,), generator=g)
+
+    def eval_picks(self, count: int) -> torch.Tensor:
+        """Evenly spaced validation windows or examples (deterministic, covering the split)."""
+        high = self.n - 1 if self.examples else self.n - self.seq_len - 1
+        return torch.linspace(0, high, count).long()
+
+
+def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | None = None,
           peak_flops: float | None = None, checkpoint_dir: str | Path | None = None,
-          accelerator=None) -> dict[str, Any]:
+          accelerator=None, optimizer=None) -> dict[str, Any]:
     """Train `model` (any causal LM taking input_ids and labels) and measure it. See the module docstring.
 
+    train_ids / val_ids: a flat token tensor, or {"input_ids", "labels"} examples (see `Data`).
     flops_per_token: analytic training FLOPs per token (default 6 x parameters); peak_flops: device peak FLOP/s
-    for PCU/MFU (None: not reported)."""
+    for PCU/MFU (None: not reported). optimizer: a ready optimizer over the model's parameters (e.g. LoRA+'s
+    param groups); default AdamW with weight decay on matrices only."""
     from accelerate import Accelerator
 
     # cpu=True is how accelerate picks the gloo backend for several CPU processes under torchrun
@@ -102,17 +132,15 @@ def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfi
     world, rank = acc.num_processes, acc.process_index
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
-    if len(train_ids) <= cfg.seq_len + 1 or len(val_ids) <= cfg.seq_len + 1:
-        raise ValueError(f"seq_len {cfg.seq_len} is longer than the data ({len(train_ids)} train / "
-                         f"{len(val_ids)} validation tokens)")
+    train_data, val_data = Data(train_ids, cfg.seq_len, "train"), Data(val_ids, cfg.seq_len, "validation")
     torch.manual_seed(cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                            fused=device.type == "cuda")
+    opt = optimizer or torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                          {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                                         fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     model, opt = acc.prepare(model, opt)
     step_fn = torch.compile(model) if cfg.compile else model
@@ -121,14 +149,13 @@ def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfi
 
     def evaluate() -> float:
         model.eval()
-        starts = eval_starts(len(val_ids), cfg.seq_len + 1, cfg.eval_batches * cfg.batch_size)
+        picks = val_data.eval_picks(cfg.eval_batches * cfg.batch_size)
         losses = []
         with torch.no_grad():
             for b in range(cfg.eval_batches):
-                chunk = starts[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local]
-                x = _windows(val_ids, chunk, cfg.seq_len).to(device)
+                x, y = val_data.batch(picks[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local])
                 with autocast:
-                    losses.append(step_fn(input_ids=x, labels=x, use_cache=False).loss.float())
+                    losses.append(step_fn(input_ids=x.to(device), labels=y.to(device), use_cache=False).loss.float())
         model.train()
         return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
@@ -142,10 +169,10 @@ def train(model, train_ids: torch.Tensor, val_ids: torch.Tensor, cfg: TrainConfi
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
-            starts = batch_starts(len(train_ids), cfg.seq_len, cfg.batch_size, step, micro, cfg.seed)
-            x = _windows(train_ids, starts[rank * local:(rank + 1) * local], cfg.seq_len).to(device)
+            picks = train_data.train_picks(cfg.batch_size, step, micro, cfg.seed)
+            x, y = train_data.batch(picks[rank * local:(rank + 1) * local])
             with autocast:
-                loss = step_fn(input_ids=x, labels=x, use_cache=False).loss / cfg.grad_accum
+                loss = step_fn(input_ids=x.to(device), labels=y.to(device), use_cache=False).loss / cfg.grad_accum
             acc.backward(loss)
             total += loss.detach()
         if cfg.grad_clip:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from effllm_utils import models
-from effllm_utils.train import TrainConfig, TrainingDiverged, batch_starts, lr_lambda, train
+from effllm_utils.train import Data, TrainConfig, TrainingDiverged, lr_lambda, train
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
 IDS = (torch.arange(8_000) * 7 + torch.arange(8_000) // 97) % 128  # learnable: the next token follows from this one
@@ -22,9 +22,24 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_batches_are_a_pure_function_of_step():
-    a = batch_starts(1000, 32, 4, step=3, micro=1, seed=0)
-    assert torch.equal(a, batch_starts(1000, 32, 4, step=3, micro=1, seed=0))
-    assert not torch.equal(a, batch_starts(1000, 32, 4, step=4, micro=1, seed=0))
+    d = Data(torch.arange(1000), 32, "train")
+    a = d.train_picks(4, step=3, micro=1, seed=0)
+    assert torch.equal(a, d.train_picks(4, step=3, micro=1, seed=0))
+    assert not torch.equal(a, d.train_picks(4, step=4, micro=1, seed=0))
+    x, y = d.batch(a)
+    assert x.shape == (4, 32) and torch.equal(x, y) and torch.equal(x[0], torch.arange(a[0], a[0] + 32))
+
+
+def test_example_data_trains_only_on_labelled_tokens():
+    ids = IDS[:64 * 16].view(64, 16)
+    labels = ids.clone()
+    labels[:, :8] = -100  # a prompt with no loss
+    model = models.EffLLMForCausalLM(models.config("test"))
+    r = train(model, {"input_ids": ids, "labels": labels}, {"input_ids": ids[:8], "labels": labels[:8]},
+              TrainConfig(steps=4, batch_size=4, seq_len=16, eval_every=100, eval_batches=2))
+    assert len(r["artifacts"]["loss_curve"]) == 4 and r["quality"]["loss"] > 0
+    with pytest.raises(ValueError, match=r"input_ids and labels must both be \[N, L\]"):
+        train(model, {"input_ids": ids, "labels": labels[:, :4]}, ids.view(-1), TrainConfig(steps=4, seq_len=16))
 
 
 def test_training_lowers_the_loss_and_reports_metrics(tmp_path):
@@ -58,7 +73,7 @@ def test_bad_train_configs():
     with pytest.raises(ValueError, match="must exceed skip_steps"):
         TrainConfig(steps=2, skip_steps=2)
     model = models.EffLLMForCausalLM(models.config("test"))
-    with pytest.raises(ValueError, match="seq_len 5000 is longer than the data"):
+    with pytest.raises(ValueError, match="seq_len 5000 is longer than the train data"):
         train(model, IDS[:4000], IDS[4000:], TrainConfig(steps=5, seq_len=5000))
 
 

@@ -1,0 +1,285 @@
+"""The fine-tuning (PEFT) study: Full, Freeze, LoRA, LoRA+, RSLoRA, DoRA, PiSSA (paper Tables 7-8, Figure 4).
+
+Every adapter method goes through `peft`: LoRA (`LoraConfig`), RSLoRA (`use_rslora`), DoRA (`use_dora`), PiSSA
+(`init_lora_weights="pissa"`, or "pissa_niter_<n>" — the fast randomised SVD — at scale) and LoRA+ (peft's
+`create_loraplus_optimizer`: the B matrices get `loraplus_lr_ratio` x the learning rate of A). `freeze` trains only
+the layers above the first `freeze_fraction` of the stack (the paper froze the first 8 layers of 16-layer models;
+0.5 scales that to any depth), the final norm and the head; `full` trains everything.
+
+Models: `source: suite` pretrains the backbone on the embedded corpus once (cached checkpoint, reused by every method
+and re-trained only when its params change); any other source is a Hub id or local path for `from_pretrained`.
+Datasets: `milton` (language modelling on the held-out Milton domain), `dialogue` (instruction-style pairs from the
+plays, loss on the response only), or a Hub SFT set (`openo1_sft`, `medical_o1`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from typing import Any
+
+import torch
+
+from . import data, metrics, outputs_dir, runs
+from .runtime import resolve_device, seed_everything
+
+METHODS = ("full", "freeze", "lora", "lora_plus", "rslora", "dora", "pissa")
+LORA_METHODS = ("lora", "lora_plus", "rslora", "dora", "pissa")
+TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "seq_len", "warmup_steps", "eval_every", "eval_batches",
+              "precision", "compile", "seed")
+
+
+class ModelUnavailable(RuntimeError):
+    """A Hub checkpoint needed by a profile cannot be loaded."""
+
+
+# -- methods -----------------------------------------------------------------------------------------------------
+
+def linear_module_names(model) -> list[str]:
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_targets(model, targets: list[str]) -> None:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(f"target module(s) {missing} not found in {type(model).__name__}; its linear layers are "
+                         f"{linear_module_names(model)}")
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The stack of transformer blocks of a causal LM (effllm, Qwen2, Llama, Mistral, GPT-NeoX, ...)."""
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} for the freeze method")
+
+
+def apply_method(model, method: str, P: dict[str, Any]):
+    """(model ready to train, optimizer or None, info) for one method; the learning rate is P['lr_full'] for
+    full/freeze and P['lr_adapter'] for the adapter methods."""
+    if method not in METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
+    info: dict[str, Any] = {}
+    if method == "full":
+        model.requires_grad_(True)
+        return model, None, info
+    if method == "freeze":
+        layers = decoder_layers(model)
+        n_frozen = round(P["freeze_fraction"] * len(layers))
+        model.requires_grad_(False)
+        for layer in layers[n_frozen:]:
+            layer.requires_grad_(True)
+        for name, p in model.named_parameters():
+            if "layers" not in name and "embed" not in name:  # final norm and head
+                p.requires_grad_(True)
+        info.update(frozen_layers=n_frozen, total_layers=len(layers))
+        return model, None, info
+    from peft import LoraConfig, get_peft_model
+
+    check_targets(model, P["target_modules"])
+    cfg = LoraConfig(r=P["rank"], lora_alpha=P["alpha"], lora_dropout=0.0, target_modules=P["target_modules"],
+                     use_rslora=method == "rslora", use_dora=method == "dora",
+                     init_lora_weights=P["pissa_init"] if method == "pissa" else True, task_type="CAUSAL_LM")
+    model = get_peft_model(model, cfg)
+    optimizer = None
+    if method == "lora_plus":
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(model, optimizer_cls=torch.optim.AdamW, lr=P["lr_adapter"],
+                                              loraplus_lr_ratio=P["loraplus_lr_ratio"], weight_decay=0.0)
+        info["loraplus_lr_ratio"] = P["loraplus_lr_ratio"]
+    return model, optimizer, info
+
+
+def finetune_flops_per_token(n_params: int, n_trainable: int, backward_params: int) -> float:
+    """Forward 2N + activation gradients through the `backward_params` that lie above the first trainable weight
+    (2 x backward_params) + weight gradients of the trainable ones (2 x n_trainable). Full fine-tuning gives 6N."""
+    return 2.0 * n_params + 2.0 * backward_params + 2.0 * n_trainable
+
+
+# -- models and data ---------------------------------------------------------------------------------------------
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
+    """(model, tokenizer, info) for one entry of P['models']."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec["source"] != "suite":
+        try:
+            tok = AutoTokenizer.from_pretrained(spec["source"])
+            model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.float32)
+        except OSError as e:
+            raise ModelUnavailable(f"model {spec['source']!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                                   f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model, tok, {"source": spec["source"]}
+    from . import models  # noqa: F401 - registers the backbone with the Auto classes
+    from .pretrain import build_model
+    from .train import TrainConfig, train
+
+    tok = data.tokenizer(P["vocab_size"])
+    key = {k: spec[k] for k in ("dims", "pretrain_steps", "pretrain_lr")} | {"vocab": P["vocab_size"],
+                                                                            "seq_len": P["seq_len"]}
+    ckpt = outputs_dir(profile) / "checkpoints" / "peft" / f"{name}-{_hash(key)}"
+    if not (ckpt / "model.safetensors").is_file():  # pretrain once; every method and dataset reuses it
+        seed_everything(0)
+        model, fpt, _ = build_model(spec["dims"], len(tok), {}, P["seq_len"])
+        cfg = TrainConfig(steps=spec["pretrain_steps"], batch_size=P["batch_size"], seq_len=P["seq_len"],
+                          lr=spec["pretrain_lr"], warmup_steps=min(10, spec["pretrain_steps"] // 10),
+                          eval_every=10**9, eval_batches=P["eval_batches"])
+        result = train(model.to(device), data.token_ids("train", tok), data.token_ids("validation", tok), cfg,
+                       flops_per_token=fpt)
+        tmp = ckpt.with_name(ckpt.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        runs.atomic_write_text(tmp / "pretrain.json", json.dumps(result["quality"]))
+        tmp.replace(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    return model, tok, {"source": "suite", "checkpoint": str(ckpt),
+                        "pretrain": json.loads((ckpt / "pretrain.json").read_text())}
+
+
+_DATASETS: dict[tuple, Any] = {}
+
+
+def load_dataset(name: str, tok, P: dict[str, Any]):
+    """(train, validation) in the forms train.train takes; kept in memory for the other methods of the study."""
+    key = (name, tok.name_or_path, len(tok), P["seq_len"], P["hub_examples"])
+    if key not in _DATASETS:
+        _DATASETS.clear()  # one dataset at a time: the study loops methods inside datasets
+        _DATASETS[key] = _load_dataset(name, tok, P)
+    return _DATASETS[key]
+
+
+def _load_dataset(name: str, tok, P: dict[str, Any]):
+    if name == "milton":
+        return data.token_ids("train", tok, "milton"), data.token_ids("validation", tok, "milton")
+    if name == "dialogue":
+        return (data.sft_examples(data.dialogue_pairs("train"), tok, P["seq_len"]),
+                data.sft_examples(data.dialogue_pairs("validation"), tok, P["seq_len"]))
+    ds = data.load_hub_dataset(name, limit=P["hub_examples"])
+    spec = data.HUB_DATASETS[name]
+    pairs = [(row[spec.prompt], "\n\n".join(str(row[k]) for k in spec.responses if row.get(k))) for row in ds]
+    cut = max(1, int(len(pairs) * 0.95))
+    return data.sft_examples(pairs[:cut], tok, P["seq_len"]), data.sft_examples(pairs[cut:], tok, P["seq_len"])
+
+
+# -- the study ---------------------------------------------------------------------------------------------------
+
+def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    from .pretrain import device_peak
+    from .train import TrainConfig, train
+
+    device = resolve_device(profile, P["device"])
+    bad = [m for m in P["methods"] if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown fine-tuning method(s) {bad}; choose from {', '.join(METHODS)}")
+    records = []
+    for model_name, spec in P["models"].items():
+        for dataset in P["datasets"]:
+            for method in P["methods"]:
+                run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets")} | {
+                    "model": spec, "dataset": dataset, "device": device}
+
+                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method):
+                    seed_everything(P["seed"])
+                    base, tok, base_info = load_base(profile, model_name, spec, P, device)
+                    train_data, val_data = load_dataset(dataset, tok, P)
+                    n_params = sum(p.numel() for p in base.parameters())
+                    model, optimizer, info = apply_method(base, method, P)
+                    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                    backward = n_params if method != "freeze" else trainable
+                    fpt = finetune_flops_per_token(n_params, trainable, backward)
+                    peak, peak_source = device_peak(profile, device, P["precision"])
+                    lr = P["lr_adapter"] if method in LORA_METHODS else P["lr_full"]
+                    cfg = TrainConfig(lr=lr, weight_decay=0.0, **{k: P[k] for k in TRAIN_KEYS})
+                    result = train(model.to(device), train_data, val_data, cfg, flops_per_token=fpt,
+                                   peak_flops=peak, optimizer=optimizer)
+                    m = result["metrics"]
+                    m["trainable_params"], m["base_params"] = trainable, n_params
+                    m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)  # samples/s/param of the model
+                    result["artifacts"].update(method_info=info, base=base_info, peak_flops_source=peak_source,
+                                               dataset=dataset, model=model_name)
+                    return result
+
+                records.append(runs.execute("peft", method, profile, run_params, fn, scale=model_name, force=force))
+    return records
+
+
+# -- tables and figures (records only) ---------------------------------------------------------------------------
+
+COLUMNS = {"scale": "model", "param.dataset": "dataset", "technique": "method", "train_loss": "train loss",
+           "loss": "eval loss", "trainable_params": "trainable params", "amu_gb": "AMU (GB)",
+           "peak_mem_gb": "peak mem (GB)", "pcu": "PCU", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)",
+           "aec_w": "AEC (W)", "energy_j": "energy (J)", "efficiency_score": "efficiency score"}
+SCORE_KEYS = ("amu_gb", "pcu", "al_s", "st", "aec_w")
+
+
+def table(profile: str):
+    """Tables 7-8 layout: one row per (model, dataset, method) with the efficiency score computed within each
+    (model, dataset) group over the metrics measured there (metrics.efficiency_score)."""
+    import pandas as pd
+
+    df = runs.load_runs(profile, "peft", status="ok")
+    if df.empty:
+        return pd.DataFrame(columns=list(COLUMNS.values()))
+    df = df.copy()
+    df["param.dataset"] = df["param.dataset"].astype(str)
+    for key in SCORE_KEYS:
+        if key not in df:
+            df[key] = float("nan")
+    df["efficiency_score"] = float("nan")
+    for _, idx in df.groupby(["scale", "param.dataset"]).groups.items():
+        sub = df.loc[idx]
+        df.loc[idx, "efficiency_score"] = metrics.efficiency_score({k: sub[k].astype(float) for k in SCORE_KEYS})
+    order = {m: i for i, m in enumerate(METHODS)}
+    df = df.sort_values(["scale", "param.dataset", "technique"], key=lambda s: s.map(order) if s.name == "technique"
+                        else s)
+    return df[[c for c in COLUMNS if c in df]].rename(columns=COLUMNS).reset_index(drop=True)
+
+
+def figures(profile: str, study: str = "peft") -> list:
+    """Table (CSV/MD/TeX); per (model, dataset): efficiency-score bars (Figure 4), a radar, and a Pareto plot of
+    eval loss against energy (or against latency where energy is not measurable, which the axis says)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from . import plotting
+    from .pretrain import write_table
+
+    t = table(profile)
+    if t.empty:
+        return []
+    paths = write_table(t, profile, "peft")
+    plotting.use_style()
+    for (model, dataset), sub in t.groupby(["model", "dataset"], sort=False):
+        methods = list(sub["method"])
+        fig = plt.figure(figsize=(13, 3.8), layout="constrained")
+        ax1 = fig.add_subplot(1, 3, 1)
+        plotting.bar(ax1, methods, list(sub["efficiency score"]), "efficiency score (1 = best)", value_fmt="{:.2f}")
+        ax1.set_title(f"{model} / {dataset}")
+        ax2 = fig.add_subplot(1, 3, 2, projection="polar")
+        keys = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
+                "AEC (W)": "aec_w", "PCU": "pcu"}
+        rows = {m: {keys[c]: float(r[c]) for c in keys if c in sub and pd.notna(r[c])} for m, (_, r) in
+                zip(methods, sub.iterrows())}
+        present = [k for k in keys.values() if all(k in rows[m] for m in methods)]
+        plotting.radar(ax2, rows, present)
+        ax3 = fig.add_subplot(1, 3, 3)
+        energy = sub["energy (J)"] if "energy (J)" in sub else None
+        if energy is not None and energy.notna().all():
+            plotting.pareto(ax3, methods, list(energy), list(sub["eval loss"]), "energy (J)", "eval loss")
+        else:
+            plotting.pareto(ax3, methods, list(sub["AL (s/iter)"]), list(sub["eval loss"]),
+                            "AL (s/iter) — energy not measurable on this device", "eval loss")
+        paths += plotting.savefig(fig, f"peft_{model}_{dataset}", profile)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,139 @@
+"""The fine-tuning methods against what they promise, and the study end to end on a micro configuration."""
+import pytest
+import torch
+
+from effllm_utils import data, finetune, models
+from effllm_utils.models import EffLLMForCausalLM
+from effllm_utils.train import TrainConfig, train
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+P = dict(rank=4, alpha=8, target_modules=TARGETS, freeze_fraction=0.5, loraplus_lr_ratio=16.0, pissa_init="pissa",
+         lr_full=1e-3, lr_adapter=3e-3)
+IDS = (torch.arange(6_000) * 7 + torch.arange(6_000) // 97) % 128
+CFG = TrainConfig(steps=6, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=1, eval_every=100, eval_batches=1)
+
+
+def base():
+    torch.manual_seed(0)
+    return EffLLMForCausalLM(models.config("test")).eval()
+
+
+def logits(model, x=IDS[:32].view(2, 16)):
+    with torch.no_grad():
+        return model(input_ids=x, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "pissa", "lora_plus"])
+def test_merged_adapters_give_the_unmerged_outputs(method):
+    model, opt, _ = finetune.apply_method(base(), method, P)
+    train(model, IDS[:5000], IDS[5000:], CFG, optimizer=opt)  # move B away from zero
+    model.eval()
+    before = logits(model)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged), before, atol=1e-4, rtol=1e-4)
+
+
+def test_pissa_at_initialisation_reproduces_the_base_model():
+    ref = logits(base())
+    model, _, _ = finetune.apply_method(base(), "pissa", P)
+    torch.testing.assert_close(logits(model), ref, atol=1e-4, rtol=1e-4)
+    a = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert a.lora_A["default"].weight.abs().sum() > 0 and a.lora_B["default"].weight.abs().sum() > 0  # not LoRA's 0
+
+
+def test_freeze_leaves_frozen_weights_bit_identical():
+    model, _, info = finetune.apply_method(base(), "freeze", P)
+    assert info == {"frozen_layers": 1, "total_layers": 2}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("layers.0." in n for n in frozen) and "model.embed_tokens.weight" in frozen
+    assert any("layers.1." in n for n in trained) and "lm_head.weight" in trained
+    train(model, IDS[:5000], IDS[5000:], CFG)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
+    assert any(not torch.equal(after[n], p) for n, p in trained.items())
+
+
+def test_lora_plus_gives_b_a_larger_learning_rate_than_a():
+    model, opt, info = finetune.apply_method(base(), "lora_plus", P)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    lrs = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            kind = "B" if "lora_B" in ids[id(p)] else "A" if "lora_A" in ids[id(p)] else "other"
+            lrs.setdefault(kind, set()).add(group["lr"])
+    assert lrs["A"] == {3e-3} and lrs["B"] == {3e-3 * 16.0} and info["loraplus_lr_ratio"] == 16.0
+
+
+def test_rslora_and_dora_are_what_peft_builds():
+    lora, _, _ = finetune.apply_method(base(), "rslora", P)
+    layer = lora.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # alpha / sqrt(r)
+    dora, _, _ = finetune.apply_method(base(), "dora", P)
+    assert "default" in dora.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector
+
+
+def test_unknown_method_and_absent_target_are_one_clear_error():
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'qlora2'; choose one of full, freeze"):
+        finetune.apply_method(base(), "qlora2", P)
+    with pytest.raises(ValueError, match=r"target module\(s\) \['c_attn'\] not found in EffLLMForCausalLM; its "
+                                         r"linear layers are \['down_proj', 'gate_proj'"):
+        finetune.apply_method(base(), "lora", P | {"target_modules": ["q_proj", "c_attn"]})
+
+
+def test_flops_accounting():
+    assert finetune.finetune_flops_per_token(100, 100, 100) == 600  # full fine-tuning: 6N
+    assert finetune.finetune_flops_per_token(100, 2, 100) == 404  # LoRA: 4N + 2 x adapters
+
+
+def test_dialogue_sft_examples_mask_the_prompt():
+    tok = data.tokenizer(1024)
+    pairs = data.dialogue_pairs("validation")
+    assert len(pairs) > 500 and all(i.endswith(".") and r for i, r in pairs[:50])
+    ex = data.sft_examples(pairs[:20], tok, 96)
+    ids, labels = ex["input_ids"], ex["labels"]
+    assert ids.shape == labels.shape and ids.shape[1] == 96
+    row = labels[0]
+    first = int((row != -100).nonzero()[0])
+    prompt = tok.decode(ids[0, :first])
+    assert prompt.startswith("### Instruction:\n") and prompt.endswith("### Response:\n")
+    short = data.sft_examples(pairs[:20], tok, 32)  # long instructions are cut from the left, responses kept
+    assert len(short["input_ids"]) == 20 and ((short["labels"] != -100).sum(1) >= 1).all()
+    for ids_row, label_row in zip(short["input_ids"], short["labels"]):
+        cut = tok.decode(ids_row[: int((label_row != -100).nonzero()[0])])
+        assert cut.startswith("### Instruction:\n") and cut.endswith("### Response:\n")
+    assert torch.equal(row[row != -100], ids[0][row != -100])
+
+
+def test_study_end_to_end_with_cached_base_model(outputs):
+    dims = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64}
+    params = P | dict(device="auto", methods=["full", "lora", "freeze"], datasets=["milton", "dialogue"],
+                      models={"micro": {"source": "suite", "dims": dims, "pretrain_steps": 4, "pretrain_lr": 0.003}},
+                      vocab_size=512, hub_examples=10, steps=3, batch_size=4, grad_accum=1, seq_len=32,
+                      warmup_steps=1, eval_every=100, eval_batches=1, precision="auto", compile=False, seed=0)
+    recs = finetune.run_study("tiny", params)
+    assert [(r.params["dataset"], r.technique, r.status) for r in recs] == [
+        ("milton", "full", "ok"), ("milton", "lora", "ok"), ("milton", "freeze", "ok"),
+        ("dialogue", "full", "ok"), ("dialogue", "lora", "ok"), ("dialogue", "freeze", "ok")], [r.error for r in recs]
+    ckpts = list((outputs / "tiny" / "checkpoints" / "peft").iterdir())
+    assert len(ckpts) == 1 and (ckpts[0] / "model.safetensors").is_file()  # one base model for every run
+    full, lora = recs[0].metrics, recs[1].metrics
+    assert full["trainable_params"] == full["base_params"] > 10 * lora["trainable_params"]
+    assert lora["st"] == pytest.approx(lora["samples_per_s"] / lora["base_params"])
+    t = finetune.table("tiny")
+    assert list(t.columns[:3]) == ["model", "dataset", "method"] and t["efficiency score"].between(0, 1).all()
+    names = {p.name for p in finetune.figures("tiny")}
+    assert {"peft.csv", "peft_micro_milton.png", "peft_micro_dialogue.pdf"} <= names
+    with pytest.raises(ValueError, match=r"unknown fine-tuning method\(s\) \['adalora'\]"):
+        finetune.run_study("tiny", params | {"methods": ["adalora"]})
+
+
+def test_hub_model_offline_is_a_failed_record_with_one_clear_line(outputs, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    params = P | dict(device="auto", methods=["lora"], datasets=["openo1_sft"], vocab_size=512, hub_examples=10,
+                      models={"Qwen2.5-0.5B": {"source": "Qwen/Qwen2.5-0.5B"}}, steps=3, batch_size=4,
+                      grad_accum=1, seq_len=32, warmup_steps=1, eval_every=100, eval_batches=1, precision="auto",
+                      compile=False, seed=0)
+    rec = finetune.run_study("tiny", params)[0]
+    assert rec.status == "failed" and rec.error.startswith("ModelUnavailable: model 'Qwen/Qwen2.5-0.5B' could not")
