@@ -4,6 +4,9 @@ PROFILE ?= tiny
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. On a GPU host use e.g.
 #   make reproduce PROFILE=gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
+# GPTQModel 7.7.0 declares torch>=2.14.1 but runs on torch 2.13 (CPU): installed without its dependency resolution,
+# after its runtime needs (listed in pyproject.toml).
+GPTQMODEL_SPEC ?= gptqmodel==7.7.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -26,6 +29,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation $(GPTQMODEL_SPEC)
 	touch $@
 
 install: $(STAMP)

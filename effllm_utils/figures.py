@@ -18,6 +18,7 @@ FIGURES = {
     **{s: "effllm_utils.pretrain:figures" for s in ("attention", "positional_encoding", "moe", "attention_free",
                                                      "depth_width")},
     "peft": "effllm_utils.finetune:figures",
+    "quantization": "effllm_utils.quantize:figures",
 }
 
 

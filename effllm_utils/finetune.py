@@ -128,7 +128,7 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
     tok = data.tokenizer(P["vocab_size"])
     key = {k: spec[k] for k in ("dims", "pretrain_steps", "pretrain_lr")} | {"vocab": P["vocab_size"],
                                                                             "seq_len": P["seq_len"]}
-    ckpt = outputs_dir(profile) / "checkpoints" / "peft" / f"{name}-{_hash(key)}"
+    ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"{name}-{_hash(key)}"  # shared by peft and quantization
     if not (ckpt / "model.safetensors").is_file():  # pretrain once; every method and dataset reuses it
         seed_everything(0)
         model, fpt, _ = build_model(spec["dims"], len(tok), {}, P["seq_len"])

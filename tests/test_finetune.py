@@ -116,7 +116,7 @@ def test_study_end_to_end_with_cached_base_model(outputs):
     assert [(r.params["dataset"], r.technique, r.status) for r in recs] == [
         ("milton", "full", "ok"), ("milton", "lora", "ok"), ("milton", "freeze", "ok"),
         ("dialogue", "full", "ok"), ("dialogue", "lora", "ok"), ("dialogue", "freeze", "ok")], [r.error for r in recs]
-    ckpts = list((outputs / "tiny" / "checkpoints" / "peft").iterdir())
+    ckpts = list((outputs / "tiny" / "checkpoints" / "base").iterdir())
     assert len(ckpts) == 1 and (ckpts[0] / "model.safetensors").is_file()  # one base model for every run
     full, lora = recs[0].metrics, recs[1].metrics
     assert full["trainable_params"] == full["base_params"] > 10 * lora["trainable_params"]

@@ -1,0 +1,133 @@
+"""The inference harness: prefill latency, per-token decode latency from per-token timestamps, end-to-end request
+latency and throughput over a batch-size sweep, with telemetry, for several models measured side by side.
+
+    results = measure({"fp32": m1, "int8": m2}, prompts, InferConfig(batch_sizes=[1, 4]), device="cpu")
+
+Greedy decoding with the model's KV cache, one forward per token; the device is synchronised after every token and
+its timestamp taken, so decode latencies are measured, not derived by subtraction. Warm-up requests are excluded;
+each (technique, batch size) is repeated until both `min_time_s` of measured requests and `min_requests` are reached;
+the order of techniques rotates every round, so drift (thermal, a noisy neighbour) does not favour one.
+Telemetry: a Monitor window around each request, accumulated per technique.
+
+Not here yet: the fast GPU decode path (static KV cache + torch.compile + CUDA graphs) that issue 5 asks for; on GPU
+this harness measures eager decoding, which launch overhead dominates for small models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .runtime import synchronize
+from .telemetry import Monitor
+
+
+@dataclasses.dataclass
+class InferConfig:
+    prompt_len: int = 64
+    new_tokens: int = 32
+    batch_sizes: tuple[int, ...] = (1, 4)
+    min_time_s: float = 1.0  # measured request time per (technique, batch size), at least
+    min_requests: int = 3  # and at least this many requests
+    max_requests: int = 50
+    warmup_requests: int = 1
+    telemetry_period_s: float = 0.1
+
+    def __post_init__(self):
+        self.batch_sizes = tuple(self.batch_sizes)
+        if self.new_tokens < 2:
+            raise ValueError(f"new_tokens must be at least 2 to time decoding, got {self.new_tokens}")
+
+
+@torch.no_grad()
+def timed_request(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict[str, Any]:
+    """One greedy request: prefill, then `new_tokens - 1` decode steps, a synchronised timestamp after each."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    synchronize(device)
+    stamps = [time.perf_counter()]
+    cache = out.past_key_values
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        synchronize(device)
+        stamps.append(time.perf_counter())
+    return {"prefill_s": stamps[0] - t0, "token_s": list(np.diff(stamps)), "e2e_s": stamps[-1] - t0,
+            "tokens": ids.shape[0] * new_tokens}
+
+
+def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, device: str) -> dict[str, dict]:
+    """Side-by-side measurement of every model on the same prompts ([N, >= prompt_len] token ids)."""
+    if prompts.shape[1] < cfg.prompt_len or prompts.shape[0] < max(cfg.batch_sizes):
+        raise ValueError(f"prompts must be at least [{max(cfg.batch_sizes)}, {cfg.prompt_len}], "
+                         f"got {tuple(prompts.shape)}")
+    names = list(models)
+    acc = {n: {"prefill": [], "token": [], "e2e": [], "it": {}, "wall": 0.0, "energy": 0.0, "energy_ok": True,
+               "amu_x_wall": 0.0, "peak": 0.0, "tokens": 0, "reason": None} for n in names}
+    for b in cfg.batch_sizes:
+        ids = prompts[:b, :cfg.prompt_len].to(device)
+        for n in names:  # warm-up, not measured
+            for _ in range(cfg.warmup_requests):
+                timed_request(models[n], ids, cfg.new_tokens, device)
+        done = {n: {"time": 0.0, "count": 0, "tokens": 0} for n in names}
+        rnd = 0
+        while any(d["count"] < cfg.min_requests or d["time"] < cfg.min_time_s for d in done.values()) \
+                and rnd < cfg.max_requests:
+            order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate so drift hits all alike
+            for n in order:
+                with Monitor(period_s=cfg.telemetry_period_s, device=device) as mon:
+                    r = timed_request(models[n], ids, cfg.new_tokens, device)
+                a, s = acc[n], mon.summary
+                a["prefill"].append(r["prefill_s"])
+                a["token"] += r["token_s"]
+                a["e2e"].append(r["e2e_s"])
+                a["wall"] += s["wall_s"]
+                a["amu_x_wall"] += (s["amu_gb"] or 0.0) * s["wall_s"]
+                a["peak"] = max(a["peak"], s["peak_mem_gb"] or 0.0)
+                a["tokens"] += r["tokens"]
+                if s["energy_j"] is None:
+                    a["energy_ok"], a["reason"] = False, s["energy_reason"]
+                else:
+                    a["energy"] += s["energy_j"]
+                done[n]["time"] += r["e2e_s"]
+                done[n]["count"] += 1
+                done[n]["tokens"] += r["tokens"]
+            rnd += 1
+        for n in names:
+            acc[n]["it"][b] = done[n]["tokens"] / done[n]["time"]
+    out = {}
+    for n, a in acc.items():
+        tok = metrics.latency(a["token"])
+        e2e = metrics.latency(a["e2e"])
+        out[n] = {"prefill_s": float(np.mean(a["prefill"])), "decode_token_s": tok["al_s"],
+                  "decode_token_p50_s": tok["al_p50_s"], "decode_token_p90_s": tok["al_p90_s"],
+                  "al_s": e2e["al_s"], "al_p50_s": e2e["al_p50_s"], "al_p90_s": e2e["al_p90_s"],
+                  "it": max(a["it"].values()), "it_by_batch": {str(b): v for b, v in a["it"].items()},
+                  "amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"],
+                  "energy_j": a["energy"] if a["energy_ok"] else None,
+                  "aec_w": a["energy"] / a["wall"] if a["energy_ok"] else None,
+                  "j_per_token": a["energy"] / a["tokens"] if a["energy_ok"] else None,
+                  "requests": len(a["e2e"]), "energy_reason": a["reason"]}
+    return out
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int, device: str) -> float:
+    """exp(mean token cross-entropy) over up to `max_windows` evenly spaced, non-overlapping windows of `ids`."""
+    n = min(max_windows, (len(ids) - 1) // seq_len)
+    if n < 1:
+        raise ValueError(f"need more than {seq_len} tokens for perplexity, got {len(ids)}")
+    starts = torch.linspace(0, len(ids) - seq_len - 1, n).long()
+    losses = []
+    for s in starts.tolist():
+        x = ids[s:s + seq_len][None].to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+    return float(np.exp(np.mean(losses)))

@@ -1,0 +1,284 @@
+"""The quantization study: fp32, fp16, bf16, int8 weight-only, int4 GPTQ and calibration-free int4 RTN
+(paper Table 9, Figure 5).
+
+Every precision is built from the same checkpoint, saved (safetensors) and reloaded — the reloaded model is what is
+measured — and its bytes on disk and in memory are recorded. int8 is torchao's weight-only int8 through transformers'
+`TorchAoConfig`; int4 goes through GPTQModel (AutoGPTQ's maintained successor, the backend of transformers'
+GPTQConfig): `int4_gptq` with calibration on the training split, `int4_rtn` round-to-nearest with no calibration.
+All precisions are measured side by side by `infer.measure` (interleaved), then each gets a record.
+
+`tiny` quantizes the suite's own pretrained backbone: it is exported to `transformers`' Qwen2 format (weight-for-weight
+identical, tested), which GPTQModel and torchao support. MCR follows the paper: nominal bits relative to bf16 times
+performance retention, with perplexity as performance (retention = ppl_bf16 / ppl); `mcr_measured` uses bytes on disk.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data, metrics, outputs_dir, runs
+from .runtime import resolve_device, seed_everything
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4_gptq", "int4_rtn")
+NOMINAL_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4_gptq": 4, "int4_rtn": 4}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PrecisionUnsupported(RuntimeError):
+    """A precision that cannot run, or runs incorrectly, on this device (e.g. fp16 overflow)."""
+
+
+def export_qwen2(model, out_dir: Path, tok=None) -> Path:
+    """Save an effllm backbone (mha/gqa/mqa + rope + dense) as a transformers Qwen2ForCausalLM checkpoint (zero q/k/v
+    biases where the backbone has none) and check the logits match."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    c = model.config
+    if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
+        raise ValueError(f"only mha/gqa/mqa + rope + dense backbones export to Qwen2, not {c.attention}/{c.position}/"
+                         f"{c.ffn}")
+    ref = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=c.tie_word_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)).eval()
+    state = ref.state_dict()
+    for k in state:
+        state[k] = model.state_dict()[k] if k in model.state_dict() else torch.zeros_like(state[k])
+    ref.load_state_dict(state)
+    x = torch.arange(min(32, c.max_position_embeddings))[None] % c.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, model.eval()(x, use_cache=False).logits, atol=1e-4, rtol=1e-4)
+    ref.save_pretrained(out_dir)
+    if tok is not None:
+        tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, counting the inner tensors of quantized tensor subclasses (torchao)."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def memory_bytes(model) -> int:
+    return sum(tensor_bytes(t) for t in model.state_dict().values())
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
+
+
+def calibration_texts(tok, n: int, length: int) -> list[str]:
+    """`n` windows of `length` tokens of the training split, decoded (GPTQ calibration data)."""
+    ids = data.token_ids("train", tok)
+    starts = torch.linspace(0, len(ids) - length - 1, n).long().tolist()
+    return [tok.decode(ids[s:s + length]) for s in starts]
+
+
+def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: Path):
+    """Quantize/cast the checkpoint at `src`, save it under work/<precision>, reload it: (model, info)."""
+    from transformers import AutoModelForCausalLM
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise PrecisionUnsupported(f"bf16 is not supported by {torch.cuda.get_device_name()}; skip it on this GPU")
+    out = work / precision
+    shutil.rmtree(out, ignore_errors=True)
+    probe = data.token_ids("validation", tok)[:64][None]
+
+    def logits(m):
+        with torch.no_grad():
+            return m(input_ids=probe.to(next(m.parameters()).device), use_cache=False).logits.float().cpu()
+
+    if precision in DTYPES:
+        before = AutoModelForCausalLM.from_pretrained(src, dtype=DTYPES[precision])
+        expected = logits(before)
+        before.save_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[precision])
+    elif precision == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        before = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                      quantization_config=TorchAoConfig(Int8WeightOnlyConfig()))
+        expected = logits(before)
+        before.save_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out)
+    else:
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from gptqmodel.quantization.config import WeightOnlyConfig
+
+        kw = {"weight_only": WeightOnlyConfig(method="rtn")} if precision == "int4_rtn" else {}
+        qdev = "cpu" if device == "cpu" else device
+        qm = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=P["group_size"], **kw), device=qdev)
+        calib = calibration_texts(tok, P["calibration_samples"], P["calibration_len"])
+        qm.quantize(calib if precision == "int4_gptq" else None, batch_size=4)
+        qm.save(str(out))
+        model = GPTQModel.load(str(out), device=qdev).model
+        expected = None  # GPTQModel packs the weights on save: the reloaded model is the first runnable one
+    model = model.to(device).eval()
+    got = logits(model)
+    if not torch.isfinite(got).all():
+        raise PrecisionUnsupported(f"{precision}: non-finite logits on validation text (overflow); this model cannot "
+                                   f"run in {precision} without rescaling")
+    diff = None if expected is None else float((got - expected).abs().max())
+    if diff is not None and diff > 1e-4 * max(1.0, float(expected.abs().max())):
+        raise RuntimeError(f"{precision}: the reloaded checkpoint differs from the model before saving "
+                           f"(max |logit difference| {diff:.3g})")
+    return model, {"disk_bytes": disk_bytes(out), "memory_bytes": memory_bytes(model), "path": str(out),
+                   "reload_max_abs_diff": diff}
+
+
+def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
+    """(checkpoint dir in Qwen2 format or Hub id, tokenizer): the suite's backbone (pretrained once, cached, shared
+    with the fine-tuning study) exported to Qwen2, or a Hub model as it is."""
+    from .finetune import load_base
+
+    model, tok, info = load_base(profile, name, spec, P, "cpu")
+    if spec["source"] != "suite":
+        return spec["source"], tok
+    out = Path(info["checkpoint"]).with_name(Path(info["checkpoint"]).name + "-qwen2")
+    if not (out / "model.safetensors").is_file():
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_qwen2(model, tmp, tok)
+        tmp.replace(out)
+    return out, tok
+
+
+def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    """Build every precision of every model, measure them side by side, store one record per precision."""
+    from .infer import InferConfig, measure, perplexity
+
+    device = resolve_device(profile, P["device"])
+    bad = [p for p in P["precisions"] if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")
+    records = []
+    for name, spec in P["models"].items():
+        keyed = {p: {k: v for k, v in P.items() if k != "precisions"} | {"model": spec, "device": device}
+                 for p in P["precisions"]}
+        pending = [p for p in P["precisions"] if force or not _ok_record(profile, p, keyed[p], name)]
+        results: dict[str, dict] = {}
+        if pending:
+            seed_everything(P["seed"])
+            src, tok = base_checkpoint(profile, name, spec, P, device)
+            work = outputs_dir(profile) / "checkpoints" / "quantization" / name
+            built, errors = {}, {}
+            for p in P["precisions"]:  # all of them: the measurement interleaves every precision
+                try:
+                    built[p] = build(p, src, tok, P, device, work)
+                except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
+                    errors[p] = e
+            val = data.token_ids("validation", tok) if spec["source"] == "suite" else None
+            prompts = _prompts(tok, P, val)
+            cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
+                              min_time_s=P["min_time_s"], min_requests=P["min_requests"])
+            measured = measure({p: m for p, (m, _) in built.items()}, prompts, cfg, device) if built else {}
+            for p, (model, info) in built.items():
+                ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device) if val is not None else None
+                results[p] = {"metrics": {**{k: v for k, v in measured[p].items() if k != "energy_reason"
+                                             and k != "it_by_batch"},
+                                          "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
+                                          "nominal_bits": NOMINAL_BITS[p]},
+                              "quality": {"ppl": ppl},
+                              "artifacts": {"it_by_batch": measured[p]["it_by_batch"], "checkpoint": info["path"],
+                                            "reload_max_abs_diff": info["reload_max_abs_diff"],
+                                            "energy_reason": measured[p]["energy_reason"]}}
+            _add_mcr(results)
+            results.update({p: e for p, e in errors.items()})
+        for p in P["precisions"]:
+            def fn(p=p):
+                r = results[p]
+                if isinstance(r, Exception):
+                    raise r
+                return r
+            records.append(runs.execute("quantization", p, profile, keyed[p], fn, scale=name, force=force))
+    return records
+
+
+def _ok_record(profile, precision, params, scale) -> bool:
+    path = runs.record_path(profile, "quantization", runs.make_run_id("quantization", precision, params, scale))
+    return path.exists() and runs.read_record(path).status == "ok"
+
+
+def _prompts(tok, P, val):
+    n = max(P["batch_sizes"])
+    if val is not None:
+        starts = torch.linspace(0, len(val) - P["prompt_len"] - 1, n).long().tolist()
+        return torch.stack([val[s:s + P["prompt_len"]] for s in starts])
+    text = data.corpus_text("validation")  # Hub models: the embedded text, in their own tokenizer
+    ids = torch.tensor(tok(text[:200_000])["input_ids"])
+    starts = torch.linspace(0, len(ids) - P["prompt_len"] - 1, n).long().tolist()
+    return torch.stack([ids[s:s + P["prompt_len"]] for s in starts])
+
+
+def _add_mcr(results: dict[str, dict]) -> None:
+    """MCR against bf16 (the paper's baseline), or fp32 where bf16 did not run; perf = 1/ppl."""
+    base = "bf16" if "bf16" in results else "fp32" if "fp32" in results else None
+    if base is None or results[base]["quality"]["ppl"] is None:
+        return
+    b = results[base]
+    for p, r in results.items():
+        retention = b["quality"]["ppl"] / r["quality"]["ppl"]
+        r["metrics"]["mcr"] = metrics.mcr(retention, 1.0, NOMINAL_BITS[base], NOMINAL_BITS[p])
+        r["metrics"]["mcr_measured"] = metrics.mcr_measured(b["metrics"]["disk_bytes"], r["metrics"]["disk_bytes"],
+                                                            retention, 1.0)
+        r["artifacts"]["mcr_baseline"] = base
+
+
+# -- tables and figures (records only) ---------------------------------------------------------------------------
+
+COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)",
+           "it": "IT (tokens/s)", "al_s": "AL (s/request)", "prefill_s": "prefill (s)",
+           "decode_token_p50_s": "decode p50 (s/token)", "decode_token_p90_s": "decode p90 (s/token)",
+           "aec_w": "AEC (W)", "j_per_token": "J/token", "disk_bytes": "bytes on disk", "memory_bytes": "bytes in memory",
+           "mcr": "MCR", "mcr_measured": "MCR (measured bytes)"}
+
+
+def table(profile: str):
+    import pandas as pd
+
+    df = runs.load_runs(profile, "quantization", status="ok")
+    if df.empty:
+        return pd.DataFrame(columns=list(COLUMNS.values()))
+    order = {p: i for i, p in enumerate(PRECISIONS)}
+    df = df.sort_values(["scale", "technique"], key=lambda s: s.map(order) if s.name == "technique" else s)
+    return df[[c for c in COLUMNS if c in df]].rename(columns=COLUMNS).reset_index(drop=True)
+
+
+def figures(profile: str, study: str = "quantization") -> list:
+    """Table 9 (CSV/MD/TeX) and, per model, Figure 5: latency, throughput and memory per precision, and the
+    quality-vs-size trade-off."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+    from .pretrain import write_table
+
+    t = table(profile)
+    if t.empty:
+        return []
+    paths = write_table(t, profile, "quantization")
+    plotting.use_style()
+    for model, sub in t.groupby("model", sort=False):
+        ps = list(sub["precision"])
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained")
+        plotting.bar(axes[0], ps, list(sub["AL (s/request)"]), "AL (s/request)")
+        plotting.bar(axes[1], ps, list(sub["IT (tokens/s)"]), "IT (tokens/s)", value_fmt="{:.0f}")
+        plotting.bar(axes[2], ps, list(sub["bytes on disk"] / 1e6), "MB on disk", value_fmt="{:.2f}")
+        plotting.pareto(axes[3], ps, list(sub["bytes on disk"] / 1e6), list(sub["PPL"]), "MB on disk", "PPL")
+        fig.suptitle(f"quantization — {model}", fontsize=10)
+        paths += plotting.savefig(fig, f"quantization_{model}", profile)
+        plt.close(fig)
+    return paths
