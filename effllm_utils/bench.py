@@ -1,7 +1,9 @@
-"""`make bench`: training-step throughput and MFU of the backbone, beside transformers' Qwen2 at the same shape.
+"""`make bench`: training-step throughput and MFU of the backbone beside transformers' Qwen2 at the same shape,
+and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth roofline.
 
     python -m effllm_utils.bench                 # the gpu profile's shape on CUDA, the tiny shape on CPU
     python -m effllm_utils.bench --shape gpu --batch 16 --seq 1024 --steps 30
+    python -m effllm_utils.bench --mode decode   # Qwen2.5-1.5B and 0.5B shapes (random bf16 weights) on CUDA
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled. Each trains on random tokens through `train.train`
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import torch
 
@@ -42,6 +45,65 @@ def run_case(name: str, model, fpt: float, active_params: int, args, peak: float
             "active_params": active_params, "peak_mem_gb": m["peak_mem_gb"]}
 
 
+DECODE_SHAPES = {  # Qwen2.5 model cards (tied embeddings)
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         intermediate_size=8960, vocab_size=151_936, max_position_embeddings=4096),
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         intermediate_size=4864, vocab_size=151_936, max_position_embeddings=4096),
+    "tiny": dict(SHAPES["tiny"]),
+}
+
+
+def decode_bench(args) -> int:
+    """HF generate (eager) vs the static-cache decoder with a CUDA graph, and compiled + CUDA graph, at batch 1."""
+    import statistics
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from . import decode, hardware
+
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    bw = hardware.memory_bandwidth(2048 if cuda else 64, args.device, 0.5, 3)["metrics"]["mem_bw_gbs"] * 1e9
+    print(f"device {args.device}, measured copy bandwidth {bw / 1e12:.2f} TB/s, {args.dtype_note(dtype)}")
+    shapes = ["qwen2.5-1.5b", "qwen2.5-0.5b"] if cuda else ["tiny"]
+    new = args.new_tokens
+    for name in shapes:
+        torch.manual_seed(0)
+        hf = Qwen2ForCausalLM(Qwen2Config(**DECODE_SHAPES[name], tie_word_embeddings=True)).to(args.device, dtype).eval()
+        ids = torch.randint(0, hf.config.vocab_size, (1, 16), device=args.device)
+        wb = decode.weight_bytes(hf)
+        rates = {}
+
+        def timed(fn):
+            fn()  # warm-up (and compilation / graph capture)
+            runs_ = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize() if cuda else None
+                runs_.append(new / (time.perf_counter() - t0))
+            return statistics.median(runs_)
+
+        print(f"{name}: {wb / 1e9:.2f} GB of weights, roofline {bw / wb:.0f} tok/s", flush=True)
+
+        def report(label, r):
+            rates[label] = r
+            print(f"  {label:<28} {r:8.1f} tok/s   {100 * r * wb / bw:5.1f}% of roofline", flush=True)
+
+        report("hf_generate_eager", timed(lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new,
+                                                               do_sample=False, pad_token_id=0)))
+        ours = decode.from_qwen2(hf)
+        graph = "_cuda_graph" if cuda else ""
+        for label, comp in ((f"static{graph}", False), (f"static_compiled{graph}", True)):
+            if comp and not cuda:
+                continue
+            dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp)
+            report(label, timed(lambda: dec.generate(ids, new)))
+    print("int4/bf16 decode ratio: not measured (the static decoder has no int4 GEMV path yet)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import metrics, models
     from .pretrain import device_peak
@@ -56,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--cases", default="qwen2_eager,qwen2_compiled,effllm_dense_compiled,effllm_moe_compiled")
     ap.add_argument("--profile", default="tiny", help="whose hardware records give the peak of an unknown device")
+    ap.add_argument("--mode", choices=("train", "decode"), default="train")
+    ap.add_argument("--new-tokens", type=int, default=128, help="decode mode: tokens generated per request")
     args = ap.parse_args(argv)
+    if args.mode == "decode":
+        args.dtype_note = lambda dt: f"dtype {str(dt).removeprefix('torch.')}, batch 1, {args.new_tokens} new tokens"
+        return decode_bench(args)
     cuda = args.device.startswith("cuda")
     args.shape = args.shape or ("gpu" if cuda else "tiny")
     args.batch, args.seq = args.batch or (16 if cuda else 8), args.seq or (1024 if cuda else 128)
