@@ -140,6 +140,37 @@ def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: 
                    "reload_max_abs_diff": diff}
 
 
+# The metric read from each lm-eval task, first match wins (the paper's six leaderboard tasks use these).
+_METRICS = ("acc_norm,none", "acc,none", "exact_match,none", "prompt_level_strict_acc,none")
+
+
+def evaluate_tasks(model, tok, tasks: list[str], limit: int | None, include_path: str = "",
+                   batch_size: int = 8) -> dict[str, float]:
+    """lm-eval's simple_evaluate on the loaded model: {task: score} and their mean as `score`. A task whose data
+    cannot be reached is one DatasetUnavailable line. `include_path`: a folder of extra task YAMLs (local tasks)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    device = str(next(model.parameters()).device)
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), limit=limit or None,
+                              task_manager=TaskManager(include_path=include_path or None))
+    except (ConnectionError, OSError) as e:
+        raise data.DatasetUnavailable(f"lm-eval tasks {list(tasks)} could not be loaded ({str(e).splitlines()[0]}); "
+                                      f"they need the Hugging Face Hub or a copy in $HF_HOME") from None
+    scores = {}
+    for task, res in out["results"].items():
+        key = next((k for k in _METRICS if k in res), None)
+        if key is not None:
+            scores[f"score_{task}"] = float(res[key])
+    if not scores:
+        raise RuntimeError(f"lm-eval returned no accuracy-like metric for {list(tasks)}: {out['results']}")
+    scores["score"] = sum(scores.values()) / len(scores)
+    return scores
+
+
 def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
     """(checkpoint dir in Qwen2 format or Hub id, tokenizer): the suite's backbone (pretrained once, cached, shared
     with the fine-tuning study) exported to Qwen2, or a Hub model as it is."""
@@ -188,11 +219,13 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
             measured = measure({p: m for p, (m, _) in built.items()}, prompts, cfg, device) if built else {}
             for p, (model, info) in built.items():
                 ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device) if val is not None else None
+                scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
+                    if P["tasks"] else {}
                 results[p] = {"metrics": {**{k: v for k, v in measured[p].items() if k != "energy_reason"
                                              and k != "it_by_batch"},
                                           "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
                                           "nominal_bits": NOMINAL_BITS[p]},
-                              "quality": {"ppl": ppl},
+                              "quality": {"ppl": ppl, **scores},
                               "artifacts": {"it_by_batch": measured[p]["it_by_batch"], "checkpoint": info["path"],
                                             "reload_max_abs_diff": info["reload_max_abs_diff"],
                                             "energy_reason": measured[p]["energy_reason"]}}
@@ -225,13 +258,19 @@ def _prompts(tok, P, val):
 
 
 def _add_mcr(results: dict[str, dict]) -> None:
-    """MCR against bf16 (the paper's baseline), or fp32 where bf16 did not run; perf = 1/ppl."""
+    """MCR against bf16 (the paper's baseline), or fp32 where bf16 did not run. Performance is the mean lm-eval task
+    score where tasks ran (as the paper), else 1/ppl."""
     base = "bf16" if "bf16" in results else "fp32" if "fp32" in results else None
-    if base is None or results[base]["quality"]["ppl"] is None:
+    if base is None:
         return
     b = results[base]
+    use_score = b["quality"].get("score") is not None
+    if not use_score and b["quality"].get("ppl") is None:
+        return
     for p, r in results.items():
-        retention = b["quality"]["ppl"] / r["quality"]["ppl"]
+        retention = r["quality"]["score"] / b["quality"]["score"] if use_score \
+            else b["quality"]["ppl"] / r["quality"]["ppl"]
+        r["artifacts"]["mcr_performance"] = "lm-eval score" if use_score else "1/ppl"
         r["metrics"]["mcr"] = metrics.mcr(retention, 1.0, NOMINAL_BITS[base], NOMINAL_BITS[p])
         r["metrics"]["mcr_measured"] = metrics.mcr_measured(b["metrics"]["disk_bytes"], r["metrics"]["disk_bytes"],
                                                             retention, 1.0)

@@ -113,3 +113,48 @@ def test_harness_times_every_token_and_measures_side_by_side():
         assert m["energy_j"] is None or m["j_per_token"] > 0
     with pytest.raises(ValueError, match="prompts must be at least"):
         infer.measure({"a": a}, torch.zeros(1, 4, dtype=torch.long), cfg, "cpu")
+
+
+TASK = """task: effllm_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_lm_eval_tasks_on_the_loaded_model(tmp_path):
+    import json
+
+    rows = [{"question": f"Q{i}", "choices": [" yes", " no"], "answer": i % 2} for i in range(6)]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    tok = data.tokenizer(1024)
+    m = EffLLMForCausalLM(models.config("test", vocab_size=len(tok))).eval()
+    scores = quantize.evaluate_tasks(m, tok, ["effllm_local_mc"], limit=4, include_path=str(tmp_path), batch_size=2)
+    assert set(scores) == {"score_effllm_local_mc", "score"} and 0.0 <= scores["score"] <= 1.0
+
+
+def test_unreachable_leaderboard_task_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    tok = data.tokenizer(1024)
+    m = EffLLMForCausalLM(models.config("test", vocab_size=len(tok))).eval()
+    with pytest.raises(data.DatasetUnavailable, match=r"lm-eval tasks \['leaderboard_musr'\] could not be loaded"):
+        quantize.evaluate_tasks(m, tok, ["leaderboard_musr"], limit=2)
+
+
+def test_mcr_uses_the_task_score_when_tasks_ran():
+    r = {p: {"metrics": {"disk_bytes": b}, "quality": {"ppl": 9.0, "score": s}, "artifacts": {}}
+         for p, b, s in [("bf16", 200, 0.40), ("int4_gptq", 60, 0.38)]}
+    quantize._add_mcr(r)
+    assert r["int4_gptq"]["metrics"]["mcr"] == pytest.approx(4 * 0.38 / 0.40)
+    assert r["int4_gptq"]["artifacts"]["mcr_performance"] == "lm-eval score"
