@@ -39,6 +39,14 @@ def check_profile(profile: str) -> str:
     return profile
 
 
+def check_choices(values, allowed, what: str) -> list:
+    """Every value must be one of `allowed`; otherwise one ValueError naming the bad ones and the choices."""
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; choose from {', '.join(allowed)}")
+    return list(values)
+
+
 def check_study(study: str) -> str:
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")

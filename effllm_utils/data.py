@@ -136,11 +136,10 @@ def tokenizer(vocab_size: int = 4096):
 
     path = cache_dir() / "tokenizers" / f"bpe{vocab_size}-{corpus_sha256()[:12]}"
     if not (path / "tokenizer.json").is_file():
-        tok = train_tokenizer(vocab_size)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        tok.save_pretrained(tmp)
-        if not path.exists():
-            tmp.replace(path)
+        from .runs import atomic_dir
+
+        with atomic_dir(path) as tmp:
+            train_tokenizer(vocab_size).save_pretrained(tmp)
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from typing import Any
 
 import torch
 
-from . import data, metrics, outputs_dir, runs
+from . import check_choices, data, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 
 METHODS = ("full", "freeze", "lora", "lora_plus", "rslora", "dora", "pissa")
@@ -137,11 +136,9 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
                           eval_every=10**9, eval_batches=P["eval_batches"])
         result = train(model.to(device), data.token_ids("train", tok), data.token_ids("validation", tok), cfg,
                        flops_per_token=fpt)
-        tmp = ckpt.with_name(ckpt.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        runs.atomic_write_text(tmp / "pretrain.json", json.dumps(result["quality"]))
-        tmp.replace(ckpt)
+        with runs.atomic_dir(ckpt) as tmp:
+            model.save_pretrained(tmp)
+            (tmp / "pretrain.json").write_text(json.dumps(result["quality"]))
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     return model, tok, {"source": "suite", "checkpoint": str(ckpt),
                         "pretrain": json.loads((ckpt / "pretrain.json").read_text())}
@@ -179,9 +176,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
     from .train import TrainConfig, train
 
     device = resolve_device(profile, P["device"])
-    bad = [m for m in P["methods"] if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown fine-tuning method(s) {bad}; choose from {', '.join(METHODS)}")
+    check_choices(P["methods"], METHODS, "fine-tuning method(s)")
     records = []
     for model_name, spec in P["models"].items():
         for dataset in P["datasets"]:

@@ -9,8 +9,9 @@ each (technique, batch size) is repeated until both `min_time_s` of measured req
 the order of techniques rotates every round, so drift (thermal, a noisy neighbour) does not favour one.
 Telemetry: a Monitor window around each request, accumulated per technique.
 
-Not here yet: the fast GPU decode path (static KV cache + torch.compile + CUDA graphs) that issue 5 asks for; on GPU
-this harness measures eager decoding, which launch overhead dominates for small models.
+This harness decodes eagerly through the model's own forward (any transformers model, quantized or not); on GPU
+launch overhead dominates that for small models. The static-cache, compiled, CUDA-graph decoder is
+`effllm_utils.decode.StaticDecoder` (bf16/fp16 backbones and Qwen2 checkpoints; `make bench ARGS="--mode decode"`).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import data, metrics, outputs_dir, runs
+from . import check_choices, data, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4_gptq", "int4_rtn")
@@ -181,10 +181,8 @@ def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, 
         return spec["source"], tok
     out = Path(info["checkpoint"]).with_name(Path(info["checkpoint"]).name + "-qwen2")
     if not (out / "model.safetensors").is_file():
-        tmp = out.with_name(out.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_qwen2(model, tmp, tok)
-        tmp.replace(out)
+        with runs.atomic_dir(out) as tmp:
+            export_qwen2(model, tmp, tok)
     return out, tok
 
 
@@ -193,9 +191,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
     from .infer import InferConfig, measure, perplexity
 
     device = resolve_device(profile, P["device"])
-    bad = [p for p in P["precisions"] if p not in PRECISIONS]
-    if bad:
-        raise ValueError(f"unknown precision(s) {bad}; choose from {', '.join(PRECISIONS)}")
+    check_choices(P["precisions"], PRECISIONS, "precision(s)")
     records = []
     for name, spec in P["models"].items():
         keyed = {p: {k: v for k, v in P.items() if k != "precisions"} | {"model": spec, "device": device}

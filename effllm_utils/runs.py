@@ -11,6 +11,7 @@ interrupted run never leaves a half-written record: the next run resumes with wh
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import time
@@ -155,6 +157,25 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path):
+    """Build a folder (a checkpoint) under a temporary name and rename it into place only when complete:
+    `with atomic_dir(ckpt) as tmp: model.save_pretrained(tmp)`. A crash leaves no half-written `path`."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():  # another process finished first: keep theirs
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

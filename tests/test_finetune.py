@@ -125,7 +125,7 @@ def test_study_end_to_end_with_cached_base_model(outputs):
     assert list(t.columns[:3]) == ["model", "dataset", "method"] and t["efficiency score"].between(0, 1).all()
     names = {p.name for p in finetune.figures("tiny")}
     assert {"peft.csv", "peft_micro_milton.png", "peft_micro_dialogue.pdf"} <= names
-    with pytest.raises(ValueError, match=r"unknown fine-tuning method\(s\) \['adalora'\]"):
+    with pytest.raises(ValueError, match=r"unknown fine-tuning method\(s\) \['adalora'\]; choose from full"):
         finetune.run_study("tiny", params | {"methods": ["adalora"]})
 
 

@@ -96,3 +96,15 @@ def test_record_round_trips():
     assert runs.RunRecord.from_json(rec.to_json()) == rec
     with pytest.raises(ValueError, match=r"unknown run record field\(s\) \['extra'\]"):
         runs.RunRecord.from_json(json.dumps(json.loads(rec.to_json()) | {"extra": 1}))
+
+
+def test_atomic_dir_publishes_only_complete_folders(tmp_path):
+    target = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="crash"):
+        with runs.atomic_dir(target) as tmp:
+            (tmp / "model.safetensors").write_text("half")
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []  # no target, no partial left
+    with runs.atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_text("whole")
+    assert (target / "model.safetensors").read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
