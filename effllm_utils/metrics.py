@@ -8,7 +8,6 @@ Sec. 5.1) it implements. Where the paper's printed formula and its tables disagr
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
@@ -400,7 +399,3 @@ def peak_flops(device_name: str, dtype: str, measured: Mapping[str, float] | Non
     raise ValueError(f"no peak FLOP/s for {dtype} on {device_name!r}: it is not in effllm_utils.metrics.DEVICE_PEAKS "
                      f"and no hardware-study record measured it; run the hardware study first "
                      f"(python -m effllm_utils.reproduce --only hardware)")
-
-
-def percent(x: float) -> float:
-    return 100.0 * x if x is not None and math.isfinite(x) else float("nan")
