@@ -1,7 +1,7 @@
 """The architecture-study layer end to end on a micro configuration, from params to records, tables and figures."""
 import pytest
 
-from effllm_utils import figures, pretrain, runs
+from effllm_utils import figures, metrics, pretrain, runs
 
 DIMS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 64, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
@@ -22,7 +22,8 @@ def test_depth_width_holds_non_embedding_parameters():
 
 def test_build_model_backbone_and_baseline():
     model, fpt, kv = pretrain.build_model(DIMS, 512, {"attention": "mla"}, context=32)
-    assert model.config.attention == "mla" and fpt > 6 * 0 and kv == 2 * (16 + 4) * 2
+    assert model.config.attention == "mla" and kv == 2 * (16 + 4) * 2
+    assert fpt == metrics.training_flops_per_token(model.config.shape(), 32)
     backbone, _, _ = pretrain.build_model(DIMS, 512, {}, context=32)
     mamba, fpt, kv = pretrain.build_model(DIMS, 512, {"baseline": "mamba"}, context=32)
     assert type(mamba).__name__ == "MambaForCausalLM" and fpt is None and kv is None
