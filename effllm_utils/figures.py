@@ -19,6 +19,7 @@ FIGURES = {
                                                      "depth_width")},
     "peft": "effllm_utils.finetune:figures",
     "quantization": "effllm_utils.quantize:figures",
+    "lvm": "effllm_utils.vision:lvm_figures",
 }
 
 

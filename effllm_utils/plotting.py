@@ -22,7 +22,7 @@ PALETTE = OKABE_ITO + TOL_MUTED
 
 # A technique keeps its colour in every figure. Within a study the members get distinct colours.
 _GROUPS = (
-    ("mha", "gqa", "mqa", "mla", "nsa"),
+    ("mha", "gqa", "mqa", "mla", "nsa", "moe"),
     ("rope", "sinusoidal", "learned", "relative", "none"),
     ("dense", "dense_2x", "moe_8x", "moe_8x_half"),
     ("transformer", "mamba", "rwkv", "pythia"),

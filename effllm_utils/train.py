@@ -83,9 +83,11 @@ class Data:
         self.examples = isinstance(data, dict)
         if self.examples:
             self.ids, self.labels = data["input_ids"], data["labels"]
-            if self.ids.shape != self.labels.shape or self.ids.ndim != 2:
-                raise ValueError(f"{name}: input_ids and labels must both be [N, L], got {tuple(self.ids.shape)} and "
-                                 f"{tuple(self.labels.shape)}")
+            tokens = not self.ids.is_floating_point()  # token examples: [N, L] ids with [N, L] labels (SFT)
+            if (tokens and (self.ids.shape != self.labels.shape or self.ids.ndim != 2)) \
+                    or self.ids.shape[0] != self.labels.shape[0]:
+                raise ValueError(f"{name}: input_ids and labels must both be [N, L] (or, for non-token inputs such as "
+                                 f"images, share N), got {tuple(self.ids.shape)} and {tuple(self.labels.shape)}")
             self.n = self.ids.shape[0]
             if self.n == 0:
                 raise ValueError(f"{name}: no examples (is seq_len {seq_len} shorter than the prompt template?)")
@@ -119,7 +121,8 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
           accelerator=None, optimizer=None) -> dict[str, Any]:
     """Train `model` (any causal LM taking input_ids and labels) and measure it. See the module docstring.
 
-    train_ids / val_ids: a flat token tensor, or {"input_ids", "labels"} examples (see `Data`).
+    train_ids / val_ids: a flat token tensor, or {"input_ids", "labels"} examples (see `Data`; images with class
+    labels train a DiT this way, with seq_len = patches per image for the throughput metrics).
     flops_per_token: analytic training FLOPs per token (default 6 x parameters); peak_flops: device peak FLOP/s
     for PCU/MFU (None: not reported). optimizer: a ready optimizer over the model's parameters (e.g. LoRA+'s
     param groups); default AdamW with weight decay on matrices only."""

@@ -1,0 +1,317 @@
+"""Vision: a class-conditional Diffusion Transformer (DiT) built from the backbone's attention and feed-forward
+modules, trained with rectified flow on scikit-learn's digits, and "digits-FID".
+
+DiT (Peebles & Xie 2023): patchify, fixed 2-D sin-cos position embedding, timestep and class embeddings summed into
+the conditioning vector, adaLN-Zero blocks (every block's modulation and the final layer start at zero, so the
+network starts as the identity), unpatchify. Each block's attention is `ATTENTION_CLASSES[attention]` and its
+feed-forward the backbone's SwiGLU or MoE, built from an `EffLLMConfig`, so MHA/GQA/MQA/MLA/NSA and MoE are exactly
+the modules the language studies measure — here with full (bidirectional) attention over the patches; NSA then
+selects among all blocks of the image and its window covers the last `nsa_window` patches.
+
+Objective: rectified flow (Liu et al. 2023): x_t = (1 - t) x0 + t e, the network predicts v = e - x0; sampling
+integrates dx/dt = v from t = 1 (noise) to 0 with Euler steps and classifier-free guidance (10% of labels are dropped
+to a null class in training).
+
+digits-FID: the Frechet distance between features of real and generated images, where the features are the
+penultimate layer of a small classifier trained here on the digits. It is NOT Inception FID and is named "digits-FID"
+everywhere; the real-vs-real distance (two halves of the held-out images) is reported beside it for scale.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models.config import EffLLMConfig
+from .models.modeling import ATTENTION_CLASSES, MLP, MoE
+
+
+def digits(split: str = "train", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits scaled to [-1, 1] as [N, 1, 8, 8], with labels; a fixed 80/20 split."""
+    from sklearn.datasets import load_digits
+
+    if split not in ("train", "validation"):
+        raise ValueError(f"unknown split {split!r}; choose 'train' or 'validation'")
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = int(0.8 * len(x))
+    idx = order[:cut] if split == "train" else order[cut:]
+    return x[idx], y[idx]
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding [grid*grid, dim] (half the channels per axis)."""
+    def one(pos, d):
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float32) / (d // 2))
+        out = pos[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], 1)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                            indexing="ij")
+    return torch.cat([one(ys.reshape(-1), dim // 2), one(xs.reshape(-1), dim // 2)], 1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * 1000 * freqs[None]
+    return torch.cat([args.cos(), args.sin()], -1)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: EffLLMConfig, i: int):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.attn = ATTENTION_CLASSES[cfg.attention](cfg, i)
+        self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.mlp = MoE(cfg) if cfg.ffn == "moe" else MLP(d, cfg.intermediate_size)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x, c, positions, allowed):
+        s1, g1, b1, s2, g2, b2 = self.ada(c).chunk(6, dim=-1)
+        x = x + b1[:, None] * self.attn(_modulate(self.norm1(x), s1, g1), positions, None, allowed, None, None)
+        h = self.mlp(_modulate(self.norm2(x), s2, g2))
+        h, aux = h if isinstance(h, tuple) else (h, None)
+        return x + b2[:, None] * h, aux
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT on [B, C, H, W] images; `forward(input_ids=images, labels=classes)` returns the flow
+    loss (so `train.train` trains it unchanged)."""
+
+    def __init__(self, cfg: EffLLMConfig, image_size: int = 8, patch: int = 2, channels: int = 1, n_classes: int = 10,
+                 label_dropout: float = 0.1):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch {patch}")
+        d, self.cfg, self.p, self.C, self.n_classes = cfg.hidden_size, cfg, patch, channels, n_classes
+        self.grid, self.label_dropout = image_size // patch, label_dropout
+        self.config = SimpleNamespace(vocab_size=n_classes, use_cache=False, to_dict=lambda: {
+            "dit": True, "image_size": image_size, "patch": patch, **cfg.to_dict()})
+        self.patch_embed = nn.Conv2d(channels, d, patch, patch)
+        self.register_buffer("pos", sincos_2d(self.grid, d), persistent=False)
+        self.t_embed = nn.Sequential(nn.Linear(256, d), nn.SiLU(), nn.Linear(d, d))
+        self.y_embed = nn.Embedding(n_classes + 1, d)  # the last row is the null class (classifier-free guidance)
+        self.blocks = nn.ModuleList(DiTBlock(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+        self.out = nn.Linear(d, patch * patch * channels)
+        for lin in (self.final_ada[1], self.out):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for block in self.blocks:  # the backbone's initialisation for the shared modules
+            for m in block.modules():
+                if isinstance(m, nn.Linear) and m is not block.ada[1]:
+                    nn.init.normal_(m.weight, std=cfg.initializer_range)
+            if isinstance(block.mlp, MoE):
+                nn.init.normal_(block.mlp.gate.weight, std=cfg.initializer_range)
+                nn.init.normal_(block.mlp.experts.gate_up_proj, std=cfg.initializer_range)
+                nn.init.normal_(block.mlp.experts.down_proj, std=cfg.initializer_range)
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos.to(x.dtype)
+        c = self.t_embed(timestep_embedding(t).to(x.dtype)) + self.y_embed(y)
+        T = h.shape[1]
+        positions = torch.full((B, T), T - 1, device=x.device)  # bidirectional: every patch "sees" the whole image
+        allowed = torch.ones(1, 1, T, T, dtype=torch.bool, device=x.device)
+        aux = h.new_zeros(())
+        for block in self.blocks:
+            h, a = block(h, c, positions, allowed)
+            aux = aux + (a if a is not None else 0)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        h = self.out(_modulate(self.final_norm(h), shift, scale))  # [B, T, p*p*C]
+        g, p = self.grid, self.p
+        v = h.view(B, g, g, p, p, self.C).permute(0, 5, 1, 3, 2, 4).reshape(B, self.C, g * p, g * p)
+        self._aux = aux
+        return v
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool = False, **kwargs):
+        x0, y = input_ids, labels
+        if self.training and self.label_dropout:
+            y = torch.where(torch.rand(y.shape, device=y.device) < self.label_dropout, self.n_classes, y)
+        t = torch.rand(x0.shape[0], device=x0.device)
+        e = torch.randn_like(x0)
+        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * e
+        loss = F.mse_loss(self.velocity(xt, t, y).float(), (e - x0).float())
+        if self.cfg.ffn == "moe":
+            loss = loss + self.cfg.router_aux_loss_coef * self._aux / self.cfg.num_hidden_layers
+        return SimpleNamespace(loss=loss)
+
+    @torch.no_grad()
+    def sample(self, y: torch.Tensor, steps: int = 20, guidance: float = 1.5, generator=None) -> torch.Tensor:
+        """Euler integration of the flow from noise (t=1) to images (t=0), classifier-free guided; in [-1, 1]."""
+        g = self.grid * self.p
+        x = torch.randn(len(y), self.C, g, g, generator=generator).to(y.device)
+        null = torch.full_like(y, self.n_classes)
+        for i in range(steps, 0, -1):
+            t = torch.full((len(y),), i / steps, device=y.device)
+            v_c, v_u = self.velocity(x, t, y), self.velocity(x, t, null)
+            x = x - (v_u + guidance * (v_c - v_u)) / steps
+        return x.clamp(-1, 1)
+
+
+# -- digits-FID ---------------------------------------------------------------------------------------------------
+
+class DigitsClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+_CLASSIFIER: dict[int, tuple[DigitsClassifier, float]] = {}
+
+
+def digits_classifier(seed: int = 0) -> tuple[DigitsClassifier, float]:
+    """The feature network of digits-FID: an MLP trained on the training split (deterministic, ~1 s), and its
+    validation accuracy. Kept in memory for the process."""
+    if seed not in _CLASSIFIER:
+        g = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        net = DigitsClassifier()
+        x, y = digits("train", seed)
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        with torch.enable_grad():  # callers (digits_fid) may be inside no_grad
+            _fit(net, opt, x, y, g)
+        xv, yv = digits("validation", seed)
+        with torch.no_grad():
+            acc = (net(xv).argmax(-1) == yv).float().mean().item()
+        _CLASSIFIER[seed] = (net.eval(), acc)
+    return _CLASSIFIER[seed]
+
+
+def _fit(net, opt, x, y, g, steps: int = 400):
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=g)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between two feature sets [N, D]."""
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    eps = 1e-6 * np.eye(a.shape[1])  # ReLU features leave singular covariances; the usual FID offset
+    s1, s2 = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
+    covmean = linalg.sqrtm(s1 @ s2)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+@torch.no_grad()
+def digits_fid(images: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> float:
+    """digits-FID between two image sets [N, 1, 8, 8] in [-1, 1] (not Inception FID)."""
+    net, _ = digits_classifier(seed)
+    fa = net.features(images.float().cpu()).numpy().astype(np.float64)
+    fb = net.features(reference.float().cpu()).numpy().astype(np.float64)
+    return frechet_distance(fa, fb)
+
+
+# -- the lvm study ------------------------------------------------------------------------------------------------
+
+TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "eval_batches", "precision",
+              "compile", "seed")
+
+
+def run_lvm(profile: str, P: dict, force: bool = False) -> list:
+    """Pretrain a DiT per (scale, technique) on the digits, sample, and record digits-FID with the efficiency metrics."""
+    import dataclasses
+
+    from . import metrics, runs
+    from .pretrain import device_peak
+    from .runtime import resolve_device, seed_everything
+    from .train import TrainConfig, train
+
+    device = resolve_device(profile, P["device"])
+    if P["dataset"] != "digits":
+        raise ValueError(f"lvm dataset {P['dataset']!r} is not available here: only 'digits' (scikit-learn, offline) is "
+                         f"implemented; the gpu/paper image datasets and Inception FID are not wired yet")
+    records = []
+    for scale, dims in P["scales"].items():
+        for technique, spec in P["techniques"].items():
+            run_params = {k: P[k] for k in P if k not in ("techniques", "scales")} | {"dims": dims, "spec": spec,
+                                                                                      "device": device}
+
+            def fn(dims=dims, spec=spec):
+                seed_everything(P["seed"])
+                cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
+                model = DiT(cfg, image_size=8, patch=P["patch"]).to(device)
+                (xt, yt), (xv, yv) = digits("train", P["seed"]), digits("validation", P["seed"])
+                T = (8 // P["patch"]) ** 2
+                shape = dataclasses.replace(cfg.shape(), lm_head=False)
+                fpt = metrics.training_flops_per_token(shape, T)
+                peak, source = device_peak(profile, device, P["precision"])
+                result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv},
+                               TrainConfig(seq_len=T, **{k: P[k] for k in TRAIN_KEYS}), flops_per_token=fpt,
+                               peak_flops=peak)
+                model.eval()
+                n = P["fid_samples"]
+                y = torch.arange(n, device=device) % 10
+                gen = model.sample(y, P["sample_steps"], P["guidance"], torch.Generator().manual_seed(P["seed"]))
+                half = len(xv) // 2
+                result["quality"] = {"fid": digits_fid(gen, xv, P["seed"]), "loss": result["quality"]["loss"],
+                                     "fid_real_vs_real": digits_fid(xv[:half], xv[half:], P["seed"]),
+                                     "classifier_acc": digits_classifier(P["seed"])[1]}
+                result["artifacts"].update(peak_flops_source=source, fid_features="digits-FID (suite classifier)",
+                                           samples=gen[:20].cpu().squeeze(1).tolist())
+                return result
+
+            records.append(runs.execute("lvm", technique, profile, run_params, fn, scale=scale, force=force))
+    return records
+
+
+def lvm_figures(profile: str, study: str = "lvm") -> list:
+    """Table 10 layout (CSV/MD/TeX), radar, and a grid of samples per technique, from the records."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from . import plotting, runs
+    from .pretrain import write_table
+
+    recs = [r for r in runs.load_records(profile, "lvm") if r.status == "ok"]
+    if not recs:
+        return []
+    rows = [{"technique": r.technique, "scale": r.scale, "digits-FID": r.quality["fid"],
+             "digits-FID real vs real": r.quality["fid_real_vs_real"], "AMU (GB)": r.metrics["amu_gb"],
+             "AL (s/iter)": r.metrics["al_s"], "TT (tokens/param/s)": r.metrics["tt"], "AEC (W)": r.metrics["aec_w"],
+             "PCU": r.metrics.get("pcu")} for r in recs]
+    paths = write_table(pd.DataFrame(rows), profile, "lvm")
+    plotting.use_style()
+    fig = plt.figure(figsize=(12, 4), layout="constrained")
+    ax = fig.add_subplot(1, 2, 1, projection="polar")
+    table = {r.technique: {"fid": r.quality["fid"], **r.metrics} for r in recs}
+    keys = [k for k in ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu") if all(table[t].get(k) is not None
+                                                                           for t in table)]
+    plotting.radar(ax, table, keys)
+    ax.set_title("DiT on digits (1 = best; FID is digits-FID)", fontsize=9)
+    sub = fig.add_subfigure(fig.add_gridspec(1, 2)[0, 1])
+    grid = sub.subplots(len(recs), 10)
+    for i, r in enumerate(recs):
+        for j in range(10):
+            a = grid[i][j] if len(recs) > 1 else grid[j]
+            a.imshow(np.array(r.artifacts["samples"][j]), cmap="gray_r", vmin=-1, vmax=1)
+            a.set_axis_off()
+        (grid[i][0] if len(recs) > 1 else grid[0]).set_title(r.technique, fontsize=7, loc="left")
+    paths += plotting.savefig(fig, "lvm", profile)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,80 @@
+"""The DiT built from the backbone's modules, its sampler, digits-FID, and the lvm study end to end (micro)."""
+import pytest
+import torch
+
+from effllm_utils import models, vision
+from effllm_utils.models.modeling import MLAttention, MoE, NSAttention
+from effllm_utils.train import TrainConfig, train
+
+DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+            vocab_size=1, position="none", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+            nsa_block_size=4, nsa_num_selected=2, nsa_window=8, num_local_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32)
+
+
+def dit(**overrides):
+    torch.manual_seed(0)
+    return vision.DiT(models.EffLLMConfig(**(DIMS | overrides)), image_size=8, patch=2)
+
+
+def test_digits_split_and_range():
+    x, y = vision.digits("train")
+    xv, yv = vision.digits("validation")
+    assert x.shape[1:] == (1, 8, 8) and len(x) + len(xv) == 1797 and x.min() >= -1 and x.max() <= 1
+    assert set(y.tolist()) == set(range(10))
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        vision.digits("test")
+
+
+def test_dit_uses_the_backbone_modules_and_starts_as_zero_velocity():
+    assert isinstance(dit(attention="mla").blocks[0].attn, MLAttention)
+    assert isinstance(dit(attention="nsa").blocks[0].attn, NSAttention)
+    assert isinstance(dit(ffn="moe").blocks[0].mlp, MoE)
+    m = dit()
+    v = m.velocity(torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([0, 1, 10]))
+    assert v.shape == (3, 1, 8, 8) and torch.count_nonzero(v) == 0  # adaLN-Zero: the output layer starts at zero
+
+
+def test_sampler_gives_images_of_the_right_shape_and_range():
+    imgs = dit().sample(torch.arange(10), steps=4, guidance=1.5, generator=torch.Generator().manual_seed(0))
+    assert imgs.shape == (10, 1, 8, 8) and imgs.min() >= -1 and imgs.max() <= 1
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention": "nsa"}, {"ffn": "moe"}, {"attention": "mla"}])
+def test_dit_trains_through_the_shared_loop(overrides):
+    x, y = vision.digits("train")
+    m = dit(**overrides)
+    r = train(m, {"input_ids": x, "labels": y}, {"input_ids": x[:64], "labels": y[:64]},
+              TrainConfig(steps=30, batch_size=32, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=1000,
+                          eval_batches=1))
+    curve = r["artifacts"]["loss_curve"]
+    assert sum(curve[-5:]) / 5 < sum(curve[:5]) / 5 and r["metrics"]["tt"] > 0
+
+
+def test_digits_fid_real_vs_real_is_small_and_noise_is_large():
+    vision._CLASSIFIER.clear()  # digits_fid trains the feature net on first use, from inside torch.no_grad
+    xv, _ = vision.digits("validation")
+    half = len(xv) // 2
+    real = vision.digits_fid(xv[:half], xv[half:])
+    net, acc = vision.digits_classifier()
+    assert acc > 0.9  # the feature network does recognise digits
+    noise = vision.digits_fid(torch.rand(half, 1, 8, 8) * 2 - 1, xv[half:])
+    assert real < 0.1 * noise and noise > 10 * max(real, 1e-6)
+    assert vision.digits_fid(xv, xv) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lvm_study_end_to_end(outputs):
+    P = dict(device="auto", techniques={"mqa": {"attention": "mqa"}, "moe": {"ffn": "moe"}},
+             scales={"micro": {k: DIMS[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "intermediate_size")}},
+             dataset="digits", patch=2, steps=5, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=1,
+             eval_every=1000, eval_batches=1, precision="auto", compile=False, seed=0, fid_samples=40,
+             sample_steps=2, guidance=1.5)
+    recs = vision.run_lvm("tiny", P)
+    assert [(r.technique, r.status) for r in recs] == [("mqa", "ok"), ("moe", "ok")], [r.error for r in recs]
+    q = recs[0].quality
+    assert q["fid"] > q["fid_real_vs_real"] >= 0 and len(recs[0].artifacts["samples"]) == 20
+    names = {p.name for p in vision.lvm_figures("tiny")}
+    assert {"lvm.csv", "lvm.png", "lvm.pdf"} <= names
+    with pytest.raises(ValueError, match="lvm dataset 'imagenet_256' is not available here"):
+        vision.run_lvm("tiny", P | {"dataset": "imagenet_256"})
