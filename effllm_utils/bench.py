@@ -65,7 +65,8 @@ def decode_bench(args) -> int:
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     bw = hardware.memory_bandwidth(2048 if cuda else 64, args.device, 0.5, 3)["metrics"]["mem_bw_gbs"] * 1e9
-    print(f"device {args.device}, measured copy bandwidth {bw / 1e12:.2f} TB/s, {args.dtype_note(dtype)}")
+    print(f"device {args.device}, measured copy bandwidth {bw / 1e12:.2f} TB/s, dtype {str(dtype).removeprefix('torch.')}, "
+          f"batch 1, {args.new_tokens} new tokens")
     shapes = ["qwen2.5-1.5b", "qwen2.5-0.5b"] if cuda else ["tiny"]
     new = args.new_tokens
     for name in shapes:
@@ -122,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128, help="decode mode: tokens generated per request")
     args = ap.parse_args(argv)
     if args.mode == "decode":
-        args.dtype_note = lambda dt: f"dtype {str(dt).removeprefix('torch.')}, batch 1, {args.new_tokens} new tokens"
         return decode_bench(args)
     cuda = args.device.startswith("cuda")
     args.shape = args.shape or ("gpu" if cuda else "tiny")
     args.batch, args.seq = args.batch or (16 if cuda else 8), args.seq or (1024 if cuda else 128)
     args.steps, args.skip = args.steps or (30 if cuda else 8), args.skip if args.skip is not None else (10 if cuda else 3)
-    if cuda and cuda and not torch.cuda.is_available():
+    if cuda and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU; run `make bench` on a GPU host or pass --device cpu",
               file=sys.stderr)
         return 2

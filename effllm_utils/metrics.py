@@ -8,7 +8,7 @@ Sec. 5.1) it implements. Where the paper's printed formula and its tables disagr
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -248,7 +248,6 @@ class TransformerShape:
     nsa_window: int = 512
     attended_tokens: float | None = None
     lm_head: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def hd(self) -> int:

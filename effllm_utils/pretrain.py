@@ -117,7 +117,7 @@ def build_model(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any
 
 def device_peak(profile: str, device: str, precision: str) -> tuple[float | None, str]:
     """Peak FLOP/s for PCU: the datasheet, else the hardware study's measured peak, else None with the reason."""
-    name = runs.device_info()["device_name"] if device.startswith("cuda") else runs.environment()["device_name"]
+    name = runs.device_name()
     dtype = "bf16" if precision == "bf16" or (precision == "auto" and device.startswith("cuda")) else "fp32"
     try:
         return metrics.peak_flops(name, dtype, measured=hardware.measured_peaks(profile, name))

@@ -196,7 +196,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
     for name, spec in P["models"].items():
         keyed = {p: {k: v for k, v in P.items() if k != "precisions"} | {"model": spec, "device": device}
                  for p in P["precisions"]}
-        pending = [p for p in P["precisions"] if force or not _ok_record(profile, p, keyed[p], name)]
+        pending = [p for p in P["precisions"] if force or runs.ok_record(profile, "quantization", p, keyed[p], name) is None]
         results: dict[str, dict] = {}
         if pending:
             seed_everything(P["seed"])
@@ -235,11 +235,6 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                 return r
             records.append(runs.execute("quantization", p, profile, keyed[p], fn, scale=name, force=force))
     return records
-
-
-def _ok_record(profile, precision, params, scale) -> bool:
-    path = runs.record_path(profile, "quantization", runs.make_run_id("quantization", precision, params, scale))
-    return path.exists() and runs.read_record(path).status == "ok"
 
 
 def _prompts(tok, P, val):

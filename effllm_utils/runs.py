@@ -245,6 +245,11 @@ def device_info() -> dict[str, Any]:
     return info
 
 
+def device_name() -> str:
+    """The name of the device runs are recorded on (the CUDA device, else the CPU model), cached per process."""
+    return _static_environment()["device_name"]
+
+
 def environment() -> dict[str, Any]:
     """What produced a record: git sha + dirty flag, versions, device, driver, CPU model."""
     sha = _git("rev-parse", "HEAD")
@@ -260,13 +265,10 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
     check_study(study)
     check_profile(profile)
     run_id = make_run_id(study, technique, params, scale)
-    path = record_path(profile, study, run_id)
-    if path.exists() and not force:
-        rec = read_record(path)
-        if rec.status == "ok":
-            if verbose:
-                print(f"[skip] {run_id}: record exists (force=True to re-run)")
-            return rec
+    if not force and (rec := ok_record(profile, study, technique, params, scale)) is not None:
+        if verbose:
+            print(f"[skip] {run_id}: record exists (force=True to re-run)")
+        return rec
     rec = RunRecord(run_id=run_id, study=study, technique=technique, profile=profile, scale=scale,
                     params=params, environment=environment(),
                     started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -291,6 +293,15 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
     if verbose and rec.status == "ok":
         print(f"[ok] {run_id} ({rec.duration_s:.1f} s)")
     return rec
+
+
+def ok_record(profile: str, study: str, technique: str, params: dict[str, Any], scale: str = "") -> RunRecord | None:
+    """The stored record of these inputs if it exists with status ok (what `execute` skips), else None."""
+    path = record_path(profile, study, make_run_id(study, technique, params, scale))
+    if not path.exists():
+        return None
+    rec = read_record(path)
+    return rec if rec.status == "ok" else None
 
 
 def load_runs(profile: str, study: str | None = None, status: str | None = None):
