@@ -38,7 +38,15 @@ def linear_module_names(model) -> list[str]:
     return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
 
 
-def check_targets(model, targets: list[str]) -> None:
+def check_targets(model, targets: list[str] | str) -> None:
+    """Every listed module name exists in `model` (or, for a regular expression as peft takes it, some module's full
+    name matches it); otherwise one ValueError naming what the model has."""
+    import re
+
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n, _ in model.named_modules()):
+            raise ValueError(f"target_modules pattern {targets!r} matches no module of {type(model).__name__}")
+        return
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in targets if t not in names]
     if missing:
@@ -47,8 +55,10 @@ def check_targets(model, targets: list[str]) -> None:
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
-    """The stack of transformer blocks of a causal LM (effllm, Qwen2, Llama, Mistral, GPT-NeoX, ...)."""
-    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers"):
+    """The stack of transformer blocks of a causal LM (effllm, Qwen2, Llama, Mistral, GPT-NeoX, ...), of a LLaVA-style
+    model's language model, or of a DiT."""
+    for path in ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
+                 "model.language_model.layers", "blocks"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
@@ -57,9 +67,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} for the freeze method")
 
 
-def apply_method(model, method: str, P: dict[str, Any]):
+def apply_method(model, method: str, P: dict[str, Any], task_type: str | None = "CAUSAL_LM",
+                 modules_to_save: list[str] | None = None):
     """(model ready to train, optimizer or None, info) for one method; the learning rate is P['lr_full'] for
-    full/freeze and P['lr_adapter'] for the adapter methods."""
+    full/freeze and P['lr_adapter'] for the adapter methods. task_type: peft's task (None for models that are not
+    causal LMs, e.g. a DiT); modules_to_save: modules trained in full beside the adapters (e.g. a VLM's projector)."""
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; choose one of {', '.join(METHODS)}")
     info: dict[str, Any] = {}
@@ -67,13 +79,16 @@ def apply_method(model, method: str, P: dict[str, Any]):
         model.requires_grad_(True)
         return model, None, info
     if method == "freeze":
+        # frozen: the input embeddings and the bottom `freeze_fraction` of the block stack; trained: the blocks above
+        # and whatever sits after the stack (final norm, head, a DiT's output layers)
         layers = decoder_layers(model)
         n_frozen = round(P["freeze_fraction"] * len(layers))
+        in_stack = {id(p) for p in layers.parameters()}
         model.requires_grad_(False)
         for layer in layers[n_frozen:]:
             layer.requires_grad_(True)
         for name, p in model.named_parameters():
-            if "layers" not in name and "embed" not in name:  # final norm and head
+            if id(p) not in in_stack and "embed" not in name:
                 p.requires_grad_(True)
         info.update(frozen_layers=n_frozen, total_layers=len(layers))
         return model, None, info
@@ -81,8 +96,8 @@ def apply_method(model, method: str, P: dict[str, Any]):
 
     check_targets(model, P["target_modules"])
     cfg = LoraConfig(r=P["rank"], lora_alpha=P["alpha"], lora_dropout=0.0, target_modules=P["target_modules"],
-                     use_rslora=method == "rslora", use_dora=method == "dora",
-                     init_lora_weights=P["pissa_init"] if method == "pissa" else True, task_type="CAUSAL_LM")
+                     use_rslora=method == "rslora", use_dora=method == "dora", modules_to_save=modules_to_save,
+                     init_lora_weights=P["pissa_init"] if method == "pissa" else True, task_type=task_type)
     model = get_peft_model(model, cfg)
     optimizer = None
     if method == "lora_plus":
@@ -125,13 +140,15 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
     from .train import TrainConfig, train
 
     tok = data.tokenizer(P["vocab_size"])
+    # the pretraining recipe: the spec's pretrain_* values, else the study's seq_len and batch_size
+    seq_len, batch = spec.get("pretrain_seq_len", P["seq_len"]), spec.get("pretrain_batch_size", P["batch_size"])
     key = {k: spec[k] for k in ("dims", "pretrain_steps", "pretrain_lr")} | {"vocab": P["vocab_size"],
-                                                                            "seq_len": P["seq_len"]}
+                                                                            "seq_len": seq_len, "batch_size": batch}
     ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"{name}-{_hash(key)}"  # shared by peft and quantization
     if not (ckpt / "model.safetensors").is_file():  # pretrain once; every method and dataset reuses it
         seed_everything(0)
-        model, fpt, _ = build_model(spec["dims"], len(tok), {}, P["seq_len"])
-        cfg = TrainConfig(steps=spec["pretrain_steps"], batch_size=P["batch_size"], seq_len=P["seq_len"],
+        model, fpt, _ = build_model(spec["dims"], len(tok), {}, seq_len)
+        cfg = TrainConfig(steps=spec["pretrain_steps"], batch_size=batch, seq_len=seq_len,
                           lr=spec["pretrain_lr"], warmup_steps=min(10, spec["pretrain_steps"] // 10),
                           eval_every=10**9, eval_batches=P["eval_batches"])
         result = train(model.to(device), data.token_ids("train", tok), data.token_ids("validation", tok), cfg,

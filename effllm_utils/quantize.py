@@ -32,9 +32,9 @@ class PrecisionUnsupported(RuntimeError):
     """A precision that cannot run, or runs incorrectly, on this device (e.g. fp16 overflow)."""
 
 
-def export_qwen2(model, out_dir: Path, tok=None) -> Path:
-    """Save an effllm backbone (mha/gqa/mqa + rope + dense) as a transformers Qwen2ForCausalLM checkpoint (zero q/k/v
-    biases where the backbone has none) and check the logits match."""
+def to_qwen2(model):
+    """An effllm backbone (mha/gqa/mqa + rope + dense) as a transformers Qwen2ForCausalLM with the same weights (zero
+    q/k/v biases where the backbone has none), its logits checked against the backbone's."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     c = model.config
@@ -55,6 +55,12 @@ def export_qwen2(model, out_dir: Path, tok=None) -> Path:
     x = torch.arange(min(32, c.max_position_embeddings))[None] % c.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(ref(x).logits, model.eval()(x, use_cache=False).logits, atol=1e-4, rtol=1e-4)
+    return ref
+
+
+def export_qwen2(model, out_dir: Path, tok=None) -> Path:
+    """Save an effllm backbone as a transformers Qwen2ForCausalLM checkpoint (see to_qwen2)."""
+    ref = to_qwen2(model)
     ref.save_pretrained(out_dir)
     if tok is not None:
         tok.save_pretrained(out_dir)

@@ -77,31 +77,40 @@ def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Ten
 class Data:
     """Training or validation data: a flat token stream (language modelling on random windows) or a set of
     examples {"input_ids": [N, L], "labels": [N, L]} (supervised fine-tuning; labels -100 where no loss is taken,
-    e.g. the prompt and the padding)."""
+    e.g. the prompt and the padding). Examples may carry further per-example tensors [N, ...] (e.g. "pixel_values"
+    of a vision-language model), passed to the model as keyword arguments of the same name."""
 
     def __init__(self, data, seq_len: int, name: str):
         self.examples = isinstance(data, dict)
         if self.examples:
             self.ids, self.labels = data["input_ids"], data["labels"]
+            self.extra = {k: v for k, v in data.items() if k not in ("input_ids", "labels")}
             tokens = not self.ids.is_floating_point()  # token examples: [N, L] ids with [N, L] labels (SFT)
             if (tokens and (self.ids.shape != self.labels.shape or self.ids.ndim != 2)) \
                     or self.ids.shape[0] != self.labels.shape[0]:
                 raise ValueError(f"{name}: input_ids and labels must both be [N, L] (or, for non-token inputs such as "
                                  f"images, share N), got {tuple(self.ids.shape)} and {tuple(self.labels.shape)}")
             self.n = self.ids.shape[0]
+            bad = [k for k, v in self.extra.items() if not torch.is_tensor(v) or v.shape[0] != self.n]
+            if bad:
+                raise ValueError(f"{name}: {bad} must be tensors with one row per example ({self.n})")
             if self.n == 0:
                 raise ValueError(f"{name}: no examples (is seq_len {seq_len} shorter than the prompt template?)")
         else:
-            self.ids, self.n = data, len(data)
+            self.ids, self.n, self.extra = data, len(data), {}
             if self.n <= seq_len + 1:
                 raise ValueError(f"seq_len {seq_len} is longer than the {name} data ({self.n} tokens)")
         self.seq_len = seq_len
 
-    def batch(self, picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, picks: torch.Tensor, device=None) -> dict[str, torch.Tensor]:
+        """The model's keyword arguments for these examples (or windows), on `device`."""
         if self.examples:
-            return self.ids[picks], self.labels[picks]
-        x = _windows(self.ids, picks, self.seq_len)
-        return x, x
+            out = {"input_ids": self.ids[picks], "labels": self.labels[picks]} | {
+                k: v[picks] for k, v in self.extra.items()}
+        else:
+            x = _windows(self.ids, picks, self.seq_len)
+            out = {"input_ids": x, "labels": x}
+        return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
     def train_picks(self, batch: int, step: int, micro: int, seed: int) -> torch.Tensor:
         """The global micro-batch `micro` of `step`: a pure function of its arguments, so every process agrees on the
@@ -156,9 +165,10 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         losses = []
         with torch.no_grad():
             for b in range(cfg.eval_batches):
-                x, y = val_data.batch(picks[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local])
+                batch = val_data.batch(picks[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local],
+                                       device)
                 with autocast:
-                    losses.append(step_fn(input_ids=x.to(device), labels=y.to(device), use_cache=False).loss.float())
+                    losses.append(step_fn(**batch, use_cache=False).loss.float())
         model.train()
         return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
 
@@ -173,9 +183,9 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         total = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             picks = train_data.train_picks(cfg.batch_size, step, micro, cfg.seed)
-            x, y = train_data.batch(picks[rank * local:(rank + 1) * local])
+            batch = train_data.batch(picks[rank * local:(rank + 1) * local], device)
             with autocast:
-                loss = step_fn(input_ids=x.to(device), labels=y.to(device), use_cache=False).loss / cfg.grad_accum
+                loss = step_fn(**batch, use_cache=False).loss / cfg.grad_accum
             acc.backward(loss)
             total += loss.detach()
         if cfg.grad_clip:

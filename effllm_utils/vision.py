@@ -231,87 +231,249 @@ def digits_fid(images: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> 
 
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "eval_batches", "precision",
               "compile", "seed")
+# fine-tuning tasks: a new image domain for a DiT pretrained on the digits (same ten classes)
+FINETUNE_TASKS = {"mirror": lambda x: x.flip(-1),  # left-right mirrored digits
+                  "negative": lambda x: -x}  # white on black instead of black on white
 
 
-def run_lvm(profile: str, P: dict, force: bool = False) -> list:
-    """Pretrain a DiT per (scale, technique) on the digits, sample, and record digits-FID with the efficiency metrics."""
-    import dataclasses
-
-    from . import metrics, runs
-    from .pretrain import device_peak
-    from .runtime import resolve_device, seed_everything
-    from .train import TrainConfig, train
-
-    device = resolve_device(profile, P["device"])
+def _check_dataset(P: dict) -> None:
     if P["dataset"] != "digits":
         raise ValueError(f"lvm dataset {P['dataset']!r} is not available here: only 'digits' (scikit-learn, offline) is "
                          f"implemented; the gpu/paper image datasets and Inception FID are not wired yet")
+
+
+def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str):
+    """(trained DiT, train.train's result) for one (scale, technique) on the digits."""
+    import dataclasses
+
+    from . import metrics
+    from .pretrain import device_peak
+    from .runtime import seed_everything
+    from .train import TrainConfig, train
+
+    seed_everything(P["seed"])
+    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
+    model = DiT(cfg, image_size=8, patch=P["patch"]).to(device)
+    (xt, yt), (xv, yv) = digits("train", P["seed"]), digits("validation", P["seed"])
+    T = (8 // P["patch"]) ** 2
+    fpt = metrics.training_flops_per_token(dataclasses.replace(cfg.shape(), lm_head=False), T)
+    peak, source = device_peak(profile, device, P["precision"])
+    result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv},
+                   TrainConfig(seq_len=T, **{k: P[k] for k in TRAIN_KEYS}), flops_per_token=fpt, peak_flops=peak)
+    result["artifacts"]["peak_flops_source"] = source
+    return model, result
+
+
+def _checkpoint(profile: str, scale: str, technique: str, run_params: dict):
+    from . import outputs_dir, runs
+
+    return outputs_dir(profile) / "checkpoints" / "dit" / f"{scale}-{technique}-{runs.params_hash(run_params)}"
+
+
+def _save(model, path) -> None:
+    from safetensors.torch import save_file
+
+    from . import runs
+
+    with runs.atomic_dir(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+
+
+def _score(model, P: dict, reference: torch.Tensor, device: str) -> dict:
+    """digits-FID of `fid_samples` class-balanced samples against `reference`, with the real-vs-real scale."""
+    model.eval()
+    y = torch.arange(P["fid_samples"], device=device) % 10
+    gen = model.sample(y, P["sample_steps"], P["guidance"], torch.Generator().manual_seed(P["seed"]))
+    half = len(reference) // 2
+    return {"fid": digits_fid(gen, reference, P["seed"]),
+            "fid_real_vs_real": digits_fid(reference[:half], reference[half:], P["seed"]),
+            "classifier_acc": digits_classifier(P["seed"])[1], "samples": gen[:20].cpu().squeeze(1).tolist()}
+
+
+def _pretrain_params(P: dict, dims: dict, spec: dict, device: str) -> dict:
+    skip = ("techniques", "scales") + tuple(k for k in P if k.startswith("finetune_") or k in FINETUNE_KEYS)
+    return {k: P[k] for k in P if k not in skip} | {"dims": dims, "spec": spec, "device": device}
+
+
+def run_lvm(profile: str, P: dict, force: bool = False) -> list:
+    """Pretrain a DiT per (scale, technique) on the digits, sample, and record digits-FID with the efficiency metrics
+    (the trained DiTs are kept under checkpoints/dit/ for the fine-tuning part)."""
+    from . import runs
+    from .runtime import resolve_device
+
+    device = resolve_device(profile, P["device"])
+    _check_dataset(P)
     records = []
     for scale, dims in P["scales"].items():
         for technique, spec in P["techniques"].items():
-            run_params = {k: P[k] for k in P if k not in ("techniques", "scales")} | {"dims": dims, "spec": spec,
-                                                                                      "device": device}
+            run_params = _pretrain_params(P, dims, spec, device)
 
-            def fn(dims=dims, spec=spec):
-                seed_everything(P["seed"])
-                cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
-                model = DiT(cfg, image_size=8, patch=P["patch"]).to(device)
-                (xt, yt), (xv, yv) = digits("train", P["seed"]), digits("validation", P["seed"])
-                T = (8 // P["patch"]) ** 2
-                shape = dataclasses.replace(cfg.shape(), lm_head=False)
-                fpt = metrics.training_flops_per_token(shape, T)
-                peak, source = device_peak(profile, device, P["precision"])
-                result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv},
-                               TrainConfig(seq_len=T, **{k: P[k] for k in TRAIN_KEYS}), flops_per_token=fpt,
-                               peak_flops=peak)
-                model.eval()
-                n = P["fid_samples"]
-                y = torch.arange(n, device=device) % 10
-                gen = model.sample(y, P["sample_steps"], P["guidance"], torch.Generator().manual_seed(P["seed"]))
-                half = len(xv) // 2
-                result["quality"] = {"fid": digits_fid(gen, xv, P["seed"]), "loss": result["quality"]["loss"],
-                                     "fid_real_vs_real": digits_fid(xv[:half], xv[half:], P["seed"]),
-                                     "classifier_acc": digits_classifier(P["seed"])[1]}
-                result["artifacts"].update(peak_flops_source=source, fid_features="digits-FID (suite classifier)",
-                                           samples=gen[:20].cpu().squeeze(1).tolist())
+            def fn(dims=dims, spec=spec, technique=technique, run_params=run_params, scale=scale):
+                model, result = _pretrain(P, dims, spec, device, profile)
+                _save(model, _checkpoint(profile, scale, technique, run_params))
+                q = _score(model, P, digits("validation", P["seed"])[0], device)
+                result["quality"] = {"loss": result["quality"]["loss"]} | {k: q[k] for k in q if k != "samples"}
+                result["artifacts"].update(fid_features="digits-FID (suite classifier)", samples=q["samples"])
                 return result
 
             records.append(runs.execute("lvm", technique, profile, run_params, fn, scale=scale, force=force))
     return records
 
 
-def lvm_figures(profile: str, study: str = "lvm") -> list:
-    """Table 10 layout (CSV/MD/TeX), radar, and a grid of samples per technique, from the records."""
-    import matplotlib.pyplot as plt
+# -- PEFT on the DiT ----------------------------------------------------------------------------------------------
+
+FINETUNE_KEYS = ("rank", "alpha", "target_modules", "freeze_fraction", "loraplus_lr_ratio", "pissa_init")
+
+
+def dit_base(profile: str, P: dict, scale: str, device: str) -> DiT:
+    """The pretrained DiT of technique P['finetune_base'] at `scale`: the lvm pretraining run's checkpoint, trained
+    (without a record) and stored when it is missing."""
+    from safetensors.torch import load_file
+
+    technique = P["finetune_base"]
+    if technique not in P["techniques"]:
+        raise ValueError(f"finetune_base {technique!r} is not one of the lvm techniques {list(P['techniques'])}")
+    dims, spec = P["scales"][scale], P["techniques"][technique]
+    path = _checkpoint(profile, scale, technique, _pretrain_params(P, dims, spec, device))
+    if not (path / "model.safetensors").is_file():
+        model, _ = _pretrain(P, dims, spec, device, profile)
+        _save(model, path)
+    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
+    model = DiT(cfg, image_size=8, patch=P["patch"])
+    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    return model.to(device)
+
+
+def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
+    """Fine-tune the pretrained DiT on a new image domain (P['finetune_task']) with each PEFT method of the
+    fine-tuning study (finetune.apply_method); record the flow loss, digits-FID against the new domain and the
+    efficiency metrics. Records: study lvm, technique = the method, scale '<scale>-ft'."""
+    from . import check_choices, metrics, runs
+    from .finetune import LORA_METHODS, METHODS, apply_method, finetune_flops_per_token
+    from .pretrain import device_peak
+    from .runtime import resolve_device, seed_everything
+    from .train import TrainConfig, train
+
+    device = resolve_device(profile, P["device"])
+    _check_dataset(P)
+    check_choices(P["finetune_methods"], METHODS, "fine-tuning method(s)")
+    if P["finetune_task"] not in FINETUNE_TASKS:
+        raise ValueError(f"unknown finetune_task {P['finetune_task']!r}; choose one of {', '.join(FINETUNE_TASKS)}")
+    shift = FINETUNE_TASKS[P["finetune_task"]]
+    (xt, yt), (xv, yv) = digits("train", P["seed"]), digits("validation", P["seed"])
+    xt, xv = shift(xt), shift(xv)
+    records = []
+    for scale, dims in P["scales"].items():
+        for method in P["finetune_methods"]:
+            run_params = _pretrain_params(P, dims, P["techniques"][P["finetune_base"]], device) | {
+                k: P[k] for k in P if k.startswith("finetune_") or k in FINETUNE_KEYS}
+
+            def fn(scale=scale, method=method):
+                seed_everything(P["seed"])
+                base = dit_base(profile, P, scale, device)
+                n_params = sum(p.numel() for p in base.parameters())
+                before = _score(base, P, xv, device)["fid"]  # the pretrained DiT on the new domain
+                base.train()
+                model, optimizer, info = apply_method(base, method, P | {"lr_adapter": P["finetune_lr_adapter"]},
+                                                      task_type=None)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                T = (8 // P["patch"]) ** 2
+                # the fine-tuning study's count (2 FLOPs per parameter per patch forward; backward only above the
+                # first trainable weight for freeze)
+                fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
+                peak, source = device_peak(profile, device, P["precision"])
+                lr = P["finetune_lr_adapter"] if method in LORA_METHODS else P["finetune_lr_full"]
+                cfg = TrainConfig(**{k: P[k] for k in TRAIN_KEYS} | {
+                    "steps": P["finetune_steps"], "lr": lr, "weight_decay": 0.0, "seq_len": T,
+                    "warmup_steps": min(P["warmup_steps"], P["finetune_steps"] // 5)})
+                result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv}, cfg,
+                               flops_per_token=fpt, peak_flops=peak, optimizer=optimizer)
+                m = result["metrics"]
+                m["trainable_params"], m["base_params"] = trainable, n_params
+                m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+                q = _score(model, P, xv, device)
+                result["quality"] = {"loss": result["quality"]["loss"], "fid_before": before} | {
+                    k: q[k] for k in q if k != "samples"}
+                result["artifacts"].update(method_info=info, peak_flops_source=source, samples=q["samples"],
+                                           fid_features="digits-FID (suite classifier)", task=P["finetune_task"])
+                return result
+
+            records.append(runs.execute("lvm", method, profile, run_params, fn, scale=f"{scale}-ft", force=force))
+    return records
+
+
+def _sample_grid(fig, recs) -> None:
+    grid = fig.subplots(len(recs), 10, squeeze=False)
+    for i, r in enumerate(recs):
+        for j in range(10):
+            grid[i][j].imshow(np.array(r.artifacts["samples"][j]), cmap="gray_r", vmin=-1, vmax=1)
+            grid[i][j].set_axis_off()
+        grid[i][0].set_title(r.technique, fontsize=7, loc="left")
+
+
+def lvm_tables(profile: str) -> dict:
+    """{'lvm': Table 10 layout (pretraining, per technique), 'lvm_peft': Table 11 layout (PEFT on the DiT, with the
+    efficiency score over AMU, PCU, AL, ST, AEC within each scale)} as DataFrames, from the records."""
     import pandas as pd
+
+    from . import metrics, runs
+    from .finetune import METHODS, SCORE_KEYS
+
+    recs = [r for r in runs.load_records(profile, "lvm") if r.status == "ok"]
+    pre = [r for r in recs if not r.scale.endswith("-ft")]
+    ft = [r for r in recs if r.scale.endswith("-ft")]
+    out = {}
+    if pre:
+        out["lvm"] = pd.DataFrame([{
+            "technique": r.technique, "scale": r.scale, "digits-FID": r.quality["fid"],
+            "digits-FID real vs real": r.quality["fid_real_vs_real"], "loss": r.quality["loss"],
+            "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"], "TT (tokens/param/s)": r.metrics["tt"],
+            "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu")} for r in pre])
+    if ft:
+        order = {m: i for i, m in enumerate(METHODS)}
+        ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
+        df = pd.DataFrame([{
+            "method": r.technique, "scale": r.scale, "task": r.artifacts.get("task"), "loss": r.quality["loss"],
+            "digits-FID": r.quality["fid"], "digits-FID before": r.quality["fid_before"],
+            "digits-FID real vs real": r.quality["fid_real_vs_real"], "trainable params": r.metrics["trainable_params"],
+            "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"],
+            "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu"),
+            **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in ft])
+        df["efficiency score"] = float("nan")
+        for _, idx in df.groupby("scale").groups.items():
+            sub = df.loc[idx]
+            df.loc[idx, "efficiency score"] = metrics.efficiency_score(
+                {k: sub[f"_{k}"].astype(float) for k in SCORE_KEYS})
+        out["lvm_peft"] = df.drop(columns=[f"_{k}" for k in SCORE_KEYS])
+    return out
+
+
+def lvm_figures(profile: str, study: str = "lvm") -> list:
+    """Tables 10 and 11 (CSV/MD/TeX); per part a radar and a grid of samples (digits 0-9 per technique)."""
+    import matplotlib.pyplot as plt
 
     from . import plotting, runs
     from .pretrain import write_table
 
+    tables = lvm_tables(profile)
+    paths = []
+    for name, df in tables.items():
+        paths += write_table(df, profile, name)
     recs = [r for r in runs.load_records(profile, "lvm") if r.status == "ok"]
-    if not recs:
-        return []
-    rows = [{"technique": r.technique, "scale": r.scale, "digits-FID": r.quality["fid"],
-             "digits-FID real vs real": r.quality["fid_real_vs_real"], "AMU (GB)": r.metrics["amu_gb"],
-             "AL (s/iter)": r.metrics["al_s"], "TT (tokens/param/s)": r.metrics["tt"], "AEC (W)": r.metrics["aec_w"],
-             "PCU": r.metrics.get("pcu")} for r in recs]
-    paths = write_table(pd.DataFrame(rows), profile, "lvm")
     plotting.use_style()
-    fig = plt.figure(figsize=(12, 4), layout="constrained")
-    ax = fig.add_subplot(1, 2, 1, projection="polar")
-    table = {r.technique: {"fid": r.quality["fid"], **r.metrics} for r in recs}
-    keys = [k for k in ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu") if all(table[t].get(k) is not None
-                                                                           for t in table)]
-    plotting.radar(ax, table, keys)
-    ax.set_title("DiT on digits (1 = best; FID is digits-FID)", fontsize=9)
-    sub = fig.add_subfigure(fig.add_gridspec(1, 2)[0, 1])
-    grid = sub.subplots(len(recs), 10)
-    for i, r in enumerate(recs):
-        for j in range(10):
-            a = grid[i][j] if len(recs) > 1 else grid[j]
-            a.imshow(np.array(r.artifacts["samples"][j]), cmap="gray_r", vmin=-1, vmax=1)
-            a.set_axis_off()
-        (grid[i][0] if len(recs) > 1 else grid[0]).set_title(r.technique, fontsize=7, loc="left")
-    paths += plotting.savefig(fig, "lvm", profile)
-    plt.close(fig)
+    for name, title, keys in (
+            ("lvm", "DiT pretraining on digits", ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu")),
+            ("lvm_peft", "PEFT on the DiT", ("fid", "loss", "amu_gb", "al_s", "st", "aec_w", "pcu"))):
+        part = [r for r in recs if r.scale.endswith("-ft") == (name == "lvm_peft")]
+        if not part:
+            continue
+        fig = plt.figure(figsize=(12, 4), layout="constrained")
+        ax = fig.add_subplot(1, 2, 1, projection="polar")  # the first scale (tiny has one)
+        table = {r.technique: {**r.quality, **r.metrics} for r in part if r.scale == part[0].scale}
+        present = [k for k in keys if all(table[t].get(k) is not None for t in table)]
+        plotting.radar(ax, table, present)
+        ax.set_title(f"{title}, {part[0].scale} (1 = best; FID is digits-FID)", fontsize=9)
+        _sample_grid(fig.add_subfigure(fig.add_gridspec(1, 2)[0, 1]), [r for r in part if r.scale == part[0].scale])
+        paths += plotting.savefig(fig, name, profile)
+        plt.close(fig)
     return paths

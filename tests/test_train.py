@@ -26,8 +26,19 @@ def test_batches_are_a_pure_function_of_step():
     a = d.train_picks(4, step=3, micro=1, seed=0)
     assert torch.equal(a, d.train_picks(4, step=3, micro=1, seed=0))
     assert not torch.equal(a, d.train_picks(4, step=4, micro=1, seed=0))
-    x, y = d.batch(a)
+    b = d.batch(a)
+    x, y = b["input_ids"], b["labels"]
     assert x.shape == (4, 32) and torch.equal(x, y) and torch.equal(x[0], torch.arange(a[0], a[0] + 32))
+
+
+def test_examples_carry_extra_tensors_to_the_model():
+    ids = torch.zeros(6, 4, dtype=torch.long)
+    pixels = torch.arange(6.0)[:, None, None].expand(6, 2, 2)
+    d = Data({"input_ids": ids, "labels": ids, "pixel_values": pixels}, 4, "train")
+    b = d.batch(torch.tensor([5, 1]))
+    assert set(b) == {"input_ids", "labels", "pixel_values"} and b["pixel_values"][:, 0, 0].tolist() == [5.0, 1.0]
+    with pytest.raises(ValueError, match=r"\['pixel_values'\] must be tensors with one row per example \(6\)"):
+        Data({"input_ids": ids, "labels": ids, "pixel_values": pixels[:3]}, 4, "train")
 
 
 def test_example_data_trains_only_on_labelled_tokens():

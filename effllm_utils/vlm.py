@@ -1,0 +1,336 @@
+"""The vlm study: a LLaVA-style vision-language model fine-tuned with the PEFT methods (paper Table 12).
+
+The model is transformers' own `LlavaForConditionalGeneration`: a vision encoder, LLaVA-1.5's two-layer GELU projector,
+and a causal LM, the image's patch features taking the place of the `<image>` tokens of the prompt.
+
+- `source: suite` (tiny, offline): the vision encoder is a small transformers `CLIPVisionModel` pretrained here as a
+  digits classifier (cached), and the language model is the suite's pretrained backbone (the peft study's cached
+  checkpoint) converted to transformers' Qwen2 with a logits check (quantize.to_qwen2), with `<image>` added to its
+  vocabulary. The task: scikit-learn's digits with text descriptions grounded in the image ("This is a seven written
+  in bold strokes.", the stroke weight measured from the image's ink), loss on the answer only.
+- any other source: a Hub id or local path of a LLaVA-1.5-style checkpoint (`AutoModelForImageTextToText` and its
+  `AutoProcessor`, whose chat template builds the prompt). Qwen2.5-VL's processor packs the patches of all images
+  into one tensor; such checkpoints are refused with that reason rather than mis-batched.
+
+Methods come from the fine-tuning study (finetune.apply_method). As in LLaVA-1.5's instruction tuning the vision
+encoder stays frozen for every method; `full` trains the projector and the language model, the adapter methods put
+adapters on the language model's linear layers and train the projector in full (peft's modules_to_save), `freeze`
+trains the upper half of the language model and the projector.
+
+Quality: the answer loss, and digit accuracy — for each held-out image, the ten answers that differ only in the digit
+word are scored by the model and the most likely one counts (no free-form generation to parse).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from . import check_choices, metrics, outputs_dir, runs
+from .runtime import resolve_device, seed_everything
+
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+QUESTION = "Which digit is this?"
+IMAGE_TOKEN = "<image>"
+TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "seq_len", "warmup_steps", "eval_every", "eval_batches",
+              "precision", "compile", "seed")
+ADAPTER_KEYS = ("rank", "alpha", "target_modules", "freeze_fraction", "loraplus_lr_ratio", "pissa_init")
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+def stroke_words(images: torch.Tensor) -> list[str]:
+    """'thin', 'medium' or 'bold' from the ink of each image [N, 1, 8, 8] in [-1, 1] (thresholds: the terciles of
+    all 1,797 digits, so a description depends on its image only)."""
+    from .vision import digits
+
+    def ink(x):
+        return ((x + 1) / 2).flatten(1).sum(1)
+
+    every = torch.cat([digits("train")[0], digits("validation")[0]])
+    lo, hi = torch.quantile(ink(every), torch.tensor([1 / 3, 2 / 3]))
+    return ["thin" if v < lo else "bold" if v > hi else "medium" for v in ink(images).tolist()]
+
+
+def answer(digit: int, stroke: str) -> str:
+    return f"This is a {WORDS[digit]} written in {stroke} strokes."
+
+
+def digit_examples(split: str, tok, n_image_tokens: int, seq_len: int, seed: int = 0) -> dict:
+    """{"input_ids", "labels", "pixel_values", "digit", "stroke"}: the digits of `split` as SFT examples whose prompt
+    holds `n_image_tokens` image tokens and the question, and whose answer (with the loss) describes the image."""
+    from . import data
+    from .vision import digits
+
+    x, y = digits(split, seed)
+    strokes = stroke_words(x)
+    prompt = IMAGE_TOKEN * n_image_tokens + "\n" + QUESTION
+    ex = data.sft_examples([(prompt, answer(int(d), s)) for d, s in zip(y, strokes)], tok, seq_len)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    if len(ex["input_ids"]) != len(x) or not bool(((ex["input_ids"] == image_id).sum(1) == n_image_tokens).all()):
+        raise ValueError(f"seq_len {seq_len} is too short for {n_image_tokens} image tokens, the question and the "
+                         f"answer; raise seq_len")
+    return ex | {"pixel_values": x}, {"digit": y, "stroke": strokes}
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def vision_encoder(profile: str, spec: dict, seed: int, device: str):
+    """A transformers CLIPVisionModel pretrained here as a digits classifier (linear head on the pooled output),
+    cached under checkpoints/vision/; returns (encoder, validation accuracy)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .vision import digits
+
+    path = outputs_dir(profile) / "checkpoints" / "vision" / f"clip-{_hash([spec, seed])}"
+    if not (path / "model.safetensors").is_file():
+        seed_everything(seed)
+        enc = CLIPVisionModel(CLIPVisionConfig(image_size=8, num_channels=1, **spec["encoder"])).to(device)
+        head = torch.nn.Linear(enc.config.hidden_size, 10).to(device)
+        opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=spec["encoder_lr"])
+        x, y = digits("train", seed)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(spec["encoder_steps"]):
+            i = torch.randint(0, len(x), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(head(enc(x[i].to(device)).pooler_output), y[i].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        xv, yv = digits("validation", seed)
+        with torch.no_grad():
+            acc = (head(enc(xv.to(device)).pooler_output).argmax(-1).cpu() == yv).float().mean().item()
+        with runs.atomic_dir(path) as tmp:
+            enc.save_pretrained(tmp)
+            (tmp / "accuracy.json").write_text(json.dumps({"validation_accuracy": acc}))
+    enc = CLIPVisionModel.from_pretrained(path)
+    return enc, json.loads((path / "accuracy.json").read_text())["validation_accuracy"]
+
+
+def build_llava(vision, text, image_token_id: int, projector_act: str = "gelu"):
+    """LlavaForConditionalGeneration from a CLIP-style vision model and a transformers causal LM (weights copied):
+    every patch feature of the last layer (CLS dropped, LLaVA's 'default') becomes one image token."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    n_patches = (vision.config.image_size // vision.config.patch_size) ** 2
+    cfg = LlavaConfig(vision_config=vision.config.to_dict(), text_config=text.config.to_dict(),
+                      image_token_id=image_token_id, projector_hidden_act=projector_act,
+                      vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=n_patches,
+                      tie_word_embeddings=text.config.tie_word_embeddings)
+    model = LlavaForConditionalGeneration(cfg)
+    model.model.vision_tower.load_state_dict(vision.state_dict())
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    return model
+
+
+def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
+    """(LLaVA model, tokenizer with <image>, info) from the suite's pretrained backbone and digits encoder."""
+    from .finetune import load_base
+    from .quantize import to_qwen2
+
+    lm, tok, base_info = load_base(profile, name, spec, P, device)
+    tok = copy.deepcopy(tok)
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    text = to_qwen2(lm.cpu())
+    text.resize_token_embeddings(len(tok), mean_resizing=False)
+    enc, enc_acc = vision_encoder(profile, spec, P["seed"], device)
+    model = build_llava(enc.cpu(), text, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    return model, tok, {"source": "suite", "base": base_info, "encoder_accuracy": enc_acc,
+                        "n_image_tokens": model.config.image_seq_length}
+
+
+class ModelUnavailable(RuntimeError):
+    """A Hub checkpoint the profile needs cannot be loaded."""
+
+
+def hub_vlm(source: str, profile: str):
+    """(model, processor) of a LLaVA-1.5-style checkpoint (Hub id or local path)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        proc = AutoProcessor.from_pretrained(source)
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
+    except OSError as e:
+        raise ModelUnavailable(f"vision-language model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                               f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None
+    return model, proc
+
+
+def hub_examples(split: str, proc, seq_len: int, seed: int = 0) -> tuple[dict, dict]:
+    """The digits task through a checkpoint's own processor and chat template (RGB images resized by the
+    processor); the prompt carries no loss."""
+    import numpy as np
+    from PIL import Image
+
+    from .vision import digits
+
+    x, y = digits(split, seed)
+    strokes = stroke_words(x)
+    tok = proc.tokenizer
+    rows = {"input_ids": [], "labels": [], "pixel_values": []}
+    for img, d, s in zip(x, y.tolist(), strokes):
+        pil = Image.fromarray(np.uint8((1 - (img[0].numpy() + 1) / 2) * 255)).convert("RGB")  # black ink on white
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+        prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+        enc = proc(text=prompt + answer(d, s) + (tok.eos_token or ""), images=pil, return_tensors="pt")
+        if enc["pixel_values"].ndim != 4 or enc["pixel_values"].shape[0] != 1:
+            raise ValueError(f"{type(proc).__name__} packs image patches into shape {tuple(enc['pixel_values'].shape)}; "
+                             f"only LLaVA-1.5-style processors (one [C, H, W] image per example) are supported")
+        n_prompt = len(proc(text=prompt, images=pil, return_tensors="pt")["input_ids"][0])
+        ids = enc["input_ids"][0][:seq_len]
+        if n_prompt >= len(ids):
+            raise ValueError(f"seq_len {seq_len} leaves no room for the answer after the {n_prompt}-token prompt")
+        labels = ids.clone()
+        labels[:n_prompt] = -100
+        pad = seq_len - len(ids)
+        rows["input_ids"].append(torch.nn.functional.pad(ids, (0, pad), value=tok.pad_token_id or 0))
+        rows["labels"].append(torch.nn.functional.pad(labels, (0, pad), value=-100))
+        rows["pixel_values"].append(enc["pixel_values"][0])
+    return {k: torch.stack(v) for k, v in rows.items()}, {"digit": y, "stroke": strokes}
+
+
+# -- quality -------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def digit_accuracy(model, examples: dict, info: dict, tok, device: str, limit: int = 200, batch: int = 50) -> float:
+    """Share of held-out images whose most likely answer, among the ten that differ only in the digit word, names
+    the right digit (summed answer log-likelihood)."""
+    model.eval()
+    n = min(limit, len(info["digit"]))
+    ids, labels = examples["input_ids"][:n], examples["labels"][:n]
+    starts = (labels != -100).float().argmax(1)  # where each answer begins
+    scores = torch.empty(n, 10)
+    for d in range(10):
+        cand_ids, cand_labels = ids.clone(), torch.full_like(labels, -100)
+        for i in range(n):
+            a = tok(answer(d, info["stroke"][i]))["input_ids"] + [tok.eos_token_id]
+            s = int(starts[i])
+            a = a[: ids.shape[1] - s]
+            cand_ids[i, s: s + len(a)] = torch.tensor(a)
+            cand_labels[i, s: s + len(a)] = torch.tensor(a)
+        for b in range(0, n, batch):
+            sl = slice(b, b + batch)
+            logits = model(input_ids=cand_ids[sl].to(device), pixel_values=examples["pixel_values"][sl].to(device),
+                           use_cache=False).logits.float()
+            target = cand_labels[sl, 1:].to(device)
+            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+            scores[sl, d] = (logp * (target != -100)).sum(1).cpu()
+    return float((scores.argmax(1) == info["digit"][:n]).float().mean())
+
+
+# -- the study -----------------------------------------------------------------------------------------------------
+
+def _language_targets(targets: list[str]) -> str:
+    """peft's regular-expression form: the listed linear layers of the language model only (the vision encoder has
+    q/k/v projections of the same names)."""
+    return rf".*language_model.*\.({'|'.join(targets)})"
+
+
+def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    from .finetune import LORA_METHODS, METHODS, apply_method, finetune_flops_per_token
+    from .pretrain import device_peak
+    from .train import TrainConfig, train
+
+    device = resolve_device(profile, P["device"])
+    check_choices(P["methods"], METHODS, "fine-tuning method(s)")
+    records = []
+    for name, spec in P["models"].items():
+        run_params = {k: P[k] for k in P if k not in ("methods", "models")} | {"model": spec, "device": device}
+        for method in P["methods"]:
+            def fn(name=name, spec=spec, method=method):
+                seed_everything(P["seed"])
+                if spec["source"] == "suite":
+                    base, tok, base_info = suite_vlm(profile, name, spec, P, device)
+                    n_img = base_info["n_image_tokens"]
+                    (tr, _), (va, va_info) = (digit_examples(s, tok, n_img, P["seq_len"], P["seed"])
+                                              for s in ("train", "validation"))
+                else:
+                    base, proc = hub_vlm(spec["source"], profile)
+                    tok, base_info = proc.tokenizer, {"source": spec["source"]}
+                    (tr, _), (va, va_info) = (hub_examples(s, proc, P["seq_len"], P["seed"])
+                                              for s in ("train", "validation"))
+                n_params = sum(p.numel() for p in base.parameters())
+                adapter_p = P | {"target_modules": _language_targets(P["target_modules"])}
+                model, optimizer, info = apply_method(base, method, adapter_p, task_type=None,
+                                                      modules_to_save=["multi_modal_projector"])
+                for pname, p in model.named_parameters():  # LLaVA-1.5: the vision encoder stays frozen (peft
+                    if "vision_tower" in pname:  # froze it already for the adapter methods, so LoRA+'s groups hold
+                        p.requires_grad_(False)  # no encoder weight)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
+                peak, peak_source = device_peak(profile, device, P["precision"])
+                lr = P["lr_adapter"] if method in LORA_METHODS else P["lr_full"]
+                cfg = TrainConfig(lr=lr, weight_decay=0.0, **{k: P[k] for k in TRAIN_KEYS})
+                result = train(model.to(device), tr, va, cfg, flops_per_token=fpt, peak_flops=peak,
+                               optimizer=optimizer)
+                m = result["metrics"]
+                m["trainable_params"], m["base_params"] = trainable, n_params
+                m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+                result["quality"]["digit_acc"] = digit_accuracy(model, va, va_info, tok, device, P["accuracy_images"])
+                result["artifacts"].update(method_info=info, base=base_info, peak_flops_source=peak_source,
+                                           model=name)
+                return result
+
+            records.append(runs.execute("vlm", method, profile, run_params, fn, scale=name, force=force))
+    return records
+
+
+# -- tables and figures (records only) -----------------------------------------------------------------------------
+
+def table(profile: str):
+    """Table 12 layout: one row per (model, method), the efficiency score within each model."""
+    import pandas as pd
+
+    from .finetune import METHODS, SCORE_KEYS
+
+    recs = [r for r in runs.load_records(profile, "vlm") if r.status == "ok"]
+    if not recs:
+        return pd.DataFrame()
+    order = {m: i for i, m in enumerate(METHODS)}
+    recs.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
+    df = pd.DataFrame([{
+        "model": r.scale, "method": r.technique, "eval loss": r.quality["loss"], "digit acc": r.quality["digit_acc"],
+        "trainable params": r.metrics["trainable_params"], "AMU (GB)": r.metrics["amu_gb"],
+        "AL (s/iter)": r.metrics["al_s"], "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"],
+        "PCU": r.metrics.get("pcu"), **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in recs])
+    df["efficiency score"] = float("nan")
+    for _, idx in df.groupby("model").groups.items():
+        sub = df.loc[idx]
+        df.loc[idx, "efficiency score"] = metrics.efficiency_score({k: sub[f"_{k}"].astype(float) for k in SCORE_KEYS})
+    return df.drop(columns=[f"_{k}" for k in SCORE_KEYS])
+
+
+def figures(profile: str, study: str = "vlm") -> list:
+    """Table 12 (CSV/MD/TeX) and, per model, efficiency-score bars and a radar."""
+    import matplotlib.pyplot as plt
+
+    from . import plotting
+    from .pretrain import write_table
+
+    t = table(profile)
+    if t.empty:
+        return []
+    paths = write_table(t, profile, "vlm")
+    plotting.use_style()
+    keys = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
+            "AEC (W)": "aec_w", "PCU": "pcu"}
+    for model, sub in t.groupby("model", sort=False):
+        fig = plt.figure(figsize=(10, 3.8), layout="constrained")
+        ax1 = fig.add_subplot(1, 2, 1)
+        plotting.bar(ax1, list(sub["method"]), list(sub["efficiency score"]), "efficiency score (1 = best)",
+                     value_fmt="{:.2f}")
+        ax1.set_title(f"vlm: {model} on digits")
+        ax2 = fig.add_subplot(1, 2, 2, projection="polar")
+        rows = {m: {keys[c]: float(r[c]) for c in keys if r[c] == r[c] and r[c] is not None}
+                for m, (_, r) in zip(sub["method"], sub.iterrows())}
+        plotting.radar(ax2, rows, [k for k in keys.values() if all(k in rows[m] for m in rows)])
+        paths += plotting.savefig(fig, f"vlm_{model}", profile)
+        plt.close(fig)
+    return paths
