@@ -184,6 +184,20 @@ def _groups(recs: list[runs.RunRecord]) -> dict[str, list[runs.RunRecord]]:
     return out
 
 
+def repeats(recs: list[runs.RunRecord]) -> dict[str, list[runs.RunRecord]]:
+    """{technique: its repeated runs}: the records whose params equal (seed aside) those of the technique's newest
+    record — older records of other settings are not repeats."""
+    def key(r):
+        return runs.params_hash({k: v for k, v in r.params.items() if k != "seed"})
+
+    out: dict[str, list] = {}
+    for r in sorted(recs, key=lambda r: r.started_at or "", reverse=True):
+        group = out.setdefault(r.technique, [])
+        if not group or key(r) == key(group[0]):
+            group.append(r)
+    return out
+
+
 def _when(claim: dict, recs: list[runs.RunRecord]) -> str | None:
     """The reason a claim cannot be tested on these records, or None."""
     when = claim.get("when") or {}
@@ -221,9 +235,7 @@ def evaluate(profile: str, claims: list[dict] | None = None, margin: float = 0.0
             if reason:
                 rows.append(base | {"group": group, "verdict": UNTESTABLE, "evidence": reason})
                 continue
-            by_tech: dict[str, list] = {}
-            for r in grecs:
-                by_tech.setdefault(r.technique, []).append(r)
+            by_tech = repeats(grecs)
             verdicts, evidence = [], []
             for t in c["tests"]:
                 vals = {tech: value(rs, t["metric"]) for tech, rs in by_tech.items()}

@@ -320,6 +320,17 @@ def load_runs(profile: str, study: str | None = None, status: str | None = None)
     return df
 
 
+def latest(records: list[RunRecord]) -> list[RunRecord]:
+    """The newest record of each (technique, scale), in the order first seen (older records of other params stay on
+    disk but are not what a table shows)."""
+    newest: dict[tuple, RunRecord] = {}
+    for r in records:
+        k = (r.technique, r.scale)
+        if k not in newest or (r.started_at or "") > (newest[k].started_at or ""):
+            newest[k] = r
+    return [r for r in records if newest[(r.technique, r.scale)] is r]
+
+
 def load_records(profile: str, study: str) -> list[RunRecord]:
     """The records themselves (with artifacts such as curves), sorted by run_id."""
     base = runs_dir(profile, study)

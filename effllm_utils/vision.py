@@ -322,6 +322,7 @@ def run_lvm(profile: str, P: dict, force: bool = False) -> list:
 
 # -- PEFT on the DiT ----------------------------------------------------------------------------------------------
 
+_BEFORE: dict[tuple, float] = {}  # digits-FID of a base DiT on a new domain, per process
 FINETUNE_KEYS = ("rank", "alpha", "target_modules", "freeze_fraction", "loraplus_lr_ratio", "pissa_init")
 
 
@@ -368,11 +369,14 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
             run_params = _pretrain_params(P, dims, P["techniques"][P["finetune_base"]], device) | {
                 k: P[k] for k in P if k.startswith("finetune_") or k in FINETUNE_KEYS}
 
-            def fn(scale=scale, method=method):
+            def fn(scale=scale, method=method, run_params=run_params):
                 seed_everything(P["seed"])
                 base = dit_base(profile, P, scale, device)
                 n_params = sum(p.numel() for p in base.parameters())
-                before = _score(base, P, xv, device)["fid"]  # the pretrained DiT on the new domain
+                key = (profile, scale, runs.params_hash(run_params))
+                if key not in _BEFORE:  # the pretrained DiT on the new domain: the same for every method
+                    _BEFORE[key] = _score(base, P, xv, device)["fid"]
+                before = _BEFORE[key]
                 base.train()
                 model, optimizer, info = apply_method(base, method, P | {"lr_adapter": P["finetune_lr_adapter"]},
                                                       task_type=None)
@@ -419,7 +423,7 @@ def lvm_tables(profile: str) -> dict:
     from . import metrics, runs
     from .finetune import METHODS, SCORE_KEYS
 
-    recs = [r for r in runs.load_records(profile, "lvm") if r.status == "ok"]
+    recs = runs.latest([r for r in runs.load_records(profile, "lvm") if r.status == "ok"])
     pre = [r for r in recs if not r.scale.endswith("-ft")]
     ft = [r for r in recs if r.scale.endswith("-ft")]
     out = {}
@@ -459,7 +463,7 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
     paths = []
     for name, df in tables.items():
         paths += write_table(df, profile, name)
-    recs = [r for r in runs.load_records(profile, "lvm") if r.status == "ok"]
+    recs = runs.latest([r for r in runs.load_records(profile, "lvm") if r.status == "ok"])
     plotting.use_style()
     for name, title, keys in (
             ("lvm", "DiT pretraining on digits", ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu")),

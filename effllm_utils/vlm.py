@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ def stroke_words(images: torch.Tensor) -> list[str]:
 
 
 def answer(digit: int, stroke: str) -> str:
-    return f"This is a {WORDS[digit]} written in {stroke} strokes."
+    return f"{WORDS[digit]}, {stroke} strokes."
 
 
 def digit_examples(split: str, tok, n_image_tokens: int, seq_len: int, seed: int = 0) -> dict:
@@ -115,13 +116,14 @@ def vision_encoder(profile: str, spec: dict, seed: int, device: str):
 
 def build_llava(vision, text, image_token_id: int, projector_act: str = "gelu"):
     """LlavaForConditionalGeneration from a CLIP-style vision model and a transformers causal LM (weights copied):
-    every patch feature of the last layer (CLS dropped, LLaVA's 'default') becomes one image token."""
+    every feature of the encoder's last layer — the patches and the CLS token, which carries what the encoder was
+    trained to classify ('full' strategy; LLaVA-1.5 drops CLS) — becomes one image token."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    n_patches = (vision.config.image_size // vision.config.patch_size) ** 2
+    n_tokens = (vision.config.image_size // vision.config.patch_size) ** 2 + 1  # the patches and CLS
     cfg = LlavaConfig(vision_config=vision.config.to_dict(), text_config=text.config.to_dict(),
                       image_token_id=image_token_id, projector_hidden_act=projector_act,
-                      vision_feature_select_strategy="default", vision_feature_layer=-1, image_seq_length=n_patches,
+                      vision_feature_select_strategy="full", vision_feature_layer=-1, image_seq_length=n_tokens,
                       tie_word_embeddings=text.config.tie_word_embeddings)
     model = LlavaForConditionalGeneration(cfg)
     model.model.vision_tower.load_state_dict(vision.state_dict())
@@ -131,19 +133,42 @@ def build_llava(vision, text, image_token_id: int, projector_act: str = "gelu"):
 
 
 def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
-    """(LLaVA model, tokenizer with <image>, info) from the suite's pretrained backbone and digits encoder."""
+    """(LLaVA model, tokenizer with <image>, info) from the suite's pretrained backbone and digits encoder, its
+    projector aligned by LLaVA's stage 1 (projector-only training on the task for spec['align_steps'] steps, cached:
+    every method then starts from the same aligned model)."""
+    from safetensors.torch import load_file, save_file
+
     from .finetune import load_base
     from .quantize import to_qwen2
+    from .train import TrainConfig, train
 
-    lm, tok, base_info = load_base(profile, name, spec, P, device)
+    lm, tok, base_info = load_base(profile, name, spec, P | {"seq_len": spec["pretrain_seq_len"],
+                                                             "batch_size": spec["pretrain_batch_size"]}, device)
     tok = copy.deepcopy(tok)
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
     text = to_qwen2(lm.cpu())
     text.resize_token_embeddings(len(tok), mean_resizing=False)
     enc, enc_acc = vision_encoder(profile, spec, P["seed"], device)
     model = build_llava(enc.cpu(), text, tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    return model, tok, {"source": "suite", "base": base_info, "encoder_accuracy": enc_acc,
-                        "n_image_tokens": model.config.image_seq_length}
+    n_img = model.config.image_seq_length
+    path = Path(base_info["checkpoint"]).with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
+    if not (path / "projector.safetensors").is_file():
+        seed_everything(P["seed"])
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        (tr, _), (va, _) = (digit_examples(s, tok, n_img, P["seq_len"], P["seed"]) for s in ("train", "validation"))
+        cfg = TrainConfig(steps=spec["align_steps"], batch_size=P["batch_size"], seq_len=P["seq_len"],
+                          lr=spec["align_lr"], warmup_steps=max(1, spec["align_steps"] // 10), weight_decay=0.0,
+                          eval_every=10**9, eval_batches=P["eval_batches"], seed=P["seed"])
+        result = train(model.to(device), tr, va, cfg)
+        with runs.atomic_dir(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in
+                       model.model.multi_modal_projector.state_dict().items()}, str(tmp / "projector.safetensors"))
+            (tmp / "align.json").write_text(json.dumps(result["quality"]))
+    model.model.multi_modal_projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    model.requires_grad_(True)
+    return model.cpu(), tok, {"source": "suite", "base": base_info, "encoder_accuracy": enc_acc, "n_image_tokens": n_img,
+                              "alignment": json.loads((path / "align.json").read_text())}
 
 
 class ModelUnavailable(RuntimeError):
@@ -204,7 +229,7 @@ def digit_accuracy(model, examples: dict, info: dict, tok, device: str, limit: i
     the right digit (summed answer log-likelihood)."""
     model.eval()
     n = min(limit, len(info["digit"]))
-    ids, labels = examples["input_ids"][:n], examples["labels"][:n]
+    ids, labels, pixels = examples["input_ids"][:n], examples["labels"][:n], examples["pixel_values"][:n]
     starts = (labels != -100).float().argmax(1)  # where each answer begins
     scores = torch.empty(n, 10)
     for d in range(10):
@@ -217,7 +242,7 @@ def digit_accuracy(model, examples: dict, info: dict, tok, device: str, limit: i
             cand_labels[i, s: s + len(a)] = torch.tensor(a)
         for b in range(0, n, batch):
             sl = slice(b, b + batch)
-            logits = model(input_ids=cand_ids[sl].to(device), pixel_values=examples["pixel_values"][sl].to(device),
+            logits = model(input_ids=cand_ids[sl].to(device), pixel_values=pixels[sl].to(device),
                            use_cache=False).logits.float()
             target = cand_labels[sl, 1:].to(device)
             logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
@@ -290,7 +315,7 @@ def table(profile: str):
 
     from .finetune import METHODS, SCORE_KEYS
 
-    recs = [r for r in runs.load_records(profile, "vlm") if r.status == "ok"]
+    recs = runs.latest([r for r in runs.load_records(profile, "vlm") if r.status == "ok"])
     if not recs:
         return pd.DataFrame()
     order = {m: i for i, m in enumerate(METHODS)}

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from effllm_utils import models, vision
+from effllm_utils import finetune, models, vision
 from effllm_utils.models.modeling import MLAttention, MoE, NSAttention
 from effllm_utils.train import TrainConfig, train
 
@@ -78,3 +78,31 @@ def test_lvm_study_end_to_end(outputs):
     assert {"lvm.csv", "lvm.png", "lvm.pdf"} <= names
     with pytest.raises(ValueError, match="lvm dataset 'imagenet_256' is not available here"):
         vision.run_lvm("tiny", P | {"dataset": "imagenet_256"})
+
+
+def test_lvm_peft_on_the_dit(outputs):
+    dims = {k: DIMS[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                 "intermediate_size")}
+    P = dict(device="auto", techniques={"mha": {"attention": "mha"}}, scales={"micro": dims}, dataset="digits", patch=2,
+             steps=5, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=1000, eval_batches=1,
+             precision="auto", compile=False, seed=0, fid_samples=40, sample_steps=2, guidance=1.5,
+             finetune_methods=["freeze", "lora"], finetune_base="mha", finetune_task="mirror", finetune_steps=4,
+             finetune_lr_full=1e-3, finetune_lr_adapter=3e-3, rank=4, alpha=8, target_modules=["q_proj", "v_proj"],
+             freeze_fraction=0.5, loraplus_lr_ratio=16.0, pissa_init="pissa")
+    recs = vision.run_lvm_finetune("tiny", P)  # no pretraining record yet: the base DiT is trained and cached
+    assert [(r.technique, r.scale, r.status) for r in recs] == [("freeze", "micro-ft", "ok"), ("lora", "micro-ft", "ok")]
+    freeze, lora = recs
+    assert freeze.quality["fid_before"] == lora.quality["fid_before"] > 0  # the same base on the same new domain
+    assert freeze.artifacts["method_info"] == {"frozen_layers": 1, "total_layers": 2}
+    assert lora.metrics["trainable_params"] < freeze.metrics["trainable_params"] < lora.metrics["base_params"]
+    # freeze trains the upper block and the output layers, not the bottom block or the embeddings
+    base = vision.dit_base("tiny", P, "micro", "cpu")
+    model, _, _ = finetune.apply_method(base, "freeze", P)
+    trained = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
+               for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"blocks.1", "final_ada", "out"}
+    tables = vision.lvm_tables("tiny")
+    assert list(tables["lvm_peft"]["method"]) == ["freeze", "lora"]
+    assert tables["lvm_peft"]["efficiency score"].between(0, 1).all()
+    with pytest.raises(ValueError, match="unknown finetune_task 'rotate'"):
+        vision.run_lvm_finetune("tiny", P | {"finetune_task": "rotate"})

@@ -1,0 +1,80 @@
+"""The LLaVA-style VLM: data grounded in the image, forward with and without an adapter, merging, the study (micro)."""
+import pytest
+import torch
+
+from effllm_utils import finetune, vlm
+
+SPEC = {"source": "suite", "dims": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                    "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
+        "pretrain_steps": 3, "pretrain_lr": 0.003, "pretrain_seq_len": 32, "pretrain_batch_size": 4,
+        "encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+                    "patch_size": 2}, "encoder_steps": 3, "encoder_lr": 0.003, "align_steps": 3, "align_lr": 0.01}
+P = dict(device="auto", methods=["full", "lora"], models={"micro": SPEC}, vocab_size=512, rank=4, alpha=8,
+         target_modules=["q_proj", "v_proj"], freeze_fraction=0.5, loraplus_lr_ratio=16.0, pissa_init="pissa",
+         lr_full=1e-3, lr_adapter=3e-3, steps=3, batch_size=4, grad_accum=1, seq_len=96, warmup_steps=1,
+         eval_every=1000, eval_batches=1, precision="auto", compile=False, seed=0, accuracy_images=12)
+
+
+@pytest.fixture
+def built(outputs):
+    return vlm.suite_vlm("tiny", "micro", SPEC, P, "cpu")
+
+
+def test_descriptions_are_grounded_in_the_image():
+    blank, full = -torch.ones(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
+    assert vlm.stroke_words(torch.cat([blank, full])) == ["thin", "bold"]
+    assert vlm.answer(7, "bold") == "seven, bold strokes."
+
+
+def test_examples_hold_every_image_token_and_train_on_the_answer_only(built):
+    model, tok, info = built
+    n = info["n_image_tokens"]
+    assert n == 17 and model.config.image_seq_length == 17  # 16 patches + CLS
+    ex, meta = vlm.digit_examples("validation", tok, n, P["seq_len"])
+    image_id = tok.convert_tokens_to_ids(vlm.IMAGE_TOKEN)
+    assert ex["pixel_values"].shape == (len(meta["digit"]), 1, 8, 8)
+    assert bool(((ex["input_ids"] == image_id).sum(1) == n).all())
+    first = ex["labels"][0][ex["labels"][0] != -100]
+    assert tok.decode(first).startswith(vlm.WORDS[int(meta["digit"][0])])
+    with pytest.raises(ValueError, match="seq_len 20 is too short for 17 image tokens"):
+        vlm.digit_examples("validation", tok, n, 20)
+
+
+def test_llava_keeps_the_backbone_logits_and_the_adapter_merges(built):
+    model, tok, info = built
+    ex, meta = vlm.digit_examples("validation", tok, info["n_image_tokens"], P["seq_len"])
+    batch = {"input_ids": ex["input_ids"][:3], "pixel_values": ex["pixel_values"][:3]}
+    model.eval()
+    with torch.no_grad():
+        base = model(**batch).logits
+    assert base.shape == (3, P["seq_len"], len(tok))
+    peft_model, _, _ = finetune.apply_method(model, "lora", P | {"target_modules": vlm._language_targets(["q_proj",
+                                                                                                          "v_proj"])},
+                                             task_type=None, modules_to_save=["multi_modal_projector"])
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and not any("vision_tower" in n for n in names)  # adapters on the language model only
+    assert any("multi_modal_projector" in n for n in names)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)  # a trained adapter
+        adapted = peft_model(**batch).logits
+        merged = peft_model.merge_and_unload()(**batch).logits
+    assert not torch.allclose(adapted, base, atol=1e-4)
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_vlm_study_end_to_end(outputs):
+    recs = vlm.run_study("tiny", P)
+    assert [(r.technique, r.status) for r in recs] == [("full", "ok"), ("lora", "ok")], [r.error for r in recs]
+    full, lora = recs
+    assert 0.0 <= full.quality["digit_acc"] <= 1.0 and full.quality["loss"] > 0
+    assert lora.metrics["trainable_params"] < full.metrics["trainable_params"] < full.metrics["base_params"]
+    t = vlm.table("tiny")
+    assert list(t["method"]) == ["full", "lora"] and t["efficiency score"].between(0, 1).all()
+    assert {"vlm.csv", "vlm_micro.png"} <= {p.name for p in vlm.figures("tiny")}
+
+
+def test_hub_model_missing_is_one_clear_error(tmp_path):
+    with pytest.raises(vlm.ModelUnavailable, match="could not be loaded .* the gpu profile needs the Hugging Face Hub"):
+        vlm.hub_vlm(str(tmp_path / "no-such-model"), "gpu")
