@@ -12,13 +12,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install reproduce test lab figures bench clean
+.PHONY: help install reproduce test lab figures report bench clean
 
 help:
 	@echo "make reproduce [PROFILE=tiny|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
 	@echo "make test       the test suite (CPU, offline)"
 	@echo "make lab        JupyterLab with the project's kernel"
-	@echo "make figures    re-draw every figure from stored records"
+	@echo "make figures    the paper_figures notebook: every figure, table and the claims check from stored records"
+	@echo "make report     figures + outputs/PROFILE/report/index.html (static HTML, opens from disk)"
 	@echo "make bench      training-step throughput and MFU (backbone vs transformers Qwen2; MoE vs dense)"
 	@echo "make clean      remove outputs/ and the venv"
 
@@ -44,7 +45,10 @@ bench: $(STAMP)
 	$(PY) -m effllm_utils.bench $(ARGS)
 
 figures: $(STAMP)
-	$(PY) -m effllm_utils.figures --profile $(PROFILE)
+	$(PY) -m effllm_utils.reproduce --profile $(PROFILE) --only paper_figures
+
+report: $(STAMP)
+	$(PY) -m effllm_utils.report --profile $(PROFILE)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[lab]"

@@ -167,9 +167,9 @@ def combine(verdicts: list[str]) -> str:
         return CONTRADICTED
     if all(v == REPRODUCED for v in verdicts):
         return REPRODUCED
-    if any(v == INCONCLUSIVE for v in verdicts):
-        return INCONCLUSIVE
-    return UNTESTABLE
+    if all(v == UNTESTABLE for v in verdicts):
+        return UNTESTABLE
+    return INCONCLUSIVE  # some part is within the uncertainty or could not be tested here
 
 
 # -- our records ---------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ FIGURES = {
     "peft": "effllm_utils.finetune:figures",
     "quantization": "effllm_utils.quantize:figures",
     "lvm": "effllm_utils.vision:lvm_figures",
+    "vlm": "effllm_utils.vlm:figures",
 }
 
 

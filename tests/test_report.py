@@ -1,0 +1,65 @@
+"""Paper figures, comparison tables and the static HTML report, rendered in headless Chromium."""
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from effllm_utils import report, runs
+
+
+@pytest.fixture
+def records(outputs):
+    """A few attention and peft records (real record files, made-up small numbers: the report only draws them)."""
+    for tech, ppl, amu, al in (("mqa", 400.0, 1.0, 0.20), ("gqa", 410.0, 1.01, 0.21), ("mla", 300.0, 1.1, 0.30)):
+        runs.execute("attention", tech, "tiny", {"seed": 0}, lambda ppl=ppl, amu=amu, al=al: {
+            "quality": {"ppl": ppl, "loss": 5.9}, "metrics": {"amu_gb": amu, "al_s": al, "tt": 1e-3 / al,
+                                                              "aec_w": None, "pcu": 0.1, "params": 1e6},
+            "artifacts": {"loss_curve": [6.0, 5.9]}}, scale="tiny", verbose=False)
+    return outputs
+
+
+def test_paper_figures_write_comparisons_and_claims(records):
+    made = report.paper_figures("tiny")
+    tables = records / "tiny" / "tables"
+    assert {"attention.csv", "paper_vs_ours_attention.csv", "claims.csv", "claims.tex", "claims.md"} <= \
+        {p.name for p in tables.iterdir()}
+    cmp = report.comparison("tiny", "attention").set_index("technique")
+    assert cmp.loc["mla", "ours: PPL"] == 300.0 and cmp.loc["mla", "paper: PPL"] == 7.79  # Table 3, 1.5B
+    assert "Different scale and hardware" in (tables / "paper_vs_ours_attention.md").read_text()
+    assert (made["claims"]["id"] == "mla_lowest_ppl").any()
+    assert any(p.name == "pareto_al_s.png" for p in made["figures"])
+
+
+def test_report_is_self_contained(records):
+    index = report.build_report("tiny")
+    page = index.read_text()
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert images and all((index.parent / src).is_file() for src in images)
+    assert "mla_lowest_ppl" in page and 'href="tables/claims.csv"' in page
+    assert (index.parent / "tables" / "claims.csv").is_file() and "http" not in "".join(images)
+
+
+def _browser():
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium here (.ci/run installs Debian's chromium package)")
+def test_report_renders_in_headless_chromium(records):
+    index = report.build_report("tiny")
+    n_images = len(re.findall(r"<img ", index.read_text()))
+    out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                          "--v=0", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body[^>]*>", out.stdout)
+    assert body, out.stderr[-2000:]
+    # the page's own check ran after load: every image decoded, none failed
+    assert f'data-images-loaded="{n_images}"' in body.group(0) and 'data-images-failed="0"' in body.group(0)
+    console = [line for line in out.stderr.splitlines() if "CONSOLE" in line and index.name in line]
+    assert console == []  # no error or message logged by the page
+    # and a broken image is caught by the same check
+    (index.parent / "figures" / sorted((index.parent / "figures").iterdir())[0].name).unlink()
+    out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                          "--v=0", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-images-failed="1"' in out.stdout and "image failed to load" in out.stderr
