@@ -23,14 +23,13 @@ word are scored by the model and the most likely one counts (no free-form genera
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import check_choices, metrics, outputs_dir, runs
+from . import check_choices, finetune, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -79,10 +78,6 @@ def digit_examples(split: str, tok, n_image_tokens: int, seq_len: int, seed: int
 
 # -- models --------------------------------------------------------------------------------------------------------
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def vision_encoder(profile: str, spec: dict, seed: int, device: str):
     """A transformers CLIPVisionModel pretrained here as a digits classifier (linear head on the pooled output),
     cached under checkpoints/vision/; returns (encoder, validation accuracy)."""
@@ -90,7 +85,7 @@ def vision_encoder(profile: str, spec: dict, seed: int, device: str):
 
     from .vision import digits
 
-    path = outputs_dir(profile) / "checkpoints" / "vision" / f"clip-{_hash([spec, seed])}"
+    path = outputs_dir(profile) / "checkpoints" / "vision" / f"clip-{finetune._hash([spec, seed])}"
     if not (path / "model.safetensors").is_file():
         seed_everything(seed)
         enc = CLIPVisionModel(CLIPVisionConfig(image_size=8, num_channels=1, **spec["encoder"])).to(device)
@@ -151,7 +146,7 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
     enc, enc_acc = vision_encoder(profile, spec, P["seed"], device)
     model = build_llava(enc.cpu(), text, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     n_img = model.config.image_seq_length
-    path = Path(base_info["checkpoint"]).with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
+    path = Path(base_info["checkpoint"]).with_name(f"{name}-llava-{finetune._hash([spec, P['seq_len'], P['seed']])}")
     if not (path / "projector.safetensors").is_file():
         seed_everything(P["seed"])
         model.requires_grad_(False)
