@@ -23,6 +23,9 @@ SHAPES = {
                  intermediate_size=344, vocab_size=4096, max_position_embeddings=512),
     "gpu": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                 intermediate_size=2048, vocab_size=151_936, max_position_embeddings=2048),
+    # the gpu profile's largest backbone (the moe study's dense_2x): where the >= 45% MFU target applies
+    "gpu_large": dict(hidden_size=1024, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                      intermediate_size=2816, vocab_size=151_936, max_position_embeddings=2048),
 }
 
 
@@ -30,6 +33,43 @@ def _qwen2(dims: dict):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     return Qwen2ForCausalLM(Qwen2Config(**dims, tie_word_embeddings=False, attn_implementation="sdpa"))
+
+
+def trace_case(name: str, model, args, rows: int = 18) -> None:
+    """A few more compiled training steps under torch.profiler: the kernels taking the most GPU time, and GPU busy
+    time over wall time (what is left is the host: launches, Python, synchronisation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device.startswith("cuda")
+    step_fn = torch.compile(model) if name.endswith("compiled") else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+
+    def step():
+        with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=cuda):
+            loss = step_fn(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    from .runtime import synchronize
+    synchronize(args.device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        synchronize(args.device)
+        wall = (time.perf_counter() - t0) / 3
+    ka = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in ka if (e.device_type.name == "CUDA") == cuda) / 3 / 1e6 if cuda else None
+    print(f"--- trace {name}: {wall * 1e3:.1f} ms/step wall" + (f", GPU kernels {busy * 1e3:.1f} ms/step "
+                                                              f"({100 * busy / wall:.0f}% busy)" if cuda else ""))
+    print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
 def run_case(name: str, model, fpt: float, active_params: int, args, peak: float | None) -> dict:
@@ -55,7 +95,8 @@ DECODE_SHAPES = {  # Qwen2.5 model cards (tied embeddings)
 
 
 def decode_bench(args) -> int:
-    """HF generate (eager) vs the static-cache decoder with a CUDA graph, and compiled + CUDA graph, at batch 1."""
+    """Batch-1 greedy decode: HF generate (eager) vs the static-cache decoder (CUDA graph; compiled + CUDA graph) in
+    the model's dtype, and with int4 weights (tinygemm), side by side on the same random-weight model."""
     import statistics
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -63,45 +104,66 @@ def decode_bench(args) -> int:
     from . import decode, hardware
 
     cuda = args.device.startswith("cuda")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if cuda else "fp32")]
     bw = hardware.memory_bandwidth(2048 if cuda else 64, args.device, 0.5, 3)["metrics"]["mem_bw_gbs"] * 1e9
     print(f"device {args.device}, measured copy bandwidth {bw / 1e12:.2f} TB/s, dtype {str(dtype).removeprefix('torch.')}, "
-          f"batch 1, {args.new_tokens} new tokens")
-    shapes = ["qwen2.5-1.5b", "qwen2.5-0.5b"] if cuda else ["tiny"]
+          f"batch 1, {args.new_tokens} new tokens; roofline = bandwidth / bytes read per token", flush=True)
+    shapes = args.decode_shapes.split(",") if args.decode_shapes else (
+        ["qwen2.5-1.5b", "qwen2.5-0.5b"] if cuda else ["tiny"])
     new = args.new_tokens
     for name in shapes:
         torch.manual_seed(0)
         hf = Qwen2ForCausalLM(Qwen2Config(**DECODE_SHAPES[name], tie_word_embeddings=True)).to(args.device, dtype).eval()
         ids = torch.randint(0, hf.config.vocab_size, (1, 16), device=args.device)
-        wb = decode.weight_bytes(hf)
         rates = {}
+        print(f"{name}: {decode.weight_bytes(hf) / 1e9:.2f} GB of {str(dtype).removeprefix('torch.')} weights", flush=True)
 
-        def timed(fn):
-            fn()  # warm-up (and compilation / graph capture)
-            runs_ = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize() if cuda else None
-                runs_.append(new / (time.perf_counter() - t0))
-            return statistics.median(runs_)
-
-        print(f"{name}: {wb / 1e9:.2f} GB of weights, roofline {bw / wb:.0f} tok/s", flush=True)
-
-        def report(label, r):
+        def report(label, r, nbytes):
             rates[label] = r
-            print(f"  {label:<28} {r:8.1f} tok/s   {100 * r * wb / bw:5.1f}% of roofline", flush=True)
+            print(f"  {label:<34} {r:8.1f} tok/s   {100 * r * nbytes / bw:5.1f}% of roofline "
+                  f"({nbytes / 1e9:.2f} GB/token)", flush=True)
 
-        report("hf_generate_eager", timed(lambda: hf.generate(ids, max_new_tokens=new, min_new_tokens=new,
-                                                               do_sample=False, pad_token_id=0)))
+        hf_new = min(new, 32)  # eager is slow; its rate does not depend on the count
+
+        def hf_rate():
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=hf_new, min_new_tokens=hf_new, do_sample=False, pad_token_id=0)
+            torch.cuda.synchronize() if cuda else None
+            return hf_new / (time.perf_counter() - t0)
+
+        hf_rate()
+        report("hf_generate_eager", statistics.median(hf_rate() for _ in range(3)), decode.weight_bytes(hf))
         ours = decode.from_qwen2(hf)
+        del hf
         graph = "_cuda_graph" if cuda else ""
-        for label, comp in ((f"static{graph}", False), (f"static_compiled{graph}", True)):
-            if comp and not cuda:
+        variants = [(f"static{graph}", "native", False), (f"static_compiled{graph}", "native", True)]
+        if cuda or dtype == torch.bfloat16:
+            variants.append((f"int4_static_compiled{graph}", "int4", True))
+        for label, weights, comp in variants:
+            if comp and not cuda and not args.compile_cpu:
                 continue
-            dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp)
-            report(label, timed(lambda: dec.generate(ids, new)))
-    print("int4/bf16 decode ratio: not measured (the static decoder has no int4 GEMV path yet)")
+            dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp, weights=weights)
+            tokens, _ = dec.generate(ids, new)  # warm-up: compilation and graph capture
+            if weights == "int4":  # same function as the model, within int4 rounding: first tokens mostly agree
+                agree = (tokens == ref_tokens).float().mean().item()
+                print(f"  (int4 vs {str(dtype).removeprefix('torch.')} greedy tokens agreeing: {agree:.0%}; "
+                      f"random weights make near-ties common)", flush=True)
+            else:
+                ref_tokens = tokens
+            runs_ = []
+            for _ in range(5):
+                _, stamps = dec.generate(ids, new)
+                runs_.append((new - 1) / (stamps[-1] - stamps[0]))  # decode tokens only, from per-token stamps
+            report(label, statistics.median(runs_), dec.read_bytes)
+            del dec
+        bf, i4 = rates.get(f"static_compiled{graph}"), rates.get(f"int4_static_compiled{graph}")
+        if bf and i4:
+            print(f"  int4 / {str(dtype).removeprefix('torch.')} decode tokens/s (compiled, batch 1): {i4 / bf:.2f}x",
+                  flush=True)
+        del ours
+        if cuda:
+            torch.cuda.empty_cache()
     return 0
 
 
@@ -121,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="tiny", help="whose hardware records give the peak of an unknown device")
     ap.add_argument("--mode", choices=("train", "decode"), default="train")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode mode: tokens generated per request")
+    ap.add_argument("--decode-shapes", default="", help=f"decode mode: comma-separated, of {', '.join(DECODE_SHAPES)}")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                    help="decode mode: weight dtype (default bf16 on CUDA, fp32 on CPU; int4 runs from bf16 only)")
+    ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
+    ap.add_argument("--trace", action="store_true", help="train mode: profile a few steps of each case and print "
+                    "the kernels taking the most GPU time")
     args = ap.parse_args(argv)
     if args.mode == "decode":
         return decode_bench(args)
@@ -157,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         r = results[-1]
         print(f"{r['case']:<24} {r['tokens_per_s']:>12,.0f} tokens/s   MFU {r['mfu_pct'] or float('nan'):6.1f}%   "
               f"{r['al_s'] * 1e3:8.1f} ms/step   peak mem {r['peak_mem_gb']:.1f} GB", flush=True)
+        if args.trace:
+            trace_case(case, model, args)
         del model
         if cuda:
             torch.cuda.empty_cache()

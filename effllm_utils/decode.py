@@ -1,13 +1,24 @@
-"""A fast decode path: a static KV cache and a fixed-shape one-token step, compiled and captured in a CUDA graph.
+"""A fast decode path: a static KV cache and a fixed-shape one-token step, compiled and captured in a CUDA graph,
+with bf16/fp16 weights or int4 weights through torch's tinygemm kernel.
 
 HF `generate` in eager mode spends almost all of a small model's decode time launching kernels from Python (an H100
-decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). Here the KV cache is preallocated
-([layers] x [B, kv_heads, max_len, head_dim]), the step writes the new K/V at the current position with
-`index_copy_` and attends over the whole buffer under a position mask, so every tensor has a fixed shape and address:
-the step can be `torch.compile`d and replayed as one CUDA graph per token.
+decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). Here:
+
+- the KV cache is preallocated ([layers] x [B, kv_heads, max_len, head_dim]); the step writes the new K/V at the
+  current position with `index_copy_` and attends over the whole buffer under a position mask, so every tensor has a
+  fixed shape and address and the step can be `torch.compile`d and replayed as one CUDA graph per token;
+- each layer's q/k/v and gate/up projections are read as ONE weight each (the decoder holds fused copies: fewer,
+  larger matrix-vector products, which is what decides a memory-bound step's speed);
+- the greedy choice, the next position and the token history are updated inside the step, so decoding a token is
+  one graph replay with no host round trip; per-token timestamps come from CUDA events recorded after each replay
+  (on CPU, from the host clock after each step), not from dividing a total;
+- `weights="int4"`: every linear layer (lm_head included) is quantized round-to-nearest, groupwise asymmetric
+  (group 128 by default), and packed for `torch.ops.aten._weight_int4pack_mm` (tinygemm on CUDA, its CPU twin on
+  CPU). Activations are bf16. Calibration-free; quality is measured by the quantization study, not assumed.
 
     dec = StaticDecoder(model, batch_size=1, max_len=512, cuda_graph=True, compile=True)
     tokens, stamps = dec.generate(prompt_ids, new_tokens=128)
+    dec.read_bytes          # bytes the step reads per token (the roofline numerator)
 
 Works for the effllm backbone with mha/gqa/mqa + rope + dense FFN, and for `transformers` Qwen2-family checkpoints
 (Qwen2.5, DeepSeek-R1-Distill-Qwen) through `from_qwen2`, which loads them weight-for-weight into the backbone.
@@ -21,6 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from .runtime import synchronize
+
+INT4_GROUP = 128
 
 
 def from_qwen2(hf_model):
@@ -47,19 +60,124 @@ def from_qwen2(hf_model):
     return ours.eval()
 
 
+# -- int4 weights (tinygemm layout) ------------------------------------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest groupwise asymmetric int4 of a [out, in] weight, in tinygemm's convention:
+    w ~ (q - 8) * scale + zero, q in 0..15, per group of `group` input columns.
+    Returns q (int32 [out, in]) and scales_and_zeros (bf16 [in / group, out, 2])."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4 needs in_features divisible by the group size {group}, got {k}")
+    g = w.float().reshape(n, k // group, group)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-6) / 15
+    q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8 * scale
+    sz = torch.cat([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [k/g, n, 2]
+    return q, sz
+
+
+def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """The float weight [out, in] that an int4 (q, scales_and_zeros) pair stands for (the reference)."""
+    n, k = q.shape
+    scale, zero = sz.float().transpose(0, 1).unbind(-1)  # [n, k/g] each
+    return ((q.float().reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+class Linear:
+    """One linear layer as the decode step reads it: a dense weight, or int4 packed for tinygemm."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP):
+        self.out_features, self.in_features = weight.shape
+        self.bias, self.int4, self.group = bias, int4, group
+        self.cuda = weight.device.type == "cuda"
+        if not int4:
+            self.weight = weight.detach()
+            self.read_bytes = self.weight.numel() * self.weight.element_size()
+        else:
+            if self.out_features % 8:
+                raise ValueError(f"int4 needs out_features divisible by 8, got {self.out_features}")
+            q, self.sz = quantize_int4(weight.detach(), group)
+            tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
+            if self.cuda:  # CUDA's packer takes two 4-bit values per byte
+                self.weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
+                                                                         tiles)
+            else:
+                self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
+            self.read_bytes = self.weight.numel() * self.weight.element_size() + self.sz.numel() * 2
+            self._check(q)  # the packed layout is torch-internal: verify it computes what (q, sz) stands for
+            self.q = q if not self.cuda else None  # kept on CPU for the tests' reference; dropped on GPU
+        if bias is not None:
+            self.read_bytes += bias.numel() * bias.element_size()
+
+    def _check(self, q: torch.Tensor) -> None:
+        x = torch.randn(2, self.in_features, device=q.device, dtype=torch.bfloat16)
+        ref = x.float() @ dequantize_int4(q, self.sz, self.group).t()
+        got = self(x).float() - (0 if self.bias is None else self.bias.float())
+        err = ((got - ref).norm() / ref.norm()).item()
+        if not err < 2e-2:
+            raise RuntimeError(f"int4 kernel check failed (relative error {err:.3g} vs the dequantized weight): this "
+                               f"torch ({torch.__version__}) packs int4 differently; use weights='native'")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.int4:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, self.in_features)
+        if self.cuda:
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.weight, self.group, self.sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.sz)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def _fused(*mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = torch.cat([m.weight.detach() for m in mods])
+    b = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+    return w, b
+
+
+# -- the decoder -------------------------------------------------------------------------------------------------
+
 class StaticDecoder:
     """Greedy decoding with a preallocated KV cache and a fixed-shape step (see the module docstring)."""
 
-    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool = False):
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool = False,
+                 weights: str = "native", group_size: int = INT4_GROUP):
         c = model.config
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
             raise ValueError(f"StaticDecoder supports mha/gqa/mqa + rope + dense, not {c.attention}/{c.position}/"
                              f"{c.ffn}")
+        if weights not in ("native", "int4"):
+            raise ValueError(f"weights must be 'native' (the model's dtype) or 'int4', not {weights!r}")
         self.model, self.c = model.eval(), c
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.B, self.max_len = batch_size, max_len
+        if weights == "int4" and self.dtype != torch.bfloat16:
+            raise ValueError(f"int4 decoding runs tinygemm with bf16 activations; load the model in bf16, not "
+                             f"{str(self.dtype).removeprefix('torch.')}")
+        self.weights, self.B, self.max_len = weights, batch_size, max_len
         self.gqa = bool(c.num_key_value_heads != c.num_attention_heads)  # a plain bool: dynamo must not trace it
+        self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
+                      c.num_key_value_heads * c.head_dim]
+        int4 = weights == "int4"
+        m = model.model
+        with torch.no_grad():
+            self.layers = []
+            for layer in m.layers:
+                a, f = layer.self_attn, layer.mlp
+                self.layers.append(dict(
+                    ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
+                    qkv=Linear(*_fused(a.q_proj, a.k_proj, a.v_proj), int4, group_size),
+                    o=Linear(a.o_proj.weight, a.o_proj.bias, int4, group_size),
+                    gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size),
+                    down=Linear(f.down_proj.weight, None, int4, group_size)))
+            self.lm_head = Linear(model.lm_head.weight, None, int4, group_size)
+        norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
+        # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
+        self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))
+                           + self.lm_head.read_bytes + c.hidden_size * p.element_size() + norms)
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
@@ -68,33 +186,46 @@ class StaticDecoder:
         self.slots = torch.arange(max_len, device=self.device)
         self.tok = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)  # static step inputs
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)
+        self.history = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
-        self._step_fn = torch.compile(self._step, fullgraph=True) if compile else self._step
-        self.graph, self.out = None, None
+        self.compiled = compile
+        self._advance_fn = torch.compile(self._advance, fullgraph=True) if compile else self._advance
+        self.graph = None
 
-    @torch.no_grad()
-    def _step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        m, c, B = self.model.model, self.c, self.B
+    def _forward_one(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] for one token per sequence at position `pos`; writes its K/V into the cache."""
+        c, B = self.c, self.B
         freqs = pos.float() * self.inv_freq
         emb = torch.cat((freqs, freqs))
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         mask = (self.slots <= pos)[None, None, None, :]
-        x = m.embed_tokens(tok)
-        for i, layer in enumerate(m.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = a.q_proj(h).view(B, 1, c.num_attention_heads, c.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(B, 1, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(B, 1, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        x = self.model.model.embed_tokens(tok)
+        for i, L in enumerate(self.layers):
+            q, k, v = L["qkv"](L["ln1"](x)).split(self.split, dim=-1)
+            q = q.view(B, 1, c.num_attention_heads, c.head_dim).transpose(1, 2)
+            k = k.view(B, 1, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+            v = v.view(B, 1, c.num_key_value_heads, c.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             self.k[i].index_copy_(2, pos.view(1), k)
             self.v[i].index_copy_(2, pos.view(1), v)
-            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask,
-                                               enable_gqa=self.gqa)
-            x = x + a.o_proj(o.transpose(1, 2).reshape(B, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.model.lm_head(m.norm(x))[:, -1]
+            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=self.gqa)
+            x = x + L["o"](o.transpose(1, 2).reshape(B, 1, -1))
+            gate, up = L["gate_up"](L["ln2"](x)).chunk(2, dim=-1)
+            x = x + L["down"](F.silu(gate) * up)
+        return self.lm_head(self.model.model.norm(x))[:, -1]
+
+    def _advance(self) -> None:
+        """One greedy step on the static buffers: feed tok at pos, then tok <- argmax, pos += 1, record it."""
+        nxt = self._forward_one(self.tok, self.pos).argmax(-1, keepdim=True)
+        self.pos.add_(1)
+        self.tok.copy_(nxt)
+        self.history.index_copy_(1, self.pos.view(1), nxt)
+
+    @torch.no_grad()
+    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        """Logits [B, vocab] of one token per sequence at `pos` (eager; writes the cache). For tests and probing."""
+        return self._forward_one(tok.to(self.device), torch.tensor(pos, device=self.device))
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -108,47 +239,50 @@ class StaticDecoder:
         return out.logits[:, -1]
 
     def _capture(self) -> None:
+        saved = [t.clone() for t in (*self.k, *self.v, self.tok, self.pos, self.history)]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm-up (and compilation) outside the graph
             for _ in range(3):
-                self._step_fn(self.tok, self.pos)
+                self._advance_fn()
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.out = self._step_fn(self.tok, self.pos)
-
-    @torch.no_grad()
-    def step(self, tok: torch.Tensor, pos: int) -> torch.Tensor:
-        self.tok.copy_(tok)
-        self.pos.fill_(pos)
-        if not self.use_graph:
-            return self._step_fn(self.tok, self.pos)
-        if self.graph is None:
-            saved = [t.clone() for t in self.k + self.v]  # capture runs the step: keep the cache intact
-            self._capture()
-            for t, s in zip(self.k + self.v, saved):
-                t.copy_(s)
-            self.tok.copy_(tok)
-            self.pos.fill_(pos)
-        self.graph.replay()
-        return self.out
+            self._advance_fn()
+        for t, v in zip((*self.k, *self.v, self.tok, self.pos, self.history), saved):  # capture ran the step
+            t.copy_(v)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, list[float]]:
-        """Greedy tokens [B, new_tokens] and a synchronised timestamp after each one (the first after prefill)."""
-        if ids.shape[1] + new_tokens > self.max_len:
-            raise ValueError(f"prompt {ids.shape[1]} + {new_tokens} new tokens exceed max_len {self.max_len}")
+        """Greedy tokens [B, new_tokens] and a timestamp (host clock, s) for each one, the first after prefill."""
+        L = ids.shape[1]
+        if L + new_tokens > self.max_len:
+            raise ValueError(f"prompt {L} + {new_tokens} new tokens exceed max_len {self.max_len}")
+        ids = ids.to(self.device)
         synchronize(str(self.device))
         nxt = self.prefill(ids).argmax(-1, keepdim=True)
+        self.tok.copy_(nxt)
+        self.pos.fill_(L)
+        self.history[:, L:L + 1] = nxt
+        if self.use_graph and self.graph is None:
+            self._capture()
         synchronize(str(self.device))
-        stamps, out = [time.perf_counter()], [nxt]
-        for t in range(ids.shape[1], ids.shape[1] + new_tokens - 1):
-            nxt = self.step(nxt, t).argmax(-1, keepdim=True)
-            synchronize(str(self.device))
-            stamps.append(time.perf_counter())
-            out.append(nxt)
-        return torch.cat(out, 1), stamps
+        t0 = time.perf_counter()
+        if self.use_graph:
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
+            events[0].record()
+            for e in events[1:]:
+                self.graph.replay()
+                e.record()
+            events[-1].synchronize()
+            stamps = [t0 + events[0].elapsed_time(e) / 1e3 for e in events]
+        else:
+            stamps = [t0]
+            for _ in range(new_tokens - 1):
+                self._advance_fn()
+                synchronize(str(self.device))
+                stamps.append(time.perf_counter())
+        return self.history[:, L:L + new_tokens].clone(), stamps
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -161,6 +295,8 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def roofline_fraction(tokens_per_s_per_sequence: float, model, bandwidth_bytes_per_s: float) -> float:
-    """Achieved / memory-bandwidth-bound decode rate at batch 1: tokens/s x weight bytes / bandwidth."""
-    return tokens_per_s_per_sequence * weight_bytes(model) / bandwidth_bytes_per_s
+def roofline_fraction(tokens_per_s_per_sequence: float, model_or_bytes, bandwidth_bytes_per_s: float) -> float:
+    """Achieved / memory-bandwidth-bound decode rate at batch 1: tokens/s x bytes read per token / bandwidth.
+    `model_or_bytes`: a model (every parameter counted once) or the bytes a decoder reads per token."""
+    nbytes = model_or_bytes if isinstance(model_or_bytes, (int, float)) else weight_bytes(model_or_bytes)
+    return tokens_per_s_per_sequence * nbytes / bandwidth_bytes_per_s

@@ -175,9 +175,37 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
     curve, val_curve, step_times = [], [], []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     mon = Monitor(period_s=cfg.telemetry_period_s, device=str(device) if device.type == "cuda" else "cpu")
+    # On CUDA the host does not wait for step s before queueing step s+1: each step's loss is copied to pinned memory
+    # behind an event and read (and checked) one step later, and step times are CUDA-event intervals (GPU time from
+    # the end of one step to the end of the next). On CPU everything is synchronous and timed by the host clock.
+    cuda = device.type == "cuda"
+    last_end = None
+    pending = None  # (step, pinned loss, end event) of the step queued but not yet read
+
+    def settle() -> None:
+        nonlocal pending, last_end
+        step_, buf, end = pending
+        end.synchronize()
+        step_times.append(last_end.elapsed_time(end) / 1e3)
+        last_end, pending = end, None
+        record_loss(step_, buf.item())
+
+    def record_loss(step_: int, value: float) -> None:
+        if not math.isfinite(value):
+            if mon._thread is not None:
+                mon.stop()
+            raise TrainingDiverged(f"loss became {value} at step {step_} (lr {sched.get_last_lr()[0]:.2e}); "
+                                   f"lower the learning rate or enable gradient clipping")
+        curve.append(value)
+
     model.train()
+    if cuda:
+        last_end = torch.cuda.Event(enable_timing=True)
+        last_end.record()
     for step in range(cfg.steps):
         if step == cfg.skip_steps:
+            if pending is not None:
+                settle()
             mon.start()
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
@@ -193,16 +221,28 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        step_loss = acc.reduce(total, reduction="mean").item()  # also synchronises the device
-        step_times.append(time.perf_counter() - t0)
-        if not math.isfinite(step_loss):
-            if mon._thread is not None:
-                mon.stop()
-            raise TrainingDiverged(f"loss became {step_loss} at step {step} (lr {sched.get_last_lr()[0]:.2e}); "
-                                   f"lower the learning rate or enable gradient clipping")
-        curve.append(step_loss)
+        reduced = acc.reduce(total, reduction="mean")
+        if cuda:
+            buf = torch.empty((), pin_memory=True)
+            buf.copy_(reduced, non_blocking=True)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            if pending is not None:
+                settle()
+            pending = (step, buf, end)
+        else:
+            value = reduced.item()
+            step_times.append(time.perf_counter() - t0)
+            record_loss(step, value)
         if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            if pending is not None:
+                settle()
             val_curve.append((step + 1, evaluate()))
+            if cuda:  # the validation pass is not part of the next step's time
+                last_end = torch.cuda.Event(enable_timing=True)
+                last_end.record()
+    if pending is not None:
+        settle()
     telem = mon.stop()
     timed = step_times[cfg.skip_steps:]
     val_loss = evaluate()

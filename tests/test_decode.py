@@ -45,3 +45,49 @@ def test_limits_and_roofline():
         dec.generate(torch.zeros(1, 10, dtype=torch.long), 8)
     g = EffLLMForCausalLM(models.config("test"))
     assert decode.roofline_fraction(100.0, g, 100.0 * decode.weight_bytes(g)) == pytest.approx(1.0)
+
+
+def test_int4_quantization_is_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(16, 256)
+    q, sz = decode.quantize_int4(w, 64)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15 and sz.shape == (4, 16, 2)
+    deq = decode.dequantize_int4(q, sz, 64)
+    step = sz[..., 0].float().transpose(0, 1).repeat_interleave(64, dim=1)  # [16, 256] scale per element
+    assert bool(((deq - w).abs() <= step / 2 + 0.02 * w.abs().max()).all())  # rounding + bf16 scale/zero
+    with pytest.raises(ValueError, match="divisible by the group size 128"):
+        decode.quantize_int4(torch.randn(8, 96))
+
+
+def test_int4_decoder_matches_the_dequantized_model():
+    """The packed tinygemm path computes the same function as a bf16 model holding the dequantized weights."""
+    torch.manual_seed(0)
+    m = EffLLMForCausalLM(models.config("test", attention="gqa")).to(torch.bfloat16).eval()
+    dec = decode.StaticDecoder(m, batch_size=2, max_len=24, weights="int4", group_size=32)
+    ref = EffLLMForCausalLM(models.config("test", attention="gqa")).to(torch.bfloat16).eval()
+    ref.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        for d, layer in zip(dec.layers, ref.model.layers):
+            a, f = layer.self_attn, layer.mlp
+            qkv = decode.dequantize_int4(d["qkv"].q, d["qkv"].sz, 32).to(torch.bfloat16)
+            for mod, w in zip((a.q_proj, a.k_proj, a.v_proj), qkv.split(dec.split)):
+                mod.weight.copy_(w)
+            gate, up = decode.dequantize_int4(d["gate_up"].q, d["gate_up"].sz, 32).to(torch.bfloat16).chunk(2)
+            f.gate_proj.weight.copy_(gate)
+            f.up_proj.weight.copy_(up)
+            a.o_proj.weight.copy_(decode.dequantize_int4(d["o"].q, d["o"].sz, 32))
+            f.down_proj.weight.copy_(decode.dequantize_int4(d["down"].q, d["down"].sz, 32))
+        ref.lm_head.weight.copy_(decode.dequantize_int4(dec.lm_head.q, dec.lm_head.sz, 32))
+    ids = torch.randint(0, 128, (2, 6))
+    tokens, stamps = dec.generate(ids, 6)
+    assert tokens.shape == (2, 6) and len(stamps) == 6 and stamps == sorted(stamps)
+    with torch.no_grad():
+        full = ref(torch.cat([ids, tokens], 1), use_cache=False).logits[:, 5:11].float()
+        dec.prefill(ids)
+        steps = torch.stack([dec.step(tokens[:, i:i + 1], 6 + i).float() for i in range(5)], 1)
+    torch.testing.assert_close(steps, full[:, 1:6], atol=0.05, rtol=0.05)  # bf16 arithmetic, two kernels
+    assert torch.equal(tokens[:, 0], full[:, 0].argmax(-1))
+    # int4 reads fewer bytes than bf16 and the error says what to fix for other dtypes
+    assert dec.read_bytes < decode.StaticDecoder(m, 2, 24).read_bytes
+    with pytest.raises(ValueError, match="bf16 activations; load the model in bf16, not float32"):
+        decode.StaticDecoder(m.float(), 1, 16, weights="int4", group_size=32)
