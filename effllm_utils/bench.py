@@ -78,6 +78,7 @@ def run_case(name: str, model, fpt: float, active_params: int, args, peak: float
     ids = torch.randint(0, model.config.vocab_size, (args.batch * args.seq * 4 + 2,))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=1e-4, warmup_steps=1,
                       eval_every=10**9, eval_batches=1, compile=name.endswith("compiled"), skip_steps=args.skip,
+                      grad_accum=args.grad_accum,
                       precision=args.precision)
     r = train(model.to(args.device), ids, ids, cfg, flops_per_token=fpt, peak_flops=peak)
     m = r["metrics"]
@@ -132,8 +133,9 @@ def decode_bench(args) -> int:
             torch.cuda.synchronize() if cuda else None
             return hf_new / (time.perf_counter() - t0)
 
-        hf_rate()
-        report("hf_generate_eager", statistics.median(hf_rate() for _ in range(3)), decode.weight_bytes(hf))
+        if not args.skip_eager:
+            hf_rate()
+            report("hf_generate_eager", statistics.median(hf_rate() for _ in range(3)), decode.weight_bytes(hf))
         ours = decode.from_qwen2(hf)
         del hf
         graph = "_cuda_graph" if cuda else ""
@@ -167,6 +169,33 @@ def decode_bench(args) -> int:
     return 0
 
 
+def harness_bench(args) -> int:
+    """The quantization study's harness (`infer.measure`, interleaved, per-token stamps) on one random Qwen2-shape
+    model decoded eagerly and through `infer.FastDecode`, over a batch-size sweep: what the `decode: static` param
+    buys."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from . import infer
+
+    cuda = args.device.startswith("cuda")
+    name = (args.decode_shapes or ("qwen2.5-0.5b" if cuda else "tiny")).split(",")[0]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if cuda else "fp32")]
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(**DECODE_SHAPES[name], tie_word_embeddings=True)).to(args.device, dtype).eval()
+    prompt, new = 64, args.new_tokens
+    cfg = infer.InferConfig(prompt_len=prompt, new_tokens=new, batch_sizes=(1, 4), min_time_s=1.0, min_requests=3)
+    prompts = torch.randint(0, hf.config.vocab_size, (4, prompt))
+    fast = infer.FastDecode(hf, prompt + new + 1)
+    out = infer.measure({"eager": hf, fast.path: fast}, prompts, cfg, args.device)
+    print(f"{name}, {str(dtype).removeprefix('torch.')}, prompt {prompt}, {new} new tokens, infer.measure:")
+    for k, m in out.items():
+        print(f"  {k:<22} decode p50 {m['decode_token_p50_s'] * 1e3:7.2f} ms/token   p90 "
+              f"{m['decode_token_p90_s'] * 1e3:7.2f}   prefill {m['prefill_s'] * 1e3:7.2f} ms   IT by batch "
+              + ", ".join(f"{b}: {v:,.0f} tok/s" for b, v in m["it_by_batch"].items()), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import metrics, models
     from .pretrain import device_peak
@@ -181,17 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--cases", default="qwen2_eager,qwen2_compiled,effllm_dense_compiled,effllm_moe_compiled")
     ap.add_argument("--profile", default="tiny", help="whose hardware records give the peak of an unknown device")
-    ap.add_argument("--mode", choices=("train", "decode"), default="train")
+    ap.add_argument("--mode", choices=("train", "decode", "harness"), default="train")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode mode: tokens generated per request")
     ap.add_argument("--decode-shapes", default="", help=f"decode mode: comma-separated, of {', '.join(DECODE_SHAPES)}")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="decode mode: weight dtype (default bf16 on CUDA, fp32 on CPU; int4 runs from bf16 only)")
+    ap.add_argument("--skip-eager", action="store_true", help="decode mode: leave out HF generate (slow)")
+    ap.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per optimizer step")
     ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
     ap.add_argument("--trace", action="store_true", help="train mode: profile a few steps of each case and print "
                     "the kernels taking the most GPU time")
     args = ap.parse_args(argv)
     if args.mode == "decode":
         return decode_bench(args)
+    if args.mode == "harness":
+        return harness_bench(args)
     cuda = args.device.startswith("cuda")
     args.shape = args.shape or ("gpu" if cuda else "tiny")
     args.batch, args.seq = args.batch or (16 if cuda else 8), args.seq or (1024 if cuda else 128)
@@ -202,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dims = SHAPES[args.shape]
     peak, source = device_peak(args.profile, args.device, args.precision)
-    print(f"device {args.device}, shape {args.shape} {dims}, batch {args.batch}x{args.seq}, peak: "
+    print(f"device {args.device}, shape {args.shape} {dims}, batch {args.batch}x{args.seq} x {args.grad_accum} "
+          f"micro-batch(es) per step, peak: "
           f"{peak / 1e12 if peak else float('nan'):.1f} TFLOP/s ({source})")
     dense_cfg = models.EffLLMConfig(**dims, attention="gqa")
     moe_cfg = models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8, num_experts_per_tok=2)

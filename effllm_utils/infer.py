@@ -9,9 +9,11 @@ each (technique, batch size) is repeated until both `min_time_s` of measured req
 the order of techniques rotates every round, so drift (thermal, a noisy neighbour) does not favour one.
 Telemetry: a Monitor window around each request, accumulated per technique.
 
-This harness decodes eagerly through the model's own forward (any transformers model, quantized or not); on GPU
-launch overhead dominates that for small models. The static-cache, compiled, CUDA-graph decoder is
-`effllm_utils.decode.StaticDecoder` (bf16/fp16 backbones and Qwen2 checkpoints; `make bench ARGS="--mode decode"`).
+A model decodes eagerly through its own forward (any transformers model, quantized or not); on GPU launch overhead
+dominates that for small models. Wrap it in `FastDecode` to decode through `effllm_utils.decode.StaticDecoder`
+instead (static KV cache; torch.compile + a CUDA graph per token on GPU; the backbone and Qwen2-family checkpoints
+with plain float weights): `measure({"bf16": FastDecode(model, max_len=256)}, ...)`. Its per-token timestamps come
+from CUDA events after each graph replay (the host clock on CPU).
 """
 from __future__ import annotations
 
@@ -44,9 +46,58 @@ class InferConfig:
             raise ValueError(f"new_tokens must be at least 2 to time decoding, got {self.new_tokens}")
 
 
+class FastDecode:
+    """A model decoded through `decode.StaticDecoder` (one decoder per batch size, built on first use).
+
+    Raises ValueError (with the reason) for a model the static decoder cannot run: quantized weights (int8/int4
+    modules or tensor subclasses), another architecture, or an attention/FFN type it does not implement."""
+
+    def __init__(self, model, max_len: int, compile: bool | None = None, cuda_graph: bool = True,
+                 weights: str = "native"):
+        from . import decode
+        from .models import EffLLMForCausalLM
+
+        odd = {type(p).__name__ if type(p) is not torch.nn.Parameter else str(p.dtype)
+               for p in model.parameters() if type(p) is not torch.nn.Parameter or not p.is_floating_point()}
+        odd |= {type(m).__name__ for n, m in model.named_modules()
+                if n.endswith(("_proj", "lm_head")) and type(m) is not torch.nn.Linear}
+        if odd:
+            raise ValueError(f"quantized weights ({', '.join(sorted(odd))}): the static decoder runs plain float "
+                             f"weights")
+        if not isinstance(model, EffLLMForCausalLM):
+            if getattr(model.config, "model_type", None) != "qwen2":
+                raise ValueError(f"the static decoder runs the effllm backbone and Qwen2-family checkpoints, not "
+                                 f"{getattr(model.config, 'model_type', type(model).__name__)}")
+            model = decode.from_qwen2(model)
+        self.model, self.max_len, self.weights = model, max_len, weights
+        self.device = next(model.parameters()).device
+        self.compile = self.device.type == "cuda" if compile is None else compile
+        self.cuda_graph = cuda_graph
+        self.decoders: dict[int, Any] = {}
+        decode.StaticDecoder(model, 1, 2, cuda_graph=False, weights=weights)  # refuse unsupported configs now
+        self.path = "static" + ("+compile" if self.compile else "") + (
+            "+graph" if cuda_graph and self.device.type == "cuda" else "") + ("+int4" if weights == "int4" else "")
+
+    def request(self, ids: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+        from .decode import StaticDecoder
+
+        B = ids.shape[0]
+        if B not in self.decoders:
+            self.decoders[B] = StaticDecoder(self.model, B, self.max_len, cuda_graph=self.cuda_graph,
+                                             compile=self.compile, weights=self.weights)
+        synchronize(str(self.device))
+        t0 = time.perf_counter()
+        _, stamps = self.decoders[B].generate(ids, new_tokens)
+        return {"prefill_s": stamps[0] - t0, "token_s": list(np.diff(stamps)), "e2e_s": stamps[-1] - t0,
+                "tokens": B * new_tokens}
+
+
 @torch.no_grad()
 def timed_request(model, ids: torch.Tensor, new_tokens: int, device: str) -> dict[str, Any]:
-    """One greedy request: prefill, then `new_tokens - 1` decode steps, a synchronised timestamp after each."""
+    """One greedy request: prefill, then `new_tokens - 1` decode steps, a timestamp after each (synchronised).
+    A `FastDecode` model runs its static decoder instead."""
+    if isinstance(model, FastDecode):
+        return model.request(ids, new_tokens)
     synchronize(device)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True)

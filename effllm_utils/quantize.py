@@ -23,6 +23,7 @@ import torch
 from . import check_choices, data, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 
+DECODE_CHOICES = ("eager", "static")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4_gptq", "int4_rtn")
 NOMINAL_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4_gptq": 4, "int4_rtn": 4}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -198,6 +199,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
 
     device = resolve_device(profile, P["device"])
     check_choices(P["precisions"], PRECISIONS, "precision(s)")
+    check_choices([P["decode"]], DECODE_CHOICES, "decode")
     records = []
     for name, spec in P["models"].items():
         keyed = {p: {k: v for k, v in P.items() if k != "precisions"} | {"model": spec, "device": device}
@@ -218,7 +220,8 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
             prompts = _prompts(tok, P, val)
             cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
                               min_time_s=P["min_time_s"], min_requests=P["min_requests"])
-            measured = measure({p: m for p, (m, _) in built.items()}, prompts, cfg, device) if built else {}
+            decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
+            measured = measure(decoders, prompts, cfg, device) if built else {}
             for p, (model, info) in built.items():
                 ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device) if val is not None else None
                 scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
@@ -230,7 +233,8 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                               "quality": {"ppl": ppl, **scores},
                               "artifacts": {"it_by_batch": measured[p]["it_by_batch"], "checkpoint": info["path"],
                                             "reload_max_abs_diff": info["reload_max_abs_diff"],
-                                            "energy_reason": measured[p]["energy_reason"]}}
+                                            "energy_reason": measured[p]["energy_reason"],
+                                            "decode_path": paths[p][0], "decode_note": paths[p][1]}}
             _add_mcr(results)
             results.update({p: e for p, e in errors.items()})
         for p in P["precisions"]:
@@ -241,6 +245,26 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                 return r
             records.append(runs.execute("quantization", p, profile, keyed[p], fn, scale=name, force=force))
     return records
+
+
+def decode_paths(built: dict[str, tuple], how: str, max_len: int) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """What each precision is decoded through, and (path, why): `eager` — the model's forward, one token per call,
+    every precision alike — or `static` — infer.FastDecode (static KV cache; compile + CUDA graph on GPU) where the
+    static decoder runs the model (plain float weights), eager with the reason for the quantized ones. The path is
+    a column of Table 9: compare precisions on the same path."""
+    from .infer import FastDecode
+
+    check_choices([how], DECODE_CHOICES, "decode")
+    out, paths = {}, {}
+    for p, (model, _) in built.items():
+        out[p], paths[p] = model, ("eager", "")
+        if how == "static":
+            try:
+                out[p] = FastDecode(model, max_len)
+                paths[p] = (out[p].path, "")
+            except ValueError as e:
+                paths[p] = ("eager", str(e))
+    return out, paths
 
 
 def _prompts(tok, P, val):
@@ -280,7 +304,7 @@ COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "
            "it": "IT (tokens/s)", "al_s": "AL (s/request)", "prefill_s": "prefill (s)",
            "decode_token_p50_s": "decode p50 (s/token)", "decode_token_p90_s": "decode p90 (s/token)",
            "aec_w": "AEC (W)", "j_per_token": "J/token", "disk_bytes": "bytes on disk", "memory_bytes": "bytes in memory",
-           "mcr": "MCR", "mcr_measured": "MCR (measured bytes)"}
+           "mcr": "MCR", "mcr_measured": "MCR (measured bytes)", "decode": "decode path"}
 
 
 def table(profile: str):
@@ -290,6 +314,8 @@ def table(profile: str):
     if df.empty:
         return pd.DataFrame(columns=list(COLUMNS.values()))
     order = {p: i for i, p in enumerate(PRECISIONS)}
+    paths = {r.run_id: r.artifacts.get("decode_path", "eager") for r in runs.load_records(profile, "quantization")}
+    df["decode"] = df["run_id"].map(paths)
     df = df.sort_values(["scale", "technique"], key=lambda s: s.map(order) if s.name == "technique" else s)
     return df[[c for c in COLUMNS if c in df]].rename(columns=COLUMNS).reset_index(drop=True)
 

@@ -91,3 +91,12 @@ def test_int4_decoder_matches_the_dequantized_model():
     assert dec.read_bytes < decode.StaticDecoder(m, 2, 24).read_bytes
     with pytest.raises(ValueError, match="bf16 activations; load the model in bf16, not float32"):
         decode.StaticDecoder(m.float(), 1, 16, weights="int4", group_size=32)
+
+
+def test_compiled_step_matches_eager():
+    """torch.compile of the whole step (greedy feedback and history included) decodes the same tokens (fp32)."""
+    torch.manual_seed(0)
+    m = EffLLMForCausalLM(models.config("test", attention="gqa")).eval()
+    ids = torch.randint(0, 128, (1, 6))
+    ref = decode.StaticDecoder(m, 1, 24).generate(ids, 8)[0]
+    assert torch.equal(decode.StaticDecoder(m, 1, 24, compile=True).generate(ids, 8)[0], ref)

@@ -158,3 +158,23 @@ def test_mcr_uses_the_task_score_when_tasks_ran():
     quantize._add_mcr(r)
     assert r["int4_gptq"]["metrics"]["mcr"] == pytest.approx(4 * 0.38 / 0.40)
     assert r["int4_gptq"]["artifacts"]["mcr_performance"] == "lm-eval score"
+
+
+def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoint, tmp_path):
+    """FastDecode (the static decoder) decodes a Qwen2 checkpoint inside `measure`; quantized precisions stay eager
+    under decode: static, with the reason recorded."""
+    src, tok = checkpoint
+    built = {p: quantize.build(p, src, tok, P, "cpu", tmp_path) for p in ("fp32", "int8", "int4_rtn")}
+    decoders, paths = quantize.decode_paths(built, "static", 8 + 6 + 1)
+    assert isinstance(decoders["fp32"], infer.FastDecode) and paths["fp32"] == ("static", "")
+    for p in ("int8", "int4_rtn"):
+        assert decoders[p] is built[p][0] and paths[p][0] == "eager" and "quantized weights" in paths[p][1]
+    ids = data.token_ids("validation", tok)[:16].view(2, 8)
+    r = infer.timed_request(decoders["fp32"], ids, 6, "cpu")
+    assert len(r["token_s"]) == 5 and r["tokens"] == 12 and r["e2e_s"] >= r["prefill_s"] > 0
+    ref = built["fp32"][0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
+    assert torch.equal(decoders["fp32"].decoders[2].generate(ids, 6)[0], ref)
+    eager, _ = quantize.decode_paths(built, "eager", 15)
+    assert all(eager[p] is built[p][0] for p in built)
+    with pytest.raises(ValueError, match="unknown decode \\['fast'\\]; choose from eager, static"):
+        quantize.decode_paths(built, "fast", 15)
