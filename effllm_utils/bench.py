@@ -3,7 +3,10 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
 
     python -m effllm_utils.bench                 # the gpu profile's shape on CUDA, the tiny shape on CPU
     python -m effllm_utils.bench --shape gpu --batch 16 --seq 1024 --steps 30
-    python -m effllm_utils.bench --mode decode   # Qwen2.5-1.5B and 0.5B shapes (random bf16 weights) on CUDA
+    python -m effllm_utils.bench --shape gpu_large --grad-accum 2 --trace   # the gpu profile's largest, profiled
+    python -m effllm_utils.bench --mode decode   # Qwen2.5-1.5B and 0.5B shapes (random bf16 weights) on CUDA:
+                                                 # HF eager, static + CUDA graph, + compile, int4 (tinygemm)
+    python -m effllm_utils.bench --mode harness  # infer.measure: eager vs infer.FastDecode, batch 1 and 4
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled. Each trains on random tokens through `train.train`
