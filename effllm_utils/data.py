@@ -236,3 +236,53 @@ def load_hub_dataset(key: str, limit: int | None = None, streaming: bool = False
                                  f"is this the right dataset?")
     return ds.map(lambda row: {"text": spec.to_text(row)})
 
+
+def hub_token_ids(key: str, tok, n_tokens: int, data_files: str | None = None, batch_docs: int = 512):
+    """The first `n_tokens` tokens of a Hub dataset's text (documents joined by EOS) as a memory-mapped int32
+    tensor: tokenized once (streaming, in batches), written to $EFFLLM_CACHE/tokens/ and mapped from disk after
+    that, so training at paper scale never holds the token stream in RAM (pages are read on demand and shared by
+    every process on the node). The file is written under a temporary name and renamed when complete; a `.json`
+    beside it records what it holds. Fewer tokens in the dataset than asked: a ValueError saying how many."""
+    import numpy as np
+    import torch
+
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    if len(tok) >= 2**31:
+        raise ValueError(f"vocabulary of {len(tok)} does not fit int32 token files")
+    vocab = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()[:12]
+    source = hashlib.sha256(str(Path(data_files).resolve()).encode()).hexdigest()[:8] if data_files else "hub"
+    path = cache_dir() / "tokens" / f"{key}-{source}-{vocab}-{n_tokens}.i32"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        written = 0
+        try:
+            with open(tmp, "wb") as f:
+                batch: list[str] = []
+
+                def flush() -> int:
+                    ids = [t + [tok.eos_token_id] for t in tok(batch)["input_ids"]]
+                    flat = np.fromiter((i for doc in ids for i in doc), dtype=np.int32)[:n_tokens - written]
+                    f.write(flat.tobytes())
+                    batch.clear()
+                    return len(flat)
+
+                for row in load_hub_dataset(key, streaming=True, data_files=data_files):
+                    batch.append(row["text"])
+                    if len(batch) == batch_docs:
+                        written += flush()
+                        if written >= n_tokens:
+                            break
+                if batch and written < n_tokens:
+                    written += flush()
+            if written < n_tokens:
+                raise ValueError(f"dataset {key!r} has {written:,} tokens in this tokenizer, fewer than the "
+                                 f"{n_tokens:,} asked for; lower train_tokens")
+            tmp.replace(path)
+            meta = {"dataset": key, "data_files": data_files, "tokens": n_tokens, "dtype": "int32", "vocab_sha": vocab}
+            path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        finally:
+            tmp.unlink(missing_ok=True)
+    return torch.from_file(str(path), shared=True, size=n_tokens, dtype=torch.int32)
+

@@ -43,21 +43,14 @@ def tokenizer_for(P: dict[str, Any]):
 
 
 def token_data(P: dict[str, Any], tok):
-    """(train_ids, val_ids): the embedded corpus, or `train_tokens` of a Hub dataset (validation: the next 5%)."""
+    """(train_ids, val_ids): the embedded corpus, or `train_tokens` of a Hub dataset (validation: the next 5%),
+    memory-mapped from the token cache (`data_files`: a local copy of the dataset instead of the Hub)."""
     if P["dataset"] == "embedded":
         return data.token_ids("train", tok), data.token_ids("validation", tok)
-    import torch
-
-    ds = data.load_hub_dataset(P["dataset"], streaming=True)
-    ids: list[int] = []
-    target = int(P["train_tokens"] * 1.05)
-    for row in ds:
-        ids += tok(row["text"])["input_ids"] + [tok.eos_token_id]
-        if len(ids) >= target:
-            break
-    ids_t = torch.tensor(ids[:target], dtype=torch.long)
-    cut = int(len(ids_t) / 1.05)
-    return ids_t[:cut], ids_t[cut:]
+    # tokenized once into a memory-mapped int32 file (data.hub_token_ids); the splits are views of it
+    ids = data.hub_token_ids(P["dataset"], tok, int(P["train_tokens"] * 1.05), data_files=P.get("data_files") or None)
+    cut = int(len(ids) / 1.05)
+    return ids[:cut], ids[cut:]
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -136,7 +129,8 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     for scale, dims in P["scales"].items():
         for technique, spec in P["techniques"].items():
             run_params = {k: P[k] for k in (*TRAIN_KEYS, "vocab_size", "dataset", "tokenizer", "train_tokens")
-                          if k in P} | {"dims": dims, "spec": spec, "device": device}
+                          if k in P} | {"dims": dims, "spec": spec, "device": device} | (
+                {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
 
             def fn(dims=dims, spec=spec, technique=technique, scale=scale):
                 seed_everything(P["seed"])

@@ -71,7 +71,8 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def _windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    """[B, seq_len] int64 windows (the stream may be a memory-mapped int32 file: only these pages are read)."""
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()]).long()
 
 
 class Data:

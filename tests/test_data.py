@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +76,35 @@ def test_hub_loader_on_a_local_copy(tmp_path, monkeypatch):
     bad.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(data.DatasetUnavailable, match=r"columns \['Question', 'Complex_CoT', 'Response'\] missing"):
         data.load_hub_dataset("medical_o1", data_files=str(bad))
+
+
+def test_hub_tokens_are_written_once_and_memory_mapped(tmp_path, monkeypatch):
+    """A pretraining dataset is tokenized once into an int32 file and mapped from disk (never held in RAM);
+    the pretraining studies split it into views; too few tokens is one clear error."""
+    import torch
+
+    from effllm_utils import pretrain
+    from effllm_utils.train import Data
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    docs = [data.corpus_text("validation")[i * 300:(i + 1) * 300] for i in range(40)]
+    path = tmp_path / "fineweb.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = data.tokenizer(1024)
+    expected = [i for d in docs for i in tok(d)["input_ids"] + [tok.eos_token_id]]
+    ids = data.hub_token_ids("fineweb_edu", tok, 2000, data_files=str(path), batch_docs=7)
+    assert ids.dtype == torch.int32 and ids.tolist() == expected[:2000]
+    files = sorted(p.name for p in (Path(os.environ["EFFLLM_CACHE"]) / "tokens").glob("fineweb_edu-*"))
+    assert len(files) == 2 and files[0].endswith(".i32") and files[1].endswith(".json")  # no temp file left
+    monkeypatch.setattr(data, "load_hub_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    again = data.hub_token_ids("fineweb_edu", tok, 2000, data_files=str(path))  # from the file, not the dataset
+    assert torch.equal(again, ids)
+    train_ids, val_ids = pretrain.token_data({"dataset": "fineweb_edu", "train_tokens": 1905, "data_files": str(path)},
+                                             tok)
+    assert len(train_ids) == 1904 and len(val_ids) == 96 and val_ids[0] == ids[1904]
+    batch = Data(train_ids, 64, "train").batch(torch.tensor([0, 100]))
+    assert batch["input_ids"].dtype == torch.long and batch["input_ids"][1].tolist() == expected[100:164]
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match=f"has {len(expected):,} tokens in this tokenizer, fewer than the 10,000,000"):
+        data.hub_token_ids("fineweb_edu", tok, 10_000_000, data_files=str(path))
