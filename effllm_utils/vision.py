@@ -1,5 +1,6 @@
 """Vision: a class-conditional Diffusion Transformer (DiT) built from the backbone's attention and feed-forward
-modules, trained with rectified flow on scikit-learn's digits, and "digits-FID".
+modules, trained with rectified flow on scikit-learn's digits ("digits-FID") or, for gpu/paper, an image dataset
+through `datasets` (CIFAR-10 from the Hub, or a local image folder) scored with the standard Inception FID.
 
 DiT (Peebles & Xie 2023): patchify, fixed 2-D sin-cos position embedding, timestep and class embeddings summed into
 the conditioning vector, adaLN-Zero blocks (every block's modulation and the final layer start at zero, so the
@@ -15,10 +16,14 @@ to a null class in training).
 digits-FID: the Frechet distance between features of real and generated images, where the features are the
 penultimate layer of a small classifier trained here on the digits. It is NOT Inception FID and is named "digits-FID"
 everywhere; the real-vs-real distance (two halves of the held-out images) is reported beside it for scale.
+Other datasets use torchmetrics' FrechetInceptionDistance (Inception-v3 pool features, torch-fidelity's weights;
+`pip install -e '.[vision]'`); where that network cannot be loaded the run is still recorded, with FID None and the
+reason (`fid_unavailable`).
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -227,6 +232,117 @@ def digits_fid(images: torch.Tensor, reference: torch.Tensor, seed: int = 0) -> 
     return frechet_distance(fa, fb)
 
 
+# -- image datasets and their FID ----------------------------------------------------------------------------------
+
+class FeatureNetUnavailable(RuntimeError):
+    """The feature network of a FID (Inception-v3) cannot be loaded here; the message says what to install or copy."""
+
+
+@torch.no_grad()
+def inception_fid(images: torch.Tensor, reference: torch.Tensor, device: str = "cpu") -> float:
+    """The standard FID (Inception-v3 pool features, torchmetrics' FrechetInceptionDistance over torch-fidelity's
+    weights) between two image sets [N, C, H, W] in [-1, 1]; grey images are repeated to three channels."""
+    try:
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        raise FeatureNetUnavailable("Inception FID needs torchmetrics and torch-fidelity: "
+                                    "pip install -e '.[vision]'") from None
+    try:
+        fid = FrechetInceptionDistance(feature=2048, normalize=True).to(device)
+    except Exception as e:  # noqa: BLE001 - weights missing and not downloadable: one line
+        raise FeatureNetUnavailable(f"Inception-v3 weights for FID could not be loaded ({type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:160]}); torch-fidelity fetches them on first use "
+                                    f"where github.com is reachable, into torch.hub.get_dir()") from None
+    for imgs, real in ((reference, True), (images, False)):
+        for chunk in imgs.split(256):
+            chunk = ((chunk.float() + 1) / 2).clamp(0, 1).to(device)
+            fid.update(chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk, real=real)
+    return float(fid.compute())
+
+
+class ImageSet(SimpleNamespace):
+    """Images [N, C, H, W] in [-1, 1] with class labels, split into train and validation, and the FID that scores
+    samples against them: digits-FID for the digits, Inception FID otherwise (`fid_features` names which)."""
+
+    def fid(self, images: torch.Tensor, reference: torch.Tensor, seed: int, device: str) -> float:
+        if self.name == "digits":
+            return digits_fid(images, reference, seed)
+        return inception_fid(images, reference, device)
+
+
+# Hub image datasets: key -> (Hub path, image column, label column, train split, validation split, classes)
+HUB_IMAGES = {"cifar10": ("uoft-cs/cifar10", "img", "label", "train", "test", 10)}
+IMAGE_DATASETS = ("digits", *HUB_IMAGES, "imagefolder")
+
+
+def _to_tensor(images, size: int) -> torch.Tensor:
+    """PIL images -> [N, 3, size, size] in [-1, 1]."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) if im.size != (size, size)
+                    else np.asarray(im.convert("RGB")) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def image_set(dataset: str, seed: int = 0, data_files: str = "", image_size: int = 0,
+              max_images: int = 0) -> ImageSet:
+    """The lvm study's images: `digits` (scikit-learn, offline, 8x8 grey), `cifar10` (the Hub's uoft-cs/cifar10,
+    32x32 colour; `data_files`: a local folder in the Hub dataset's layout instead), or `imagefolder` (`data_files`
+    is a folder of class subfolders; 10% held out). image_size: resize (0: the dataset's own); max_images: cap the
+    training images (0: all). A dataset that cannot be loaded is data.DatasetUnavailable with one line."""
+    from . import check_choices
+
+    check_choices([dataset], IMAGE_DATASETS, "lvm dataset")
+    if dataset == "digits":
+        if image_size not in (0, 8):
+            raise ValueError("digits are 8x8: set image_size to 0 or 8")
+        (xt, yt), (xv, yv) = digits("train", seed), digits("validation", seed)
+        return ImageSet(name="digits", x_train=xt, y_train=yt, x_val=xv, y_val=yv, classes=10, size=8, channels=1,
+                        fid_features="digits-FID (suite classifier)")
+    import datasets
+
+    from .data import DatasetUnavailable
+
+    try:
+        if dataset == "imagefolder" or data_files:
+            if not data_files or not Path(data_files).is_dir():
+                raise ValueError(f"lvm dataset {dataset!r}: data_files must be a folder of images "
+                                 f"(class subfolders), got {data_files!r}")
+            ds = datasets.load_dataset("imagefolder", data_dir=data_files)
+        else:
+            ds = datasets.load_dataset(HUB_IMAGES[dataset][0])
+    except (ConnectionError, OSError, FileNotFoundError) as e:
+        raise DatasetUnavailable(
+            f"lvm dataset {dataset!r} could not be loaded: {type(e).__name__}: {str(e).splitlines()[0][:200]} — "
+            f"run with access to the Hugging Face Hub, pre-download it into $HF_HOME, or pass a local folder as "
+            f"data_files") from None
+    img_col, lab_col, tr, va, classes = HUB_IMAGES.get(dataset, ("image", "label", "train", "test", None))
+    if dataset == "imagefolder" or img_col not in ds[next(iter(ds))].column_names:
+        img_col, lab_col = "image", "label"
+    if va not in ds:  # one split only: hold out 10%
+        full = ds[tr if tr in ds else next(iter(ds))].train_test_split(test_size=0.1, seed=seed)
+        ds, tr, va = full, "train", "test"
+    if classes is None:
+        classes = ds[tr].features[lab_col].num_classes
+    train, val = ds[tr], ds[va]
+    if max_images:
+        train = train.shuffle(seed=seed).select(range(min(max_images, len(train))))
+        val = val.select(range(min(max(max_images // 5, 1), len(val))))
+    size = image_size or train[0][img_col].size[0]
+    return ImageSet(name=dataset, x_train=_to_tensor(train[img_col], size), y_train=torch.tensor(train[lab_col]),
+                    x_val=_to_tensor(val[img_col], size), y_val=torch.tensor(val[lab_col]), classes=classes,
+                    size=size, channels=3, fid_features="Inception-v3 FID (torchmetrics)")
+
+
+_IMAGES: dict[tuple, ImageSet] = {}
+
+
+def study_images(P: dict) -> ImageSet:
+    """image_set for a study's params, kept for the process (every technique sees the same tensors)."""
+    key = (P["dataset"], P["seed"], P.get("data_files", ""), P.get("image_size", 0), P.get("max_images", 0))
+    if key not in _IMAGES:
+        _IMAGES[key] = image_set(*key)
+    return _IMAGES[key]
+
+
 # -- the lvm study ------------------------------------------------------------------------------------------------
 
 TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "eval_every", "eval_batches", "precision",
@@ -236,14 +352,8 @@ FINETUNE_TASKS = {"mirror": lambda x: x.flip(-1),  # left-right mirrored digits
                   "negative": lambda x: -x}  # white on black instead of black on white
 
 
-def _check_dataset(P: dict) -> None:
-    if P["dataset"] != "digits":
-        raise ValueError(f"lvm dataset {P['dataset']!r} is not available here: only 'digits' (scikit-learn, offline) is "
-                         f"implemented; the gpu/paper image datasets and Inception FID are not wired yet")
-
-
 def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str):
-    """(trained DiT, train.train's result) for one (scale, technique) on the digits."""
+    """(trained DiT, train.train's result) for one (scale, technique) on the study's images."""
     import dataclasses
 
     from . import metrics
@@ -252,16 +362,23 @@ def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str):
     from .train import TrainConfig, train
 
     seed_everything(P["seed"])
-    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
-    model = DiT(cfg, image_size=8, patch=P["patch"]).to(device)
-    (xt, yt), (xv, yv) = digits("train", P["seed"]), digits("validation", P["seed"])
-    T = (8 // P["patch"]) ** 2
-    fpt = metrics.training_flops_per_token(dataclasses.replace(cfg.shape(), lm_head=False), T)
+    imgs = study_images(P)
+    model = _dit(P, dims, spec, imgs).to(device)
+    xt, yt, xv, yv = imgs.x_train, imgs.y_train, imgs.x_val, imgs.y_val
+    T = (imgs.size // P["patch"]) ** 2
+    fpt = metrics.training_flops_per_token(dataclasses.replace(model.cfg.shape(), lm_head=False), T)
     peak, source = device_peak(profile, device, P["precision"])
     result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv},
                    TrainConfig(seq_len=T, **{k: P[k] for k in TRAIN_KEYS}), flops_per_token=fpt, peak_flops=peak)
     result["artifacts"]["peak_flops_source"] = source
     return model, result
+
+
+def _dit(P: dict, dims: dict, spec: dict, imgs: ImageSet) -> DiT:
+    if imgs.size % P["patch"]:
+        raise ValueError(f"patch {P['patch']} does not divide the {imgs.size}x{imgs.size} images of {imgs.name}")
+    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
+    return DiT(cfg, image_size=imgs.size, patch=P["patch"], channels=imgs.channels, n_classes=imgs.classes)
 
 
 def _checkpoint(profile: str, scale: str, technique: str, run_params: dict):
@@ -280,14 +397,23 @@ def _save(model, path) -> None:
 
 
 def _score(model, P: dict, reference: torch.Tensor, device: str) -> dict:
-    """digits-FID of `fid_samples` class-balanced samples against `reference`, with the real-vs-real scale."""
+    """FID (digits-FID on the digits, Inception FID otherwise) of `fid_samples` class-balanced samples against
+    `reference`, with the real-vs-real scale; FID None with the reason where its feature network is missing."""
+    imgs = study_images(P)
     model.eval()
-    y = torch.arange(P["fid_samples"], device=device) % 10
-    gen = model.sample(y, P["sample_steps"], P["guidance"], torch.Generator().manual_seed(P["seed"]))
+    y = torch.arange(P["fid_samples"], device=device) % imgs.classes
+    g = torch.Generator().manual_seed(P["seed"])
+    gen = torch.cat([model.sample(chunk, P["sample_steps"], P["guidance"], g) for chunk in y.split(500)])
     half = len(reference) // 2
-    return {"fid": digits_fid(gen, reference, P["seed"]),
-            "fid_real_vs_real": digits_fid(reference[:half], reference[half:], P["seed"]),
-            "classifier_acc": digits_classifier(P["seed"])[1], "samples": gen[:20].cpu().squeeze(1).tolist()}
+    out = {"samples": gen[:20].float().cpu().tolist(), "fid_unavailable": None}
+    try:
+        out["fid"] = imgs.fid(gen, reference, P["seed"], device)
+        out["fid_real_vs_real"] = imgs.fid(reference[:half], reference[half:], P["seed"], device)
+    except FeatureNetUnavailable as e:
+        out.update(fid=None, fid_real_vs_real=None, fid_unavailable=str(e))
+    if imgs.name == "digits":
+        out["classifier_acc"] = digits_classifier(P["seed"])[1]
+    return out
 
 
 def _pretrain_params(P: dict, dims: dict, spec: dict, device: str) -> dict:
@@ -296,13 +422,13 @@ def _pretrain_params(P: dict, dims: dict, spec: dict, device: str) -> dict:
 
 
 def run_lvm(profile: str, P: dict, force: bool = False) -> list:
-    """Pretrain a DiT per (scale, technique) on the digits, sample, and record digits-FID with the efficiency metrics
-    (the trained DiTs are kept under checkpoints/dit/ for the fine-tuning part)."""
+    """Pretrain a DiT per (scale, technique) on the study's images, sample, and record FID (digits-FID on the
+    digits) with the efficiency metrics (the trained DiTs are kept under checkpoints/dit/ for the fine-tuning part)."""
     from . import runs
     from .runtime import resolve_device
 
     device = resolve_device(profile, P["device"])
-    _check_dataset(P)
+    imgs = study_images(P)  # the dataset loads (or stops with one line) before anything trains
     records = []
     for scale, dims in P["scales"].items():
         for technique, spec in P["techniques"].items():
@@ -311,9 +437,11 @@ def run_lvm(profile: str, P: dict, force: bool = False) -> list:
             def fn(dims=dims, spec=spec, technique=technique, run_params=run_params, scale=scale):
                 model, result = _pretrain(P, dims, spec, device, profile)
                 _save(model, _checkpoint(profile, scale, technique, run_params))
-                q = _score(model, P, digits("validation", P["seed"])[0], device)
-                result["quality"] = {"loss": result["quality"]["loss"]} | {k: q[k] for k in q if k != "samples"}
-                result["artifacts"].update(fid_features="digits-FID (suite classifier)", samples=q["samples"])
+                q = _score(model, P, imgs.x_val, device)
+                result["quality"] = {"loss": result["quality"]["loss"]} | {
+                    k: q[k] for k in q if k not in ("samples", "fid_unavailable")}
+                result["artifacts"].update(fid_features=imgs.fid_features, samples=q["samples"],
+                                           fid_unavailable=q["fid_unavailable"], dataset=imgs.name)
                 return result
 
             records.append(runs.execute("lvm", technique, profile, run_params, fn, scale=scale, force=force))
@@ -339,8 +467,7 @@ def dit_base(profile: str, P: dict, scale: str, device: str) -> DiT:
     if not (path / "model.safetensors").is_file():
         model, _ = _pretrain(P, dims, spec, device, profile)
         _save(model, path)
-    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
-    model = DiT(cfg, image_size=8, patch=P["patch"])
+    model = _dit(P, dims, spec, study_images(P))
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     return model.to(device)
 
@@ -356,13 +483,12 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
     from .train import TrainConfig, train
 
     device = resolve_device(profile, P["device"])
-    _check_dataset(P)
+    imgs = study_images(P)
     check_choices(P["finetune_methods"], METHODS, "fine-tuning method(s)")
     if P["finetune_task"] not in FINETUNE_TASKS:
         raise ValueError(f"unknown finetune_task {P['finetune_task']!r}; choose one of {', '.join(FINETUNE_TASKS)}")
     shift = FINETUNE_TASKS[P["finetune_task"]]
-    (xt, yt), (xv, yv) = digits("train", P["seed"]), digits("validation", P["seed"])
-    xt, xv = shift(xt), shift(xv)
+    xt, yt, xv, yv = shift(imgs.x_train), imgs.y_train, shift(imgs.x_val), imgs.y_val
     records = []
     for scale, dims in P["scales"].items():
         for method in P["finetune_methods"]:
@@ -381,7 +507,7 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
                 model, optimizer, info = apply_method(base, method, P | {"lr_adapter": P["finetune_lr_adapter"]},
                                                       task_type=None)
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                T = (8 // P["patch"]) ** 2
+                T = (imgs.size // P["patch"]) ** 2
                 # the fine-tuning study's count (2 FLOPs per parameter per patch forward; backward only above the
                 # first trainable weight for freeze)
                 fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
@@ -397,9 +523,10 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
                 m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
                 q = _score(model, P, xv, device)
                 result["quality"] = {"loss": result["quality"]["loss"], "fid_before": before} | {
-                    k: q[k] for k in q if k != "samples"}
+                    k: q[k] for k in q if k not in ("samples", "fid_unavailable")}
                 result["artifacts"].update(method_info=info, peak_flops_source=source, samples=q["samples"],
-                                           fid_features="digits-FID (suite classifier)", task=P["finetune_task"])
+                                           fid_features=imgs.fid_features, task=P["finetune_task"],
+                                           fid_unavailable=q["fid_unavailable"], dataset=imgs.name)
                 return result
 
             records.append(runs.execute("lvm", method, profile, run_params, fn, scale=f"{scale}-ft", force=force))
@@ -410,7 +537,12 @@ def _sample_grid(fig, recs) -> None:
     grid = fig.subplots(len(recs), 10, squeeze=False)
     for i, r in enumerate(recs):
         for j in range(10):
-            grid[i][j].imshow(np.array(r.artifacts["samples"][j]), cmap="gray_r", vmin=-1, vmax=1)
+            img = np.array(r.artifacts["samples"][j])  # [C, H, W] (older records: [H, W]) in [-1, 1]
+            img = img[0] if img.ndim == 3 and img.shape[0] == 1 else img
+            if img.ndim == 3:
+                grid[i][j].imshow(((img.transpose(1, 2, 0) + 1) / 2).clip(0, 1))
+            else:
+                grid[i][j].imshow(img, cmap="gray_r", vmin=-1, vmax=1)
             grid[i][j].set_axis_off()
         grid[i][0].set_title(r.technique, fontsize=7, loc="left")
 
@@ -427,10 +559,13 @@ def lvm_tables(profile: str) -> dict:
     pre = [r for r in recs if not r.scale.endswith("-ft")]
     ft = [r for r in recs if r.scale.endswith("-ft")]
     out = {}
+    # the FID's name follows its features: digits-FID on the digits, FID (Inception) otherwise
+    fid = "digits-FID" if all(r.artifacts.get("fid_features", "digits").startswith("digits") for r in recs) \
+        else "FID (Inception)"
     if pre:
         out["lvm"] = pd.DataFrame([{
-            "technique": r.technique, "scale": r.scale, "digits-FID": r.quality["fid"],
-            "digits-FID real vs real": r.quality["fid_real_vs_real"], "loss": r.quality["loss"],
+            "technique": r.technique, "scale": r.scale, fid: r.quality["fid"],
+            f"{fid} real vs real": r.quality["fid_real_vs_real"], "loss": r.quality["loss"],
             "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"], "TT (tokens/param/s)": r.metrics["tt"],
             "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu")} for r in pre])
     if ft:
@@ -438,8 +573,8 @@ def lvm_tables(profile: str) -> dict:
         ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
         df = pd.DataFrame([{
             "method": r.technique, "scale": r.scale, "task": r.artifacts.get("task"), "loss": r.quality["loss"],
-            "digits-FID": r.quality["fid"], "digits-FID before": r.quality["fid_before"],
-            "digits-FID real vs real": r.quality["fid_real_vs_real"], "trainable params": r.metrics["trainable_params"],
+            fid: r.quality["fid"], f"{fid} before": r.quality["fid_before"],
+            f"{fid} real vs real": r.quality["fid_real_vs_real"], "trainable params": r.metrics["trainable_params"],
             "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"],
             "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu"),
             **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in ft])
@@ -466,7 +601,7 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
     recs = runs.latest([r for r in runs.load_records(profile, "lvm") if r.status == "ok"])
     plotting.use_style()
     for name, title, keys in (
-            ("lvm", "DiT pretraining on digits", ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu")),
+            ("lvm", "DiT pretraining", ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu")),
             ("lvm_peft", "PEFT on the DiT", ("fid", "loss", "amu_gb", "al_s", "st", "aec_w", "pcu"))):
         part = [r for r in recs if r.scale.endswith("-ft") == (name == "lvm_peft")]
         if not part:
@@ -476,7 +611,8 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
         table = {r.technique: {**r.quality, **r.metrics} for r in part if r.scale == part[0].scale}
         present = [k for k in keys if all(table[t].get(k) is not None for t in table)]
         plotting.radar(ax, table, present)
-        ax.set_title(f"{title}, {part[0].scale} (1 = best; FID is digits-FID)", fontsize=9)
+        fid = "digits-FID" if part[0].artifacts.get("fid_features", "digits").startswith("digits") else "Inception"
+        ax.set_title(f"{title}, {part[0].scale} (1 = best; FID is {fid})", fontsize=9)
         _sample_grid(fig.add_subfigure(fig.add_gridspec(1, 2)[0, 1]), [r for r in part if r.scale == part[0].scale])
         paths += plotting.savefig(fig, name, profile)
         plt.close(fig)

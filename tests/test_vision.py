@@ -1,8 +1,9 @@
 """The DiT built from the backbone's modules, its sampler, digits-FID, and the lvm study end to end (micro)."""
+import numpy as np
 import pytest
 import torch
 
-from effllm_utils import finetune, models, vision
+from effllm_utils import data, finetune, models, vision
 from effllm_utils.models.modeling import MLAttention, MoE, NSAttention
 from effllm_utils.train import TrainConfig, train
 
@@ -76,8 +77,60 @@ def test_lvm_study_end_to_end(outputs):
     assert q["fid"] > q["fid_real_vs_real"] >= 0 and len(recs[0].artifacts["samples"]) == 20
     names = {p.name for p in vision.lvm_figures("tiny")}
     assert {"lvm.csv", "lvm.png", "lvm.pdf"} <= names
-    with pytest.raises(ValueError, match="lvm dataset 'imagenet_256' is not available here"):
+    with pytest.raises(ValueError, match=r"unknown lvm dataset \['imagenet_256'\]; choose from digits, cifar10, "
+                                         r"imagefolder"):
         vision.run_lvm("tiny", P | {"dataset": "imagenet_256"})
+
+
+def _image_folder(root, classes=3, per_class=12, size=12):
+    """A local image dataset in `imagefolder` layout: one subfolder per class, RGB PNGs of a class colour + noise."""
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = np.clip(g.normal(60 + 80 * c, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def test_image_datasets_through_datasets(tmp_path, monkeypatch):
+    """gpu/paper image data: a local image folder (the Hub datasets' offline twin) loads as [N, 3, H, W] in [-1, 1]
+    with labels and a held-out 10%; the Hub dataset offline and a missing folder are one clear line each."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    root = _image_folder(tmp_path / "imgs")
+    imgs = vision.image_set("imagefolder", data_files=str(root), image_size=8)
+    assert imgs.x_train.shape[1:] == (3, 8, 8) and len(imgs.x_train) + len(imgs.x_val) == 36 and len(imgs.x_val) >= 3
+    assert -1 <= float(imgs.x_train.min()) and float(imgs.x_train.max()) <= 1 and imgs.classes == 3
+    assert sorted(set(imgs.y_train.tolist())) == [0, 1, 2] and imgs.fid_features.startswith("Inception")
+    # a class's images keep their colour: class 2 is brighter than class 0
+    assert imgs.x_train[imgs.y_train == 2].mean() > imgs.x_train[imgs.y_train == 0].mean() + 0.5
+    with pytest.raises(ValueError, match="data_files must be a folder of images"):
+        vision.image_set("imagefolder")
+    with pytest.raises(data.DatasetUnavailable, match="lvm dataset 'cifar10' could not be loaded: .*data_files"):
+        vision.image_set("cifar10")
+
+
+def test_lvm_on_an_image_folder_records_fid_unavailable_with_the_reason(outputs, tmp_path, monkeypatch):
+    """Colour images train the same DiT; without Inception's weights (or torchmetrics) FID is None with the reason,
+    the efficiency metrics are still recorded."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    root = _image_folder(tmp_path / "imgs")
+    P = dict(device="auto", techniques={"gqa": {"attention": "gqa"}},
+             scales={"micro": {k: DIMS[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                    "num_key_value_heads", "intermediate_size")}},
+             dataset="imagefolder", data_files=str(root), image_size=8, max_images=0, patch=2, steps=4,
+             batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=1000, eval_batches=1, precision="auto",
+             compile=False, seed=0, fid_samples=12, sample_steps=2, guidance=1.5)
+    monkeypatch.setattr(vision, "inception_fid", lambda *a, **k: (_ for _ in ()).throw(
+        vision.FeatureNetUnavailable("Inception FID needs torchmetrics and torch-fidelity")))
+    (rec,) = vision.run_lvm("tiny", P)
+    assert rec.status == "ok", rec.error
+    assert rec.quality["fid"] is None and rec.artifacts["fid_unavailable"].startswith("Inception FID needs")
+    assert rec.metrics["al_s"] > 0 and rec.quality["loss"] > 0 and np.array(rec.artifacts["samples"]).shape[1:] == (3, 8, 8)
+    names = {p.name for p in vision.lvm_figures("tiny")}
+    assert "lvm.png" in names
 
 
 def test_lvm_peft_on_the_dit(outputs):
@@ -106,3 +159,11 @@ def test_lvm_peft_on_the_dit(outputs):
     assert tables["lvm_peft"]["efficiency score"].between(0, 1).all()
     with pytest.raises(ValueError, match="unknown finetune_task 'rotate'"):
         vision.run_lvm_finetune("tiny", P | {"finetune_task": "rotate"})
+
+
+def test_inception_fid_without_torchmetrics_is_one_line(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as on a machine without the [vision] extra
+    with pytest.raises(vision.FeatureNetUnavailable, match=r"pip install -e '\.\[vision\]'"):
+        vision.inception_fid(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
