@@ -78,3 +78,52 @@ def test_vlm_study_end_to_end(outputs):
 def test_hub_model_missing_is_one_clear_error(tmp_path):
     with pytest.raises(vlm.ModelUnavailable, match="could not be loaded .* the gpu profile needs the Hugging Face Hub"):
         vlm.hub_vlm(str(tmp_path / "no-such-model"), "gpu")
+
+
+def _local_llava(path):
+    """A LLaVA-1.5-style checkpoint created here (CLIP encoder, Llama text model, LlavaProcessor with a chat
+    template), saved like a Hub download: the gpu/paper code path, exercised offline."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from effllm_utils import data
+
+    tok = data.tokenizer(1024)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                             crop_size={"height": 16, "width": 16}),
+                          tokenizer=tok, patch_size=4, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=template)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=4),
+                      text_config=LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=256),
+                      image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+                      vision_feature_layer=-2, image_seq_length=16)
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def test_hub_path_on_a_local_llava_checkpoint(outputs, tmp_path):
+    """The gpu/paper path (AutoModelForImageTextToText + AutoProcessor + chat template) end to end on a locally
+    created LLaVA-1.5-style checkpoint: examples through the processor, adapters on the language model only."""
+    path = str(_local_llava(tmp_path / "llava"))
+    model, proc = vlm.hub_vlm(path, "gpu")
+    ex, info = vlm.hub_examples("validation", proc, 64)
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert ex["pixel_values"].shape[1:] == (3, 16, 16) and bool(((ex["input_ids"] == image_id).sum(1) == 16).all())
+    answer = ex["labels"][0][ex["labels"][0] != -100]
+    assert proc.tokenizer.decode(answer).startswith(vlm.WORDS[int(info["digit"][0])])
+    Q = P | {"methods": ["lora", "freeze"], "models": {"local-llava": {"source": path}}}
+    recs = vlm.run_study("gpu", Q | {"device": "cpu"})
+    assert [(r.technique, r.status) for r in recs] == [("lora", "ok"), ("freeze", "ok")], [r.error for r in recs]
+    lora, freeze = recs
+    assert 0 <= lora.quality["digit_acc"] <= 1 and lora.quality["loss"] > 0
+    assert lora.metrics["trainable_params"] < freeze.metrics["trainable_params"] < lora.metrics["base_params"]
+    assert lora.artifacts["base"] == {"source": path}
