@@ -47,8 +47,9 @@ def check_targets(model, targets: list[str] | str) -> None:
         if not any(re.fullmatch(targets, n) for n, _ in model.named_modules()):
             raise ValueError(f"target_modules pattern {targets!r} matches no module of {type(model).__name__}")
         return
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in targets if t not in names]
+    names = [n for n, _ in model.named_modules()]
+    # peft matches a name as the module's full name or a dotted suffix of it (e.g. diffusers' "to_out.0")
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:
         raise ValueError(f"target module(s) {missing} not found in {type(model).__name__}; its linear layers are "
                          f"{linear_module_names(model)}")
@@ -56,15 +57,20 @@ def check_targets(model, targets: list[str] | str) -> None:
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The stack of transformer blocks of a causal LM (effllm, Qwen2, Llama, Mistral, GPT-NeoX, ...), of a LLaVA-style
-    model's language model, or of a DiT."""
+    model's language model, of a DiT, or of a diffusers SD3 transformer (wrapped as diffusion.FlowMatchingModel)."""
     for path in ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
-                 "model.language_model.layers", "blocks"):
+                 "model.language_model.layers", "blocks", "transformer.transformer_blocks"):
         obj = model
         for part in path.split("."):
             obj = getattr(obj, part, None)
         if isinstance(obj, torch.nn.ModuleList):
             return obj
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__} for the freeze method")
+
+
+def method_lr(method: str, lr_full: float, lr_adapter: float) -> float:
+    """The learning rate a method trains with: the adapters' for the LoRA family, else full/freeze's."""
+    return lr_adapter if method in LORA_METHODS else lr_full
 
 
 def apply_method(model, method: str, P: dict[str, Any], task_type: str | None = "CAUSAL_LM",
@@ -211,7 +217,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                     backward = n_params if method != "freeze" else trainable
                     fpt = finetune_flops_per_token(n_params, trainable, backward)
                     peak, peak_source = device_peak(profile, device, P["precision"])
-                    lr = P["lr_adapter"] if method in LORA_METHODS else P["lr_full"]
+                    lr = method_lr(method, P["lr_full"], P["lr_adapter"])
                     cfg = TrainConfig(lr=lr, weight_decay=0.0, **{k: P[k] for k in TRAIN_KEYS})
                     result = train(model.to(device), train_data, val_data, cfg, flops_per_token=fpt,
                                    peak_flops=peak, optimizer=optimizer)

@@ -417,7 +417,8 @@ def _score(model, P: dict, reference: torch.Tensor, device: str) -> dict:
 
 
 def _pretrain_params(P: dict, dims: dict, spec: dict, device: str) -> dict:
-    skip = ("techniques", "scales") + tuple(k for k in P if k.startswith("finetune_") or k in FINETUNE_KEYS)
+    skip = ("techniques", "scales") + tuple(k for k in P if k.startswith(("finetune_", "diffusers_"))
+                                            or k in FINETUNE_KEYS)
     return {k: P[k] for k in P if k not in skip} | {"dims": dims, "spec": spec, "device": device}
 
 
@@ -477,7 +478,7 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
     fine-tuning study (finetune.apply_method); record the flow loss, digits-FID against the new domain and the
     efficiency metrics. Records: study lvm, technique = the method, scale '<scale>-ft'."""
     from . import check_choices, metrics, runs
-    from .finetune import LORA_METHODS, METHODS, apply_method, finetune_flops_per_token
+    from .finetune import METHODS, apply_method, finetune_flops_per_token, method_lr
     from .pretrain import device_peak
     from .runtime import resolve_device, seed_everything
     from .train import TrainConfig, train
@@ -512,7 +513,7 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
                 # first trainable weight for freeze)
                 fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
                 peak, source = device_peak(profile, device, P["precision"])
-                lr = P["finetune_lr_adapter"] if method in LORA_METHODS else P["finetune_lr_full"]
+                lr = method_lr(method, P["finetune_lr_full"], P["finetune_lr_adapter"])
                 cfg = TrainConfig(**{k: P[k] for k in TRAIN_KEYS} | {
                     "steps": P["finetune_steps"], "lr": lr, "weight_decay": 0.0, "seq_len": T,
                     "warmup_steps": min(P["warmup_steps"], P["finetune_steps"] // 5)})
@@ -573,8 +574,8 @@ def lvm_tables(profile: str) -> dict:
         ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
         df = pd.DataFrame([{
             "method": r.technique, "scale": r.scale, "task": r.artifacts.get("task"), "loss": r.quality["loss"],
-            fid: r.quality["fid"], f"{fid} before": r.quality["fid_before"],
-            f"{fid} real vs real": r.quality["fid_real_vs_real"], "trainable params": r.metrics["trainable_params"],
+            fid: r.quality["fid"], f"{fid} before": r.quality.get("fid_before"),
+            f"{fid} real vs real": r.quality.get("fid_real_vs_real"), "trainable params": r.metrics["trainable_params"],
             "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"],
             "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu"),
             **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in ft])

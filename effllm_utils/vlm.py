@@ -31,6 +31,7 @@ import torch
 
 from . import check_choices, finetune, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
+from .finetune import ModelUnavailable  # one exception for every missing Hub checkpoint (vlm.ModelUnavailable)
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTION = "Which digit is this?"
@@ -166,10 +167,6 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
                               "alignment": json.loads((path / "align.json").read_text())}
 
 
-class ModelUnavailable(RuntimeError):
-    """A Hub checkpoint the profile needs cannot be loaded."""
-
-
 def hub_vlm(source: str, profile: str):
     """(model, processor) of a LLaVA-1.5-style checkpoint (Hub id or local path)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -254,7 +251,7 @@ def _language_targets(targets: list[str]) -> str:
 
 
 def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
-    from .finetune import LORA_METHODS, METHODS, apply_method, finetune_flops_per_token
+    from .finetune import METHODS, apply_method, finetune_flops_per_token, method_lr
     from .pretrain import device_peak
     from .train import TrainConfig, train
 
@@ -286,7 +283,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
                 peak, peak_source = device_peak(profile, device, P["precision"])
-                lr = P["lr_adapter"] if method in LORA_METHODS else P["lr_full"]
+                lr = method_lr(method, P["lr_full"], P["lr_adapter"])
                 cfg = TrainConfig(lr=lr, weight_decay=0.0, **{k: P[k] for k in TRAIN_KEYS})
                 result = train(model.to(device), tr, va, cfg, flops_per_token=fpt, peak_flops=peak,
                                optimizer=optimizer)

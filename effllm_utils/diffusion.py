@@ -1,0 +1,163 @@
+"""PEFT on a pretrained diffusers text-to-image transformer — the lvm study's Stable Diffusion 3.5 part (paper
+Table 13, `paper` profile).
+
+The checkpoint is a diffusers folder or Hub id with `transformer/` (an `SD3Transformer2DModel`), `vae/` (an
+`AutoencoderKL`) and, normally, SD3's three text encoders. The study's images (the same `vision.image_set` as the
+DiT, resized to `diffusers_resolution`, grey repeated to RGB) are encoded once by the VAE into latents
+((z - shift) x scaling, as SD3's training does), and the class prompts ("a photo of a {class}") once by the
+pipeline's `encode_prompt`; a checkpoint without text encoders trains unconditionally on zero prompt embeddings,
+and the record says so. Each fine-tuning method of the peft study (`finetune.apply_method`) then trains the
+transformer with SD3's rectified-flow objective: x_s = (1 - s) x0 + s e with s drawn logit-normal (Esser et al.
+2024), target e - x0, timestep 1000 s. Records: study `lvm`, technique = the method, scale `<model>-ft`; quality =
+held-out flow loss (FID needs the full sampling pipeline and is not computed here: `fid` is None with that reason).
+Wan 2.1 (video) is not implemented.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASS_NAMES = {"digits": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+               "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
+
+
+class FlowMatchingModel(nn.Module):
+    """A diffusers SD3 transformer as `train.train` drives models: input_ids = latents [B, C, h, w], labels = class
+    ids selecting precomputed prompt embeddings; forward returns SD3's rectified-flow loss."""
+
+    def __init__(self, transformer, prompt_embeds: torch.Tensor, pooled: torch.Tensor):
+        super().__init__()
+        self.transformer = transformer
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+        self.register_buffer("pooled", pooled, persistent=False)
+        self.config = SimpleNamespace(vocab_size=len(prompt_embeds), use_cache=False,
+                                      to_dict=lambda: {"diffusers": type(transformer).__name__})
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool = False, **kwargs):
+        x0 = input_ids
+        s = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))  # logit-normal(0, 1), SD3's default
+        e = torch.randn_like(x0)
+        xs = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * e
+        v = self.transformer(hidden_states=xs.to(self.prompt_embeds.dtype), encoder_hidden_states=self.prompt_embeds[labels],
+                             pooled_projections=self.pooled[labels], timestep=s * 1000).sample
+        return SimpleNamespace(loss=F.mse_loss(v.float(), (e - x0).float()))
+
+
+def load(source: str, profile: str):
+    """(transformer, vae) of a diffusers SD3-style checkpoint (Hub id or folder); missing: ModelUnavailable."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from .finetune import ModelUnavailable
+
+    try:
+        transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelUnavailable(f"diffusers model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); the "
+                               f"{profile} profile needs the Hugging Face Hub (Stable Diffusion 3.5 is gated: accept "
+                               f"its licence and log in) or a copy in $HF_HOME") from None
+    return transformer, vae
+
+
+@torch.no_grad()
+def prompt_embeddings(source: str, prompts: list[str], transformer, device: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                          str]:
+    """(prompt_embeds [K, L, D], pooled [K, P], how): the pipeline's text encoders on the class prompts, or zeros
+    (unconditional) for a checkpoint that has none."""
+    c = transformer.config
+    local = Path(source).is_dir()
+    if local and not (Path(source) / "text_encoder").is_dir():
+        return (torch.zeros(len(prompts), 1, c.joint_attention_dim), torch.zeros(len(prompts), c.pooled_projection_dim),
+                "unconditional: the checkpoint has no text encoders (zero prompt embeddings)")
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(source, transformer=None, vae=None, torch_dtype=torch.float32)
+    pipe.to(device)
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                              do_classifier_free_guidance=False)
+    del pipe
+    return embeds.cpu(), pooled.cpu(), "class prompts through the checkpoint's text encoders"
+
+
+@torch.no_grad()
+def latents(vae, images: torch.Tensor, resolution: int, device: str, batch: int = 16) -> torch.Tensor:
+    """VAE latents of images [N, C, H, W] in [-1, 1] (grey repeated to RGB, resized), SD3-scaled."""
+    vae = vae.to(device).eval()
+    shift = vae.config.shift_factor or 0.0
+    out = []
+    for chunk in images.split(batch):
+        x = chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk
+        x = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", align_corners=False)
+        z = vae.encode(x.to(device)).latent_dist.sample()
+        out.append(((z - shift) * vae.config.scaling_factor).cpu())
+    return torch.cat(out)
+
+
+def run_finetune(profile: str, P: dict[str, Any], force: bool = False) -> list:
+    """Every method of P['finetune_methods'] on every model of P['diffusers_models'] (see the module docstring)."""
+    from . import check_choices, metrics, runs
+    from .finetune import METHODS, apply_method, finetune_flops_per_token, method_lr
+    from .pretrain import device_peak
+    from .runtime import resolve_device, seed_everything
+    from .train import TrainConfig, train
+    from .vision import FINETUNE_KEYS, TRAIN_KEYS, study_images
+
+    device = resolve_device(profile, P["device"])
+    check_choices(P["finetune_methods"], METHODS, "fine-tuning method(s)")
+    if not P["diffusers_models"]:
+        return []
+    imgs = study_images(P)
+    names = CLASS_NAMES.get(imgs.name) or [f"class {i}" for i in range(imgs.classes)]
+    prompts = [f"a photo of a {n}" if imgs.name != "digits" else f"a handwritten digit {n}" for n in names]
+    records = []
+    for name, spec in P["diffusers_models"].items():
+        run_params = {k: P[k] for k in (*TRAIN_KEYS, "dataset", "data_files", "image_size", "max_images",
+                                        "diffusers_resolution", "diffusers_target_modules", "finetune_steps",
+                                        "finetune_lr_full", "finetune_lr_adapter", *FINETUNE_KEYS) if k in P} | {
+            "model": spec, "device": device}
+        pending = [m for m in P["finetune_methods"]
+                   if force or runs.ok_record(profile, "lvm", m, run_params, f"{name}-ft") is None]
+        base = prep = None
+        if pending:  # load once per model: the transformer, the latents and the prompt embeddings
+            base, vae = load(spec["source"], profile)
+            embeds, pooled, how = prompt_embeddings(spec["source"], prompts, base, device)
+            prep = (latents(vae, imgs.x_train, P["diffusers_resolution"], device),
+                    latents(vae, imgs.x_val, P["diffusers_resolution"], device), embeds, pooled, how)
+            del vae
+        for method in P["finetune_methods"]:
+            def fn(method=method):
+                seed_everything(P["seed"])
+                zt, zv, embeds, pooled, how = prep
+                model = FlowMatchingModel(copy.deepcopy(base), embeds, pooled).train()
+                n_params = sum(p.numel() for p in model.parameters())
+                model, optimizer, info = apply_method(model, method, P | {
+                    "lr_adapter": P["finetune_lr_adapter"], "target_modules": P["diffusers_target_modules"]},
+                    task_type=None)
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                T = zt.shape[-1] * zt.shape[-2] // base.config.patch_size ** 2  # latent patches per image
+                fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
+                peak, source = device_peak(profile, device, P["precision"])
+                cfg = TrainConfig(**{k: P[k] for k in TRAIN_KEYS} | {
+                    "steps": P["finetune_steps"], "lr": method_lr(method, P["finetune_lr_full"],
+                                                                  P["finetune_lr_adapter"]),
+                    "weight_decay": 0.0, "seq_len": T, "warmup_steps": min(P["warmup_steps"], P["finetune_steps"] // 5)})
+                result = train(model.to(device), {"input_ids": zt, "labels": imgs.y_train},
+                               {"input_ids": zv, "labels": imgs.y_val}, cfg, flops_per_token=fpt, peak_flops=peak,
+                               optimizer=optimizer)
+                m = result["metrics"]
+                m["trainable_params"], m["base_params"] = trainable, n_params
+                m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+                result["quality"] = {"loss": result["quality"]["loss"], "fid": None}
+                result["artifacts"].update(method_info=info, peak_flops_source=source, conditioning=how,
+                                           task=f"{imgs.name} at {P['diffusers_resolution']}px", model=name,
+                                           fid_unavailable="FID needs the full sampling pipeline; not computed")
+                return result
+
+            records.append(runs.execute("lvm", method, profile, run_params, fn, scale=f"{name}-ft", force=force))
+    return records

@@ -1,0 +1,64 @@
+"""PEFT on a diffusers SD3 transformer (the lvm study's paper part), on a tiny SD3-style checkpoint created here."""
+import pytest
+import torch
+
+from effllm_utils import diffusion, finetune
+
+P = dict(device="auto", dataset="digits", data_files="", image_size=0, max_images=0, seed=0, steps=3, batch_size=8,
+         grad_accum=1, lr=1e-3, warmup_steps=1, eval_every=1000, eval_batches=1, precision="auto", compile=False,
+         finetune_methods=["full", "freeze", "lora"], finetune_steps=3, finetune_lr_full=1e-3,
+         finetune_lr_adapter=3e-3, rank=4, alpha=8, target_modules=["q_proj"], freeze_fraction=0.5,
+         loraplus_lr_ratio=16.0, pissa_init="pissa", diffusers_resolution=16,
+         diffusers_target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+def _tiny_sd3(path):
+    """transformer/ and vae/ of an SD3-style diffusers checkpoint (no text encoders), random weights."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                          num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+                          pooled_projection_dim=64, out_channels=4).save_pretrained(path / "transformer")
+    AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  sample_size=16).save_pretrained(path / "vae")
+    return path
+
+
+def test_flow_matching_loss_and_freeze_on_the_sd3_stack(tmp_path):
+    transformer, vae = diffusion.load(str(_tiny_sd3(tmp_path / "sd3")), "paper")
+    z = diffusion.latents(vae, torch.rand(3, 1, 8, 8) * 2 - 1, 16, "cpu")
+    assert z.shape == (3, 4, 8, 8)  # grey 8x8 -> RGB 16x16 -> 4 x 8 x 8 latents
+    embeds, pooled, how = diffusion.prompt_embeddings(str(tmp_path / "sd3"), ["a", "b"], transformer, "cpu")
+    assert embeds.shape == (2, 1, 32) and pooled.shape == (2, 64) and how.startswith("unconditional")
+    model = diffusion.FlowMatchingModel(transformer, embeds, pooled)
+    loss = model(input_ids=z, labels=torch.tensor([0, 1, 0])).loss
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert transformer.transformer_blocks[0].attn.to_q.weight.grad is not None
+    frozen, _, info = finetune.apply_method(model, "freeze", P | {"lr_adapter": 1e-3})
+    assert info == {"frozen_layers": 1, "total_layers": 2}
+    assert not any(p.requires_grad for p in frozen.transformer.transformer_blocks[0].parameters())
+    assert all(p.requires_grad for p in frozen.transformer.transformer_blocks[1].parameters())
+
+
+def test_sd3_peft_study_end_to_end(outputs, tmp_path):
+    path = str(_tiny_sd3(tmp_path / "sd3"))
+    recs = diffusion.run_finetune("paper", P | {"device": "cpu", "diffusers_models": {"tiny-sd3": {"source": path}}})
+    assert [(r.technique, r.scale, r.status) for r in recs] == [
+        ("full", "tiny-sd3-ft", "ok"), ("freeze", "tiny-sd3-ft", "ok"), ("lora", "tiny-sd3-ft", "ok")], \
+        [r.error for r in recs]
+    full, freeze, lora = recs
+    assert lora.metrics["trainable_params"] < freeze.metrics["trainable_params"] < full.metrics["trainable_params"]
+    assert all(r.quality["loss"] > 0 and r.quality["fid"] is None and r.metrics["al_s"] > 0 for r in recs)
+    assert lora.artifacts["conditioning"].startswith("unconditional")
+    from effllm_utils import vision
+
+    assert set(vision.lvm_tables("paper")["lvm_peft"]["method"]) == {"full", "freeze", "lora"}
+
+
+def test_missing_diffusers_model_is_one_clear_line(tmp_path):
+    with pytest.raises(finetune.ModelUnavailable, match="could not be loaded .* the paper profile needs the Hugging "
+                                                        "Face Hub"):
+        diffusion.load(str(tmp_path / "nothing"), "paper")
