@@ -178,3 +178,24 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
     assert all(eager[p] is built[p][0] for p in built)
     with pytest.raises(ValueError, match="unknown decode \\['fast'\\]; choose from eager, static"):
         quantize.decode_paths(built, "fast", 15)
+
+
+def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
+    """The gpu/paper path — a Qwen2-family checkpoint by Hub id or folder, decode: static — run on a local Qwen2
+    folder: float precisions decode through the static decoder, quantized ones eagerly with the reason, and the
+    decode path is a column of Table 9."""
+    src, tok = checkpoint
+    Q = dict(device="cpu", precisions=["bf16", "int8"], models={"local-qwen2": {"source": str(src)}}, vocab_size=1024,
+             seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8, calibration_len=64,
+             prompt_len=16, new_tokens=4, decode="static", batch_sizes=[1, 2], min_time_s=0.0, min_requests=2,
+             ppl_seq_len=64, ppl_windows=4, tasks=[], task_limit=0, task_include_path="", seed=0)
+    recs = quantize.run_study("gpu", Q)
+    assert [(r.technique, r.status) for r in recs] == [("bf16", "ok"), ("int8", "ok")], [r.error for r in recs]
+    bf16, int8 = recs
+    assert bf16.artifacts["decode_path"] == "static" and int8.artifacts["decode_path"] == "eager"
+    assert "quantized weights" in int8.artifacts["decode_note"]
+    assert bf16.quality["ppl"] is None  # a Hub model: perplexity needs the suite's held-out split; tasks are the score
+    assert bf16.metrics["decode_token_p50_s"] > 0 and set(bf16.metrics) >= {"it", "al_s", "prefill_s", "memory_bytes"}
+    assert list(quantize.table("gpu")["decode path"]) == ["static", "eager"]
+    with pytest.raises(ValueError, match="unknown decode \\['graph'\\]; choose from eager, static"):
+        quantize.run_study("gpu", Q | {"decode": "graph"})
