@@ -149,13 +149,7 @@ def decode_bench(args) -> int:
             if comp and not cuda and not args.compile_cpu:
                 continue
             dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp, weights=weights)
-            tokens, _ = dec.generate(ids, new)  # warm-up: compilation and graph capture
-            if weights == "int4":  # same function as the model, within int4 rounding: first tokens mostly agree
-                agree = (tokens == ref_tokens).float().mean().item()
-                print(f"  (int4 vs {str(dtype).removeprefix('torch.')} greedy tokens agreeing: {agree:.0%}; "
-                      f"random weights make near-ties common)", flush=True)
-            else:
-                ref_tokens = tokens
+            dec.generate(ids, new)  # warm-up: compilation and graph capture (int4 layers were checked when built)
             runs_ = []
             for _ in range(5):
                 _, stamps = dec.generate(ids, new)

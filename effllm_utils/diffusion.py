@@ -101,12 +101,10 @@ def latents(vae, images: torch.Tensor, resolution: int, device: str, batch: int 
 
 def run_finetune(profile: str, P: dict[str, Any], force: bool = False) -> list:
     """Every method of P['finetune_methods'] on every model of P['diffusers_models'] (see the module docstring)."""
-    from . import check_choices, metrics, runs
-    from .finetune import METHODS, apply_method, finetune_flops_per_token, method_lr
-    from .pretrain import device_peak
+    from . import check_choices, runs
+    from .finetune import METHODS, apply_method, train_method
     from .runtime import resolve_device, seed_everything
-    from .train import TrainConfig, train
-    from .vision import FINETUNE_KEYS, TRAIN_KEYS, study_images
+    from .vision import FINETUNE_KEYS, TRAIN_KEYS, finetune_config, study_images
 
     device = resolve_device(profile, P["device"])
     check_choices(P["finetune_methods"], METHODS, "fine-tuning method(s)")
@@ -139,22 +137,12 @@ def run_finetune(profile: str, P: dict[str, Any], force: bool = False) -> list:
                 model, optimizer, info = apply_method(model, method, P | {
                     "lr_adapter": P["finetune_lr_adapter"], "target_modules": P["diffusers_target_modules"]},
                     task_type=None)
-                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 T = zt.shape[-1] * zt.shape[-2] // base.config.patch_size ** 2  # latent patches per image
-                fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
-                peak, source = device_peak(profile, device, P["precision"])
-                cfg = TrainConfig(**{k: P[k] for k in TRAIN_KEYS} | {
-                    "steps": P["finetune_steps"], "lr": method_lr(method, P["finetune_lr_full"],
-                                                                  P["finetune_lr_adapter"]),
-                    "weight_decay": 0.0, "seq_len": T, "warmup_steps": min(P["warmup_steps"], P["finetune_steps"] // 5)})
-                result = train(model.to(device), {"input_ids": zt, "labels": imgs.y_train},
-                               {"input_ids": zv, "labels": imgs.y_val}, cfg, flops_per_token=fpt, peak_flops=peak,
-                               optimizer=optimizer)
-                m = result["metrics"]
-                m["trainable_params"], m["base_params"] = trainable, n_params
-                m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+                result = train_method(model, method, n_params, optimizer, {"input_ids": zt, "labels": imgs.y_train},
+                                      {"input_ids": zv, "labels": imgs.y_val}, finetune_config(P, method, T), profile,
+                                      device, P["precision"])
                 result["quality"] = {"loss": result["quality"]["loss"], "fid": None}
-                result["artifacts"].update(method_info=info, peak_flops_source=source, conditioning=how,
+                result["artifacts"].update(method_info=info, conditioning=how,
                                            task=f"{imgs.name} at {P['diffusers_resolution']}px", model=name,
                                            fid_unavailable="FID needs the full sampling pipeline; not computed")
                 return result

@@ -192,11 +192,31 @@ def _load_dataset(name: str, tok, P: dict[str, Any]):
     return data.sft_examples(pairs[:cut], tok, P["seq_len"]), data.sft_examples(pairs[cut:], tok, P["seq_len"])
 
 
+def train_method(model, method: str, n_params: int, optimizer, train_data, val_data, cfg, profile: str,
+                 device: str, precision: str) -> dict[str, Any]:
+    """`train.train` for one fine-tuning method with the study's accounting (shared by peft, vlm, lvm's DiT and SD3
+    parts): analytic FLOPs (2 per parameter per token forward; the backward only above the first trainable weight
+    for freeze), the device peak for PCU, trainable and base parameter counts, and ST (samples/s/param of the
+    whole model)."""
+    from .pretrain import device_peak
+    from .train import train
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
+    peak, source = device_peak(profile, device, precision)
+    result = train(model.to(device), train_data, val_data, cfg, flops_per_token=fpt, peak_flops=peak,
+                   optimizer=optimizer)
+    m = result["metrics"]
+    m["trainable_params"], m["base_params"] = trainable, n_params
+    m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+    result["artifacts"]["peak_flops_source"] = source
+    return result
+
+
 # -- the study ---------------------------------------------------------------------------------------------------
 
 def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
-    from .pretrain import device_peak
-    from .train import TrainConfig, train
+    from .train import TrainConfig
 
     device = resolve_device(profile, P["device"])
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
@@ -213,19 +233,11 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                     train_data, val_data = load_dataset(dataset, tok, P)
                     n_params = sum(p.numel() for p in base.parameters())
                     model, optimizer, info = apply_method(base, method, P)
-                    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                    backward = n_params if method != "freeze" else trainable
-                    fpt = finetune_flops_per_token(n_params, trainable, backward)
-                    peak, peak_source = device_peak(profile, device, P["precision"])
-                    lr = method_lr(method, P["lr_full"], P["lr_adapter"])
-                    cfg = TrainConfig(lr=lr, weight_decay=0.0, **{k: P[k] for k in TRAIN_KEYS})
-                    result = train(model.to(device), train_data, val_data, cfg, flops_per_token=fpt,
-                                   peak_flops=peak, optimizer=optimizer)
-                    m = result["metrics"]
-                    m["trainable_params"], m["base_params"] = trainable, n_params
-                    m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)  # samples/s/param of the model
-                    result["artifacts"].update(method_info=info, base=base_info, peak_flops_source=peak_source,
-                                               dataset=dataset, model=model_name)
+                    cfg = TrainConfig(lr=method_lr(method, P["lr_full"], P["lr_adapter"]), weight_decay=0.0,
+                                      **{k: P[k] for k in TRAIN_KEYS})
+                    result = train_method(model, method, n_params, optimizer, train_data, val_data, cfg, profile,
+                                          device, P["precision"])
+                    result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name)
                     return result
 
                 records.append(runs.execute("peft", method, profile, run_params, fn, scale=model_name, force=force))

@@ -473,15 +473,24 @@ def dit_base(profile: str, P: dict, scale: str, device: str) -> DiT:
     return model.to(device)
 
 
+def finetune_config(P: dict, method: str, tokens_per_image: int):
+    """TrainConfig of a fine-tuning run of the lvm study (DiT or SD3): its finetune_* steps and learning rates."""
+    from .finetune import method_lr
+    from .train import TrainConfig
+
+    return TrainConfig(**{k: P[k] for k in TRAIN_KEYS} | {
+        "steps": P["finetune_steps"], "lr": method_lr(method, P["finetune_lr_full"], P["finetune_lr_adapter"]),
+        "weight_decay": 0.0, "seq_len": tokens_per_image,
+        "warmup_steps": min(P["warmup_steps"], P["finetune_steps"] // 5)})
+
+
 def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
     """Fine-tune the pretrained DiT on a new image domain (P['finetune_task']) with each PEFT method of the
     fine-tuning study (finetune.apply_method); record the flow loss, digits-FID against the new domain and the
     efficiency metrics. Records: study lvm, technique = the method, scale '<scale>-ft'."""
-    from . import check_choices, metrics, runs
-    from .finetune import METHODS, apply_method, finetune_flops_per_token, method_lr
-    from .pretrain import device_peak
+    from . import check_choices, runs
+    from .finetune import METHODS, apply_method, train_method
     from .runtime import resolve_device, seed_everything
-    from .train import TrainConfig, train
 
     device = resolve_device(profile, P["device"])
     imgs = study_images(P)
@@ -507,25 +516,13 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
                 base.train()
                 model, optimizer, info = apply_method(base, method, P | {"lr_adapter": P["finetune_lr_adapter"]},
                                                       task_type=None)
-                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                T = (imgs.size // P["patch"]) ** 2
-                # the fine-tuning study's count (2 FLOPs per parameter per patch forward; backward only above the
-                # first trainable weight for freeze)
-                fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
-                peak, source = device_peak(profile, device, P["precision"])
-                lr = method_lr(method, P["finetune_lr_full"], P["finetune_lr_adapter"])
-                cfg = TrainConfig(**{k: P[k] for k in TRAIN_KEYS} | {
-                    "steps": P["finetune_steps"], "lr": lr, "weight_decay": 0.0, "seq_len": T,
-                    "warmup_steps": min(P["warmup_steps"], P["finetune_steps"] // 5)})
-                result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv}, cfg,
-                               flops_per_token=fpt, peak_flops=peak, optimizer=optimizer)
-                m = result["metrics"]
-                m["trainable_params"], m["base_params"] = trainable, n_params
-                m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+                result = train_method(model, method, n_params, optimizer, {"input_ids": xt, "labels": yt},
+                                      {"input_ids": xv, "labels": yv}, finetune_config(P, method, (imgs.size // P["patch"]) ** 2),
+                                      profile, device, P["precision"])
                 q = _score(model, P, xv, device)
                 result["quality"] = {"loss": result["quality"]["loss"], "fid_before": before} | {
                     k: q[k] for k in q if k not in ("samples", "fid_unavailable")}
-                result["artifacts"].update(method_info=info, peak_flops_source=source, samples=q["samples"],
+                result["artifacts"].update(method_info=info, samples=q["samples"],
                                            fid_features=imgs.fid_features, task=P["finetune_task"],
                                            fid_unavailable=q["fid_unavailable"], dataset=imgs.name)
                 return result

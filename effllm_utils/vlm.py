@@ -251,9 +251,8 @@ def _language_targets(targets: list[str]) -> str:
 
 
 def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
-    from .finetune import METHODS, apply_method, finetune_flops_per_token, method_lr
-    from .pretrain import device_peak
-    from .train import TrainConfig, train
+    from .finetune import METHODS, apply_method, method_lr
+    from .train import TrainConfig
 
     device = resolve_device(profile, P["device"])
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
@@ -280,19 +279,12 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                 for pname, p in model.named_parameters():  # LLaVA-1.5: the vision encoder stays frozen (peft
                     if "vision_tower" in pname:  # froze it already for the adapter methods, so LoRA+'s groups hold
                         p.requires_grad_(False)  # no encoder weight)
-                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
-                peak, peak_source = device_peak(profile, device, P["precision"])
-                lr = method_lr(method, P["lr_full"], P["lr_adapter"])
-                cfg = TrainConfig(lr=lr, weight_decay=0.0, **{k: P[k] for k in TRAIN_KEYS})
-                result = train(model.to(device), tr, va, cfg, flops_per_token=fpt, peak_flops=peak,
-                               optimizer=optimizer)
-                m = result["metrics"]
-                m["trainable_params"], m["base_params"] = trainable, n_params
-                m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)
+                cfg = TrainConfig(lr=method_lr(method, P["lr_full"], P["lr_adapter"]), weight_decay=0.0,
+                                  **{k: P[k] for k in TRAIN_KEYS})
+                result = finetune.train_method(model, method, n_params, optimizer, tr, va, cfg, profile, device,
+                                               P["precision"])
                 result["quality"]["digit_acc"] = digit_accuracy(model, va, va_info, tok, device, P["accuracy_images"])
-                result["artifacts"].update(method_info=info, base=base_info, peak_flops_source=peak_source,
-                                           model=name)
+                result["artifacts"].update(method_info=info, base=base_info, model=name)
                 return result
 
             records.append(runs.execute("vlm", method, profile, run_params, fn, scale=name, force=force))
