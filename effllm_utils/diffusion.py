@@ -44,8 +44,9 @@ class FlowMatchingModel(nn.Module):
         s = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))  # logit-normal(0, 1), SD3's default
         e = torch.randn_like(x0)
         xs = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * e
-        v = self.transformer(hidden_states=xs.to(self.prompt_embeds.dtype), encoder_hidden_states=self.prompt_embeds[labels],
-                             pooled_projections=self.pooled[labels], timestep=s * 1000).sample
+        v = self.transformer(hidden_states=xs.to(self.prompt_embeds.dtype),
+                             encoder_hidden_states=self.prompt_embeds[labels], pooled_projections=self.pooled[labels],
+                             timestep=s * 1000).sample
         return SimpleNamespace(loss=F.mse_loss(v.float(), (e - x0).float()))
 
 

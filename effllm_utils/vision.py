@@ -516,9 +516,9 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
                 base.train()
                 model, optimizer, info = apply_method(base, method, P | {"lr_adapter": P["finetune_lr_adapter"]},
                                                       task_type=None)
+                cfg = finetune_config(P, method, (imgs.size // P["patch"]) ** 2)
                 result = train_method(model, method, n_params, optimizer, {"input_ids": xt, "labels": yt},
-                                      {"input_ids": xv, "labels": yv}, finetune_config(P, method, (imgs.size // P["patch"]) ** 2),
-                                      profile, device, P["precision"])
+                                      {"input_ids": xv, "labels": yv}, cfg, profile, device, P["precision"])
                 q = _score(model, P, xv, device)
                 result["quality"] = {"loss": result["quality"]["loss"], "fid_before": before} | {
                     k: q[k] for k in q if k not in ("samples", "fid_unavailable")}
