@@ -88,7 +88,9 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) 
 class Linear:
     """One linear layer as the decode step reads it: a dense weight, or int4 packed for tinygemm."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP,
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN."""
         self.out_features, self.in_features = weight.shape
         self.bias, self.int4, self.group = bias, int4, group
         self.cuda = weight.device.type == "cuda"
@@ -98,7 +100,8 @@ class Linear:
         else:
             if self.out_features % 8:
                 raise ValueError(f"int4 needs out_features divisible by 8, got {self.out_features}")
-            q, self.sz = quantize_int4(weight.detach(), group)
+            q, self.sz = quantized if quantized is not None else quantize_int4(weight.detach(), group)
+            q, self.sz = q.to(weight.device), self.sz.to(weight.device)
             tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
             if self.cuda:  # CUDA's packer takes two 4-bit values per byte
                 self.weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
@@ -138,13 +141,90 @@ def _fused(*mods) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
+def _unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words holding 8 int4 values (lowest nibble first) -> int32 values, unpacked along `dim`."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    if dim == 0:  # [k/8, n] -> [k, n]
+        return ((packed[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
+    return ((packed[:, :, None] >> shifts[None, None, :]) & 0xF).reshape(packed.shape[0], -1)  # [g, n/8] -> [g, n]
+
+
+def read_gptq(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """A GPTQ checkpoint (GPTQModel / AutoGPTQ / transformers' GPTQConfig: 4-bit, `gptq` v1 or `gptq_v2` format,
+    no act-order) read straight from its safetensors, without GPTQ kernels: (the float tensors, {module: (q [out, in]
+    int32 0..15, tinygemm scales_and_zeros [in/g, out, 2] bf16)}, group size). GPTQ's w = (q - z) s is tinygemm's
+    (q - 8) s + zero with zero = (8 - z) s, exactly."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    qc = json.loads((path / "quantize_config.json").read_text()) if (path / "quantize_config.json").is_file() \
+        else json.loads((path / "config.json").read_text()).get("quantization_config", {})
+    if qc.get("bits") != 4 or qc.get("desc_act"):
+        raise ValueError(f"{path}: only 4-bit GPTQ without act-order maps onto tinygemm (bits {qc.get('bits')}, "
+                         f"desc_act {qc.get('desc_act')})")
+    v1 = qc.get("checkpoint_format", qc.get("format", "gptq")) == "gptq"  # v1 stores zero - 1
+    group = int(qc["group_size"])
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    floats, quant = {}, {}
+    for name in [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]:
+        qw, qz, sc = tensors.pop(name + ".qweight"), tensors.pop(name + ".qzeros"), tensors.pop(name + ".scales")
+        g_idx = tensors.pop(name + ".g_idx", None)
+        q = _unpack_int4(qw, 0)  # [k, n]
+        k = q.shape[0]
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // group):
+            raise ValueError(f"{name}: permuted groups (act-order) do not map onto tinygemm")
+        z = _unpack_int4(qz, 1)[:, : q.shape[1]].float() + (1 if v1 else 0)  # [k/g, n]
+        s = sc.float()
+        sz = torch.stack([s, (8 - z) * s], -1).to(torch.bfloat16)  # [k/g, n, 2]
+        quant[name] = (q.t().contiguous(), sz)
+        if name + ".bias" in tensors:
+            floats[name + ".bias"] = tensors.pop(name + ".bias")
+    floats.update(tensors)
+    return floats, quant, group
+
+
+def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
+    """(backbone, int4_weights) of a Qwen2-family GPTQ checkpoint: the backbone in bf16 holds the dequantized weights
+    (so the prefill computes the quantized model's function) and `int4_weights` the packed-ready ints for
+    `StaticDecoder(model, ..., int4_weights=...)`."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    floats, quant, group = read_gptq(path)
+    cfg = AutoConfig.from_pretrained(path)
+    cfg.quantization_config = None
+    with torch.device("meta"):
+        shell = Qwen2ForCausalLM(cfg)
+    state = dict(floats)
+    for name, (q, sz) in quant.items():
+        state[name + ".weight"] = dequantize_int4(q, sz, group).to(torch.bfloat16)
+    shell = shell.to_empty(device="cpu").to(torch.bfloat16)
+    missing, unexpected = shell.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: not a Qwen2-family GPTQ checkpoint (missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]})")
+    if cfg.tie_word_embeddings:
+        shell.tie_weights()
+    ours = from_qwen2(shell.eval()).to(device)
+    return ours, dict(quant) | {"__group__": group}
+
+
 # -- the decoder -------------------------------------------------------------------------------------------------
 
 class StaticDecoder:
     """Greedy decoding with a preallocated KV cache and a fixed-shape step (see the module docstring)."""
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool = False,
-                 weights: str = "native", group_size: int = INT4_GROUP):
+                 weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None):
+        """int4_weights: {module name: (q, scales_and_zeros)} to use instead of RTN (a GPTQ checkpoint's, from
+        `from_gptq`); implies weights='int4' with that checkpoint's group size."""
+        if int4_weights is not None:
+            weights, group_size = "int4", int4_weights["__group__"]
         c = model.config
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
             raise ValueError(f"StaticDecoder supports mha/gqa/mqa + rope + dense, not {c.attention}/{c.position}/"
@@ -163,17 +243,29 @@ class StaticDecoder:
                       c.num_key_value_heads * c.head_dim]
         int4 = weights == "int4"
         m = model.model
+        given = int4_weights or {}
+
+        def q(*names):  # the given int4 weights of these modules, fused along the output features, or None (RTN)
+            if not all(n in given for n in names):
+                return None
+            return torch.cat([given[n][0] for n in names]), torch.cat([given[n][1] for n in names], dim=1)
+
         with torch.no_grad():
             self.layers = []
-            for layer in m.layers:
+            for i, layer in enumerate(m.layers):
                 a, f = layer.self_attn, layer.mlp
+                pa, pm = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
                 self.layers.append(dict(
                     ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
-                    qkv=Linear(*_fused(a.q_proj, a.k_proj, a.v_proj), int4, group_size),
-                    o=Linear(a.o_proj.weight, a.o_proj.bias, int4, group_size),
-                    gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size),
-                    down=Linear(f.down_proj.weight, None, int4, group_size)))
-            self.lm_head = Linear(model.lm_head.weight, None, int4, group_size)
+                    qkv=Linear(*_fused(a.q_proj, a.k_proj, a.v_proj), int4, group_size,
+                               q(pa + "q_proj", pa + "k_proj", pa + "v_proj")),
+                    o=Linear(a.o_proj.weight, a.o_proj.bias, int4, group_size, q(pa + "o_proj")),
+                    gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size,
+                                   q(pm + "gate_proj", pm + "up_proj")),
+                    down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"))))
+            # a GPTQ checkpoint leaves lm_head in floating point: so does its decoder
+            self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
+                                  q("lm_head"))
         norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
         # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
         self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))

@@ -53,7 +53,7 @@ class FastDecode:
     modules or tensor subclasses), another architecture, or an attention/FFN type it does not implement."""
 
     def __init__(self, model, max_len: int, compile: bool | None = None, cuda_graph: bool = True,
-                 weights: str = "native"):
+                 weights: str = "native", int4_weights: dict | None = None):
         from . import decode
         from .models import EffLLMForCausalLM
 
@@ -69,14 +69,26 @@ class FastDecode:
                 raise ValueError(f"the static decoder runs the effllm backbone and Qwen2-family checkpoints, not "
                                  f"{getattr(model.config, 'model_type', type(model).__name__)}")
             model = decode.from_qwen2(model)
-        self.model, self.max_len, self.weights = model, max_len, weights
+        self.model, self.max_len, self.weights, self.int4_weights = model, max_len, weights, int4_weights
+        if int4_weights is not None:
+            self.weights = weights = "int4"
         self.device = next(model.parameters()).device
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Any] = {}
-        decode.StaticDecoder(model, 1, 2, cuda_graph=False, weights=weights)  # refuse unsupported configs now
+        decode.StaticDecoder(model, 1, 2, cuda_graph=False, weights=weights,
+                             int4_weights=int4_weights)  # refuse unsupported configs now
         self.path = "static" + ("+compile" if self.compile else "") + (
             "+graph" if cuda_graph and self.device.type == "cuda" else "") + ("+int4" if weights == "int4" else "")
+
+    @classmethod
+    def from_gptq(cls, path, max_len: int, device: str, **kw) -> "FastDecode":
+        """A 4-bit GPTQ checkpoint (GPTQModel's format, incl. its RTN) decoded with its own int4 weights through
+        tinygemm (`decode.from_gptq`: read from the safetensors, no GPTQ kernels needed)."""
+        from .decode import from_gptq
+
+        model, q4 = from_gptq(path, device)
+        return cls(model, max_len, int4_weights=q4, **kw)
 
     def request(self, ids: torch.Tensor, new_tokens: int) -> dict[str, Any]:
         from .decode import StaticDecoder
@@ -84,7 +96,8 @@ class FastDecode:
         B = ids.shape[0]
         if B not in self.decoders:
             self.decoders[B] = StaticDecoder(self.model, B, self.max_len, cuda_graph=self.cuda_graph,
-                                             compile=self.compile, weights=self.weights)
+                                             compile=self.compile, weights=self.weights,
+                                             int4_weights=self.int4_weights)
         synchronize(str(self.device))
         t0 = time.perf_counter()
         _, stamps = self.decoders[B].generate(ids, new_tokens)

@@ -249,18 +249,23 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
 
 def decode_paths(built: dict[str, tuple], how: str, max_len: int) -> tuple[dict[str, Any], dict[str, tuple]]:
     """What each precision is decoded through, and (path, why): `eager` — the model's forward, one token per call,
-    every precision alike — or `static` — infer.FastDecode (static KV cache; compile + CUDA graph on GPU) where the
-    static decoder runs the model (plain float weights), eager with the reason for the quantized ones. The path is
-    a column of Table 9: compare precisions on the same path."""
+    every precision alike — or `static` — infer.FastDecode (static KV cache; compile + CUDA graph on GPU): float
+    precisions as they are, int4 (GPTQ and RTN) with their own int4 weights read from the saved checkpoint into
+    tinygemm's layout, and eager with the reason for what it cannot run (int8). The path is a column of Table 9:
+    compare precisions on the same path."""
     from .infer import FastDecode
 
     check_choices([how], DECODE_CHOICES, "decode")
     out, paths = {}, {}
-    for p, (model, _) in built.items():
+    for p, (model, info) in built.items():
         out[p], paths[p] = model, ("eager", "")
         if how == "static":
             try:
-                out[p] = FastDecode(model, max_len)
+                if p.startswith("int4"):  # GPTQModel's checkpoint, read into tinygemm's layout
+                    device = str(next(model.parameters()).device)
+                    out[p] = FastDecode.from_gptq(info["path"], max_len, device)
+                else:
+                    out[p] = FastDecode(model, max_len)
                 paths[p] = (out[p].path, "")
             except ValueError as e:
                 paths[p] = ("eager", str(e))

@@ -1,6 +1,7 @@
 """Quantization: every precision round-trips through safetensors, int4 keeps quality within a stated bound, clear
 errors for what cannot run; and the inference harness measures what it says."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,14 +162,15 @@ def test_mcr_uses_the_task_score_when_tasks_ran():
 
 
 def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoint, tmp_path):
-    """FastDecode (the static decoder) decodes a Qwen2 checkpoint inside `measure`; quantized precisions stay eager
-    under decode: static, with the reason recorded."""
+    """FastDecode (the static decoder) decodes a Qwen2 checkpoint inside `measure`; int4 checkpoints decode with
+    their own int4 weights; int8 stays eager under decode: static, with the reason recorded."""
     src, tok = checkpoint
     built = {p: quantize.build(p, src, tok, P, "cpu", tmp_path) for p in ("fp32", "int8", "int4_rtn")}
     decoders, paths = quantize.decode_paths(built, "static", 8 + 6 + 1)
     assert isinstance(decoders["fp32"], infer.FastDecode) and paths["fp32"] == ("static", "")
-    for p in ("int8", "int4_rtn"):
-        assert decoders[p] is built[p][0] and paths[p][0] == "eager" and "quantized weights" in paths[p][1]
+    assert decoders["int8"] is built["int8"][0] and paths["int8"][0] == "eager"
+    assert "quantized weights" in paths["int8"][1]
+    assert isinstance(decoders["int4_rtn"], infer.FastDecode) and paths["int4_rtn"] == ("static+int4", "")
     ids = data.token_ids("validation", tok)[:16].view(2, 8)
     r = infer.timed_request(decoders["fp32"], ids, 6, "cpu")
     assert len(r["token_s"]) == 5 and r["tokens"] == 12 and r["e2e_s"] >= r["prefill_s"] > 0
@@ -199,3 +201,33 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
     assert list(quantize.table("gpu")["decode path"]) == ["static", "eager"]
     with pytest.raises(ValueError, match="unknown decode \\['graph'\\]; choose from eager, static"):
         quantize.run_study("gpu", Q | {"decode": "graph"})
+
+
+def test_gptq_checkpoint_read_without_gptq_kernels_matches_gptqmodel(checkpoint, tmp_path):
+    """decode.from_gptq reads GPTQModel's saved int4 checkpoint straight from safetensors into tinygemm's layout:
+    the backbone (dequantized weights) gives GPTQModel's logits, and the int4 decoder's steps give the backbone's."""
+    from gptqmodel import GPTQModel
+
+    from effllm_utils import decode
+
+    src, tok = checkpoint
+    _, info = quantize.build("int4_gptq", src, tok, P, "cpu", tmp_path)
+    ref = GPTQModel.load(info["path"], device="cpu").model
+    ours, q4 = decode.from_gptq(info["path"])
+    ids = data.token_ids("validation", tok)[:24].view(2, 12)
+    with torch.no_grad():
+        a, b = ref(input_ids=ids).logits.float(), ours(input_ids=ids, use_cache=False).logits.float()
+    assert ((a - b).norm() / a.norm()).item() < 0.02 and (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    dec = decode.StaticDecoder(ours, 2, 32, int4_weights=q4)
+    assert dec.lm_head.int4 is False and dec.layers[0]["qkv"].int4  # GPTQ left lm_head in floating point
+    tokens, _ = dec.generate(ids, 6)
+    with torch.no_grad():
+        full = ours(torch.cat([ids, tokens], 1), use_cache=False).logits[:, 11:17].float()
+        dec.prefill(ids)
+        steps = torch.stack([dec.step(tokens[:, i:i + 1], 12 + i).float() for i in range(5)], 1)
+    assert ((steps - full[:, 1:6]).norm() / full.norm()).item() < 0.02
+    assert torch.equal(tokens[:, 0], full[:, 0].argmax(-1))
+    cfg = (Path(info["path"]) / "quantize_config.json")
+    cfg.write_text(cfg.read_text().replace('"desc_act": false', '"desc_act": true'))
+    with pytest.raises(ValueError, match="only 4-bit GPTQ without act-order maps onto tinygemm"):
+        decode.read_gptq(info["path"])
