@@ -67,11 +67,21 @@ def trace_case(name: str, model, args, rows: int = 18) -> None:
             step()
         synchronize(args.device)
         wall = (time.perf_counter() - t0) / 3
+    print_profile(prof, f"trace {name}", wall, 3, "step", cuda, rows)
+
+
+def print_profile(prof, title: str, wall: float, count: int, unit: str, cuda: bool, rows: int = 18) -> None:
+    """The kernels taking the most time in a torch.profiler run of `count` units, GPU busy time over wall time, and
+    (on CUDA) the number of kernel launches per unit."""
     ka = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    busy = sum(getattr(e, key) for e in ka if (e.device_type.name == "CUDA") == cuda) / 3 / 1e6 if cuda else None
-    print(f"--- trace {name}: {wall * 1e3:.1f} ms/step wall" + (f", GPU kernels {busy * 1e3:.1f} ms/step "
-                                                              f"({100 * busy / wall:.0f}% busy)" if cuda else ""))
+    line = f"--- {title}: {wall * 1e3:.3f} ms/{unit} wall"
+    if cuda:
+        gpu = [e for e in ka if e.device_type.name == "CUDA"]
+        busy = sum(getattr(e, key) for e in gpu) / count / 1e6
+        line += (f", GPU kernels {busy * 1e3:.3f} ms/{unit} ({100 * busy / wall:.0f}% busy), "
+                 f"{sum(e.count for e in gpu) / count:.0f} kernels/{unit}")
+    print(line)
     print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
@@ -162,6 +172,13 @@ def decode_bench(args) -> int:
                 _, stamps = dec.generate(ids, new)
                 runs_.append((new - 1) / (stamps[-1] - stamps[0]))  # decode tokens only, from per-token stamps
             report(label, statistics.median(runs_), dec.read_bytes)
+            if args.trace:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                    _, stamps = dec.generate(ids, new)
+                print_profile(prof, f"trace {name} {label} (one request, prefill included)",
+                              (stamps[-1] - stamps[0]) / (new - 1), new, "token", cuda, rows=12)
             del dec
         bf, i4 = rates.get(f"static_compiled{graph}"), rates.get(f"int4_static_compiled{graph}")
         if bf and i4:
@@ -222,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-eager", action="store_true", help="decode mode: leave out HF generate (slow)")
     ap.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per optimizer step")
     ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
-    ap.add_argument("--trace", action="store_true", help="train mode: profile a few steps of each case and print "
-                    "the kernels taking the most GPU time")
+    ap.add_argument("--trace", action="store_true", help="profile a few training steps of each case (train mode) or "
+                    "one request of each decoder (decode mode): the kernels taking the most time, kernels per token")
     args = ap.parse_args(argv)
     if args.mode == "decode":
         return decode_bench(args)
