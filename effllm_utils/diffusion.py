@@ -1,20 +1,22 @@
-"""PEFT on a pretrained diffusers text-to-image transformer — the lvm study's Stable Diffusion 3.5 part (paper
-Table 13, `paper` profile).
+"""PEFT on a pretrained diffusers transformer — the lvm study's Stable Diffusion 3.5 / Wan 2.1 part (paper Table 13,
+`paper` profile).
 
-The checkpoint is a diffusers folder or Hub id with `transformer/` (an `SD3Transformer2DModel`), `vae/` (an
-`AutoencoderKL`) and, normally, SD3's three text encoders. The study's images (the same `vision.image_set` as the
-DiT, resized to `diffusers_resolution`, grey repeated to RGB) are encoded once by the VAE into latents
-((z - shift) x scaling, as SD3's training does), and the class prompts ("a photo of a {class}") once by the
-pipeline's `encode_prompt`; a checkpoint without text encoders trains unconditionally on zero prompt embeddings,
-and the record says so. Each fine-tuning method of the peft study (`finetune.apply_method`) then trains the
-transformer with SD3's rectified-flow objective: x_s = (1 - s) x0 + s e with s drawn logit-normal (Esser et al.
-2024), target e - x0, timestep 1000 s. Records: study `lvm`, technique = the method, scale `<model>-ft`; quality =
-held-out flow loss (FID needs the full sampling pipeline and is not computed here: `fid` is None with that reason).
-Wan 2.1 (video) is not implemented.
+The checkpoint is a diffusers folder or Hub id with `transformer/` — an `SD3Transformer2DModel` (Stable Diffusion
+3.5) or a `WanTransformer3DModel` (Wan 2.1, text-to-video; trained here on single-frame clips) — its VAE (`vae/`:
+`AutoencoderKL` / `AutoencoderKLWan`) and, normally, its text encoders. The study's images (the same
+`vision.image_set` as the DiT, resized to `diffusers_resolution`, grey repeated to RGB) are encoded once by the VAE
+into latents normalised as each model trains (SD3: (z - shift) x scaling; Wan: per-channel (z - mean) / std), and the
+class prompts ("a photo of a {class}") once by the pipeline's `encode_prompt`; a checkpoint without text encoders
+trains unconditionally on zero prompt embeddings, and the record says so. Each fine-tuning method of the peft study
+(`finetune.apply_method`) then trains the transformer with the rectified-flow objective both models use:
+x_s = (1 - s) x0 + s e with s drawn logit-normal (Esser et al. 2024), target e - x0, timestep 1000 s. Records: study
+`lvm`, technique = the method, scale `<model>-ft`; quality = held-out flow loss (FID needs the full sampling pipeline
+and is not computed here: `fid` is None with that reason).
 """
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,10 +30,11 @@ CLASS_NAMES = {"digits": ["zero", "one", "two", "three", "four", "five", "six", 
 
 
 class FlowMatchingModel(nn.Module):
-    """A diffusers SD3 transformer as `train.train` drives models: input_ids = latents [B, C, h, w], labels = class
-    ids selecting precomputed prompt embeddings; forward returns SD3's rectified-flow loss."""
+    """A diffusers SD3 or Wan transformer as `train.train` drives models: input_ids = latents ([B, C, h, w] or
+    [B, C, frames, h, w]), labels = class ids selecting precomputed prompt embeddings (and SD3's pooled ones; None
+    for Wan); forward returns the rectified-flow loss."""
 
-    def __init__(self, transformer, prompt_embeds: torch.Tensor, pooled: torch.Tensor):
+    def __init__(self, transformer, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None):
         super().__init__()
         self.transformer = transformer
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
@@ -43,22 +46,36 @@ class FlowMatchingModel(nn.Module):
         x0 = input_ids
         s = torch.sigmoid(torch.randn(x0.shape[0], device=x0.device))  # logit-normal(0, 1), SD3's default
         e = torch.randn_like(x0)
-        xs = (1 - s)[:, None, None, None] * x0 + s[:, None, None, None] * e
+        sb = s.view(-1, *[1] * (x0.ndim - 1))
+        xs = (1 - sb) * x0 + sb * e
+        extra = {} if self.pooled is None else {"pooled_projections": self.pooled[labels]}
         v = self.transformer(hidden_states=xs.to(self.prompt_embeds.dtype),
-                             encoder_hidden_states=self.prompt_embeds[labels], pooled_projections=self.pooled[labels],
-                             timestep=s * 1000).sample
+                             encoder_hidden_states=self.prompt_embeds[labels], timestep=s * 1000, **extra).sample
         return SimpleNamespace(loss=F.mse_loss(v.float(), (e - x0).float()))
 
 
+# transformer class -> (VAE class, pipeline class) of the supported families
+FAMILIES = {"SD3Transformer2DModel": ("AutoencoderKL", "StableDiffusion3Pipeline"),
+            "WanTransformer3DModel": ("AutoencoderKLWan", "WanPipeline")}
+
+
 def load(source: str, profile: str):
-    """(transformer, vae) of a diffusers SD3-style checkpoint (Hub id or folder); missing: ModelUnavailable."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    """(transformer, vae) of a diffusers SD3 or Wan checkpoint (Hub id or folder); missing: ModelUnavailable."""
+    import diffusers
+    from huggingface_hub import hf_hub_download
 
     from .finetune import ModelUnavailable
 
     try:
-        transformer = SD3Transformer2DModel.from_pretrained(source, subfolder="transformer", torch_dtype=torch.float32)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
+        cfg = Path(source) / "transformer" / "config.json" if Path(source).is_dir() else \
+            Path(hf_hub_download(source, "transformer/config.json"))
+        import json
+
+        name = json.loads(cfg.read_text())["_class_name"]
+        if name not in FAMILIES:
+            raise ValueError(f"transformer {name} is not supported; supported: {', '.join(FAMILIES)}")
+        transformer = getattr(diffusers, name).from_pretrained(source, subfolder="transformer", torch_dtype=torch.float32)
+        vae = getattr(diffusers, FAMILIES[name][0]).from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelUnavailable(f"diffusers model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); the "
                                f"{profile} profile needs the Hugging Face Hub (Stable Diffusion 3.5 is gated: accept "
@@ -69,34 +86,48 @@ def load(source: str, profile: str):
 @torch.no_grad()
 def prompt_embeddings(source: str, prompts: list[str], transformer, device: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                           str]:
-    """(prompt_embeds [K, L, D], pooled [K, P], how): the pipeline's text encoders on the class prompts, or zeros
-    (unconditional) for a checkpoint that has none."""
-    c = transformer.config
-    local = Path(source).is_dir()
-    if local and not (Path(source) / "text_encoder").is_dir():
-        return (torch.zeros(len(prompts), 1, c.joint_attention_dim), torch.zeros(len(prompts), c.pooled_projection_dim),
-                "unconditional: the checkpoint has no text encoders (zero prompt embeddings)")
-    from diffusers import StableDiffusion3Pipeline
+    """(prompt_embeds [K, L, D], pooled [K, P] or None (Wan), how): the pipeline's text encoders on the class
+    prompts, or zeros (unconditional) for a checkpoint that has none."""
+    import diffusers
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(source, transformer=None, vae=None, torch_dtype=torch.float32)
+    c = transformer.config
+    sd3 = type(transformer).__name__ == "SD3Transformer2DModel"
+    if Path(source).is_dir() and not (Path(source) / "text_encoder").is_dir():
+        dim = c.joint_attention_dim if sd3 else c.text_dim
+        return (torch.zeros(len(prompts), 1, dim), torch.zeros(len(prompts), c.pooled_projection_dim) if sd3 else None,
+                "unconditional: the checkpoint has no text encoders (zero prompt embeddings)")
+    pipe = getattr(diffusers, FAMILIES[type(transformer).__name__][1]).from_pretrained(
+        source, transformer=None, vae=None, torch_dtype=torch.float32)
     pipe.to(device)
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
-                                              do_classifier_free_guidance=False)
+    if sd3:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False)
+    else:
+        (embeds, _), pooled = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False), None
     del pipe
-    return embeds.cpu(), pooled.cpu(), "class prompts through the checkpoint's text encoders"
+    return embeds.cpu(), None if pooled is None else pooled.cpu(), "class prompts through the checkpoint's text encoders"
 
 
 @torch.no_grad()
 def latents(vae, images: torch.Tensor, resolution: int, device: str, batch: int = 16) -> torch.Tensor:
-    """VAE latents of images [N, C, H, W] in [-1, 1] (grey repeated to RGB, resized), SD3-scaled."""
+    """VAE latents of images [N, C, H, W] in [-1, 1] (grey repeated to RGB, resized), normalised as the model
+    trains: SD3's (z - shift) x scaling [N, c, h, w], or Wan's per-channel (z - mean) / std of one-frame clips
+    [N, c, 1, h, w]."""
     vae = vae.to(device).eval()
-    shift = vae.config.shift_factor or 0.0
+    wan = type(vae).__name__ == "AutoencoderKLWan"
     out = []
     for chunk in images.split(batch):
         x = chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk
         x = F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", align_corners=False)
-        z = vae.encode(x.to(device)).latent_dist.sample()
-        out.append(((z - shift) * vae.config.scaling_factor).cpu())
+        if wan:
+            z = vae.encode(x[:, :, None].to(device)).latent_dist.sample()
+            shape = (1, -1, 1, 1, 1)
+            mean = torch.tensor(vae.config.latents_mean[: z.shape[1]], device=z.device).view(shape)
+            std = torch.tensor(vae.config.latents_std[: z.shape[1]], device=z.device).view(shape)
+            out.append(((z - mean) / std).cpu())
+        else:
+            z = vae.encode(x.to(device)).latent_dist.sample()
+            out.append(((z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).cpu())
     return torch.cat(out)
 
 
@@ -138,7 +169,8 @@ def run_finetune(profile: str, P: dict[str, Any], force: bool = False) -> list:
                 model, optimizer, info = apply_method(model, method, P | {
                     "lr_adapter": P["finetune_lr_adapter"], "target_modules": P["diffusers_target_modules"]},
                     task_type=None)
-                T = zt.shape[-1] * zt.shape[-2] // base.config.patch_size ** 2  # latent patches per image
+                patch = base.config.patch_size
+                T = zt[0, 0].numel() // (patch ** 2 if isinstance(patch, int) else math.prod(patch))  # patches
                 result = train_method(model, method, n_params, optimizer, {"input_ids": zt, "labels": imgs.y_train},
                                       {"input_ids": zv, "labels": imgs.y_val}, finetune_config(P, method, T), profile,
                                       device, P["precision"])

@@ -62,3 +62,42 @@ def test_missing_diffusers_model_is_one_clear_line(tmp_path):
     with pytest.raises(finetune.ModelUnavailable, match="could not be loaded .* the paper profile needs the Hugging "
                                                         "Face Hub"):
         diffusion.load(str(tmp_path / "nothing"), "paper")
+
+
+def _tiny_wan(path):
+    """transformer/ and vae/ of a Wan 2.1-style diffusers checkpoint (no text encoder), random weights."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                          out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2,
+                          rope_max_seq_len=32).save_pretrained(path / "transformer")
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.1, -0.2, 0.3, 0.0],
+                     latents_std=[1.5, 2.0, 1.0, 0.5]).save_pretrained(path / "vae")
+    return path
+
+
+def test_wan_peft_on_single_frame_clips(outputs, tmp_path):
+    """Wan 2.1's video transformer fine-tunes on the study's images as one-frame clips, latents normalised per
+    channel as Wan trains; freeze finds its `blocks`."""
+    path = str(_tiny_wan(tmp_path / "wan"))
+    transformer, vae = diffusion.load(path, "paper")
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    torch.manual_seed(1)
+    z = diffusion.latents(vae, x, 16, "cpu")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        raw = vae.encode(torch.nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(16, 16), mode="bilinear",
+                                                         align_corners=False)[:, :, None]).latent_dist.sample()
+    assert z.shape == (2, 4, 1, 2, 2)
+    mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1, 1)
+    std = torch.tensor([1.5, 2.0, 1.0, 0.5]).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(z * std + mean, raw)  # Wan's per-channel normalisation
+    embeds, pooled, how = diffusion.prompt_embeddings(path, ["a", "b"], transformer, "cpu")
+    assert embeds.shape == (2, 1, 32) and pooled is None and how.startswith("unconditional")
+    recs = diffusion.run_finetune("paper", P | {"device": "cpu", "diffusers_models": {"tiny-wan": {"source": path}},
+                                                "finetune_methods": ["freeze", "lora"]})
+    assert [(r.technique, r.status) for r in recs] == [("freeze", "ok"), ("lora", "ok")], [r.error for r in recs]
+    freeze, lora = recs
+    assert freeze.artifacts["method_info"] == {"frozen_layers": 1, "total_layers": 2}
+    assert lora.metrics["trainable_params"] < freeze.metrics["trainable_params"] < lora.metrics["base_params"]
