@@ -108,6 +108,12 @@ DECODE_SHAPES = {  # Qwen2.5 model cards (tied embeddings)
 }
 
 
+def _dtype(args, cuda: bool) -> torch.dtype:
+    """--dtype, else bf16 on CUDA and fp32 on CPU."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if cuda else "fp32")]
+
+
 def decode_bench(args) -> int:
     """Batch-1 greedy decode: HF generate (eager) vs the static-cache decoder (CUDA graph; compiled + CUDA graph) in
     the model's dtype, and with int4 weights (tinygemm), side by side on the same random-weight model."""
@@ -118,8 +124,7 @@ def decode_bench(args) -> int:
     from . import decode, hardware
 
     cuda = args.device.startswith("cuda")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if cuda else "fp32")]
+    dtype = _dtype(args, cuda)
     bw = hardware.memory_bandwidth(2048 if cuda else 64, args.device, 0.5, 3)["metrics"]["mem_bw_gbs"] * 1e9
     print(f"device {args.device}, measured copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"dtype {str(dtype).removeprefix('torch.')}, "
@@ -138,7 +143,8 @@ def decode_bench(args) -> int:
 
         def report(label, r, nbytes):
             rates[label] = r
-            print(f"  {label:<34} {r:8.1f} tok/s   {100 * r * nbytes / bw:5.1f}% of roofline "
+            pct = 100 * decode.roofline_fraction(r, nbytes, bw)
+            print(f"  {label:<34} {r:8.1f} tok/s   {pct:5.1f}% of roofline "
                   f"({nbytes / 1e9:.2f} GB/token)", flush=True)
 
         hf_new = min(new, 32)  # eager is slow; its rate does not depend on the count
@@ -200,8 +206,7 @@ def harness_bench(args) -> int:
 
     cuda = args.device.startswith("cuda")
     name = (args.decode_shapes or ("qwen2.5-0.5b" if cuda else "tiny")).split(",")[0]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-        args.dtype or ("bf16" if cuda else "fp32")]
+    dtype = _dtype(args, cuda)
     torch.manual_seed(0)
     hf = Qwen2ForCausalLM(Qwen2Config(**DECODE_SHAPES[name], tie_word_embeddings=True)).to(args.device, dtype).eval()
     prompt, new = 64, args.new_tokens

@@ -190,8 +190,8 @@ def read_gptq(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
     """(backbone, int4_weights) of a Qwen2-family GPTQ checkpoint: the backbone in bf16 holds the dequantized weights
-    (so the prefill computes the quantized model's function) and `int4_weights` the packed-ready ints for
-    `StaticDecoder(model, ..., int4_weights=...)`."""
+    (so the prefill computes the quantized model's function) and `int4_weights` the ints for
+    `StaticDecoder(model, ..., int4_weights=...)` / `DecodeWeights`."""
     from transformers import AutoConfig, Qwen2ForCausalLM
 
     floats, quant, group = read_gptq(path)
@@ -211,38 +211,35 @@ def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
     if cfg.tie_word_embeddings:
         shell.tie_weights()
     ours = from_qwen2(shell.eval()).to(device)
-    return ours, dict(quant) | {"__group__": group}
+    return ours, quant
 
 
 # -- the decoder -------------------------------------------------------------------------------------------------
 
-class StaticDecoder:
-    """Greedy decoding with a preallocated KV cache and a fixed-shape step (see the module docstring)."""
+class DecodeWeights:
+    """The weights a decode step reads, laid out once per model and shared by the decoders of every batch size:
+    per layer the norms, one fused q/k/v and one fused gate/up weight (copies), o and down; lm_head. Dense in the
+    model's dtype, or int4 for tinygemm — RTN-quantized here, or a GPTQ checkpoint's own ints (`int4_weights`,
+    {module name: (q, scales_and_zeros)} from `from_gptq`; their group size follows from the shapes, and a GPTQ
+    checkpoint's float lm_head stays float). Refuses, with the reason, a model the static step cannot run."""
 
-    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool = False,
-                 weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None):
-        """int4_weights: {module name: (q, scales_and_zeros)} to use instead of RTN (a GPTQ checkpoint's, from
-        `from_gptq`); implies weights='int4' with that checkpoint's group size."""
-        if int4_weights is not None:
-            weights, group_size = "int4", int4_weights["__group__"]
+    def __init__(self, model, weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None):
         c = model.config
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
             raise ValueError(f"StaticDecoder supports mha/gqa/mqa + rope + dense, not {c.attention}/{c.position}/"
                              f"{c.ffn}")
+        if int4_weights:
+            q0, sz0 = next(iter(int4_weights.values()))
+            weights, group_size = "int4", q0.shape[1] // sz0.shape[0]
         if weights not in ("native", "int4"):
             raise ValueError(f"weights must be 'native' (the model's dtype) or 'int4', not {weights!r}")
-        self.model, self.c = model.eval(), c
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        if weights == "int4" and self.dtype != torch.bfloat16:
+        if weights == "int4" and p.dtype != torch.bfloat16:
             raise ValueError(f"int4 decoding runs tinygemm with bf16 activations; load the model in bf16, not "
-                             f"{str(self.dtype).removeprefix('torch.')}")
-        self.weights, self.B, self.max_len = weights, batch_size, max_len
-        self.gqa = bool(c.num_key_value_heads != c.num_attention_heads)  # a plain bool: dynamo must not trace it
+                             f"{str(p.dtype).removeprefix('torch.')}")
+        self.int4 = int4 = weights == "int4"
         self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                       c.num_key_value_heads * c.head_dim]
-        int4 = weights == "int4"
-        m = model.model
         given = int4_weights or {}
 
         def q(*names):  # the given int4 weights of these modules, fused along the output features, or None (RTN)
@@ -252,7 +249,7 @@ class StaticDecoder:
 
         with torch.no_grad():
             self.layers = []
-            for i, layer in enumerate(m.layers):
+            for i, layer in enumerate(model.model.layers):
                 a, f = layer.self_attn, layer.mlp
                 pa, pm = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
                 self.layers.append(dict(
@@ -263,13 +260,30 @@ class StaticDecoder:
                     gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size,
                                    q(pm + "gate_proj", pm + "up_proj")),
                     down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"))))
-            # a GPTQ checkpoint leaves lm_head in floating point: so does its decoder
             self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
                                   q("lm_head"))
-        norms = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "norm" in n)
+        norms = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n)
         # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
         self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))
                            + self.lm_head.read_bytes + c.hidden_size * p.element_size() + norms)
+
+
+class StaticDecoder:
+    """Greedy decoding with a preallocated KV cache and a fixed-shape step (see the module docstring)."""
+
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool = False,
+                 weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
+                 prepared: DecodeWeights | None = None):
+        """weights/group_size/int4_weights: see DecodeWeights; prepared: a DecodeWeights of this model to share
+        (decoders of several batch sizes then hold one copy of the fused weights)."""
+        w = prepared or DecodeWeights(model, weights, group_size, int4_weights)
+        c = model.config
+        self.model, self.c = model.eval(), c
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.B, self.max_len = batch_size, max_len
+        self.gqa = bool(c.num_key_value_heads != c.num_attention_heads)  # a plain bool: dynamo must not trace it
+        self.layers, self.lm_head, self.split, self.read_bytes = w.layers, w.lm_head, w.split, w.read_bytes
         shape = (batch_size, c.num_key_value_heads, max_len, c.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(c.num_hidden_layers)]
@@ -280,7 +294,6 @@ class StaticDecoder:
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)
         self.history = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
-        self.compiled = compile
         self._advance_fn = torch.compile(self._advance, fullgraph=True) if compile else self._advance
         self.graph = None
 

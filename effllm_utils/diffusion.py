@@ -16,6 +16,7 @@ and is not computed here: `fid` is None with that reason).
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,20 +67,26 @@ def load(source: str, profile: str):
 
     from .finetune import ModelUnavailable
 
+    def unavailable(e: Exception) -> ModelUnavailable:
+        return ModelUnavailable(f"diffusers model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                                f"the {profile} profile needs the Hugging Face Hub (Stable Diffusion 3.5 is gated: "
+                                f"accept its licence and log in) or a copy in $HF_HOME")
+
     try:
         cfg = Path(source) / "transformer" / "config.json" if Path(source).is_dir() else \
             Path(hf_hub_download(source, "transformer/config.json"))
-        import json
-
         name = json.loads(cfg.read_text())["_class_name"]
-        if name not in FAMILIES:
-            raise ValueError(f"transformer {name} is not supported; supported: {', '.join(FAMILIES)}")
-        transformer = getattr(diffusers, name).from_pretrained(source, subfolder="transformer", torch_dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise unavailable(e) from None
+    if name not in FAMILIES:
+        raise ValueError(f"diffusers model {source!r}: transformer {name} is not supported; supported: "
+                         f"{', '.join(FAMILIES)}")
+    try:
+        transformer = getattr(diffusers, name).from_pretrained(source, subfolder="transformer",
+                                                               torch_dtype=torch.float32)
         vae = getattr(diffusers, FAMILIES[name][0]).from_pretrained(source, subfolder="vae", torch_dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise ModelUnavailable(f"diffusers model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); the "
-                               f"{profile} profile needs the Hugging Face Hub (Stable Diffusion 3.5 is gated: accept "
-                               f"its licence and log in) or a copy in $HF_HOME") from None
+        raise unavailable(e) from None
     return transformer, vae
 
 
@@ -105,7 +112,8 @@ def prompt_embeddings(source: str, prompts: list[str], transformer, device: str)
     else:
         (embeds, _), pooled = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False), None
     del pipe
-    return embeds.cpu(), None if pooled is None else pooled.cpu(), "class prompts through the checkpoint's text encoders"
+    how = "class prompts through the checkpoint's text encoders"
+    return embeds.cpu(), None if pooled is None else pooled.cpu(), how
 
 
 @torch.no_grad()

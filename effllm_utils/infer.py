@@ -69,17 +69,14 @@ class FastDecode:
                 raise ValueError(f"the static decoder runs the effllm backbone and Qwen2-family checkpoints, not "
                                  f"{getattr(model.config, 'model_type', type(model).__name__)}")
             model = decode.from_qwen2(model)
-        self.model, self.max_len, self.weights, self.int4_weights = model, max_len, weights, int4_weights
-        if int4_weights is not None:
-            self.weights = weights = "int4"
+        self.model, self.max_len = model, max_len
+        self.prepared = decode.DecodeWeights(model, weights, int4_weights=int4_weights)  # refuses what it cannot run
         self.device = next(model.parameters()).device
         self.compile = self.device.type == "cuda" if compile is None else compile
         self.cuda_graph = cuda_graph
-        self.decoders: dict[int, Any] = {}
-        decode.StaticDecoder(model, 1, 2, cuda_graph=False, weights=weights,
-                             int4_weights=int4_weights)  # refuse unsupported configs now
+        self.decoders: dict[int, Any] = {}  # one per batch size, all reading self.prepared
         self.path = "static" + ("+compile" if self.compile else "") + (
-            "+graph" if cuda_graph and self.device.type == "cuda" else "") + ("+int4" if weights == "int4" else "")
+            "+graph" if cuda_graph and self.device.type == "cuda" else "") + ("+int4" if self.prepared.int4 else "")
 
     @classmethod
     def from_gptq(cls, path, max_len: int, device: str, **kw) -> "FastDecode":
@@ -96,8 +93,7 @@ class FastDecode:
         B = ids.shape[0]
         if B not in self.decoders:
             self.decoders[B] = StaticDecoder(self.model, B, self.max_len, cuda_graph=self.cuda_graph,
-                                             compile=self.compile, weights=self.weights,
-                                             int4_weights=self.int4_weights)
+                                             compile=self.compile, prepared=self.prepared)
         synchronize(str(self.device))
         t0 = time.perf_counter()
         _, stamps = self.decoders[B].generate(ids, new_tokens)

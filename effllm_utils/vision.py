@@ -277,8 +277,7 @@ IMAGE_DATASETS = ("digits", *HUB_IMAGES, "imagefolder")
 
 def _to_tensor(images, size: int) -> torch.Tensor:
     """PIL images -> [N, 3, size, size] in [-1, 1]."""
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) if im.size != (size, size)
-                    else np.asarray(im.convert("RGB")) for im in images])
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size))) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 

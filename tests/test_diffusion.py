@@ -62,6 +62,11 @@ def test_missing_diffusers_model_is_one_clear_line(tmp_path):
     with pytest.raises(finetune.ModelUnavailable, match="could not be loaded .* the paper profile needs the Hugging "
                                                         "Face Hub"):
         diffusion.load(str(tmp_path / "nothing"), "paper")
+    (tmp_path / "flux" / "transformer").mkdir(parents=True)
+    (tmp_path / "flux" / "transformer" / "config.json").write_text('{"_class_name": "FluxTransformer2DModel"}')
+    with pytest.raises(ValueError, match="transformer FluxTransformer2DModel is not supported; supported: "
+                                         "SD3Transformer2DModel, WanTransformer3DModel"):
+        diffusion.load(str(tmp_path / "flux"), "paper")
 
 
 def _tiny_wan(path):

@@ -176,6 +176,7 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
     assert len(r["token_s"]) == 5 and r["tokens"] == 12 and r["e2e_s"] >= r["prefill_s"] > 0
     ref = built["fp32"][0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
     assert torch.equal(decoders["fp32"].decoders[2].generate(ids, 6)[0], ref)
+    assert decoders["fp32"].decoders[2].layers is decoders["fp32"].prepared.layers  # one fused copy per model
     eager, _ = quantize.decode_paths(built, "eager", 15)
     assert all(eager[p] is built[p][0] for p in built)
     with pytest.raises(ValueError, match="unknown decode \\['fast'\\]; choose from eager, static"):
