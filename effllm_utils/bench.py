@@ -85,6 +85,23 @@ def print_profile(prof, title: str, wall: float, count: int, unit: str, cuda: bo
     print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
+def print_step_kernels(prof, n_layers: int, layers_shown: int = 2) -> None:
+    """The kernels of the last decode step in launch order, with their durations: the embedding, the first
+    `layers_shown` layers, and the tail (final norm, lm_head, greedy choice)."""
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    if not kernels:
+        return
+    # the last step: from the last embedding lookup on (the step's first kernel reads the embedding table)
+    starts = [i for i, e in enumerate(kernels) if "embedding" in e.name.lower()]
+    step = kernels[starts[-1]:] if starts else kernels[-64:]
+    per_layer = (len(step) - 1) / max(n_layers, 1)
+    print(f"--- last step: {len(step)} kernels (~{per_layer:.1f} per layer); launch order:")
+    show = 1 + int(round(per_layer * layers_shown))
+    for e in step[:show] + ([] if len(step) <= show + 6 else step[-6:]):
+        dur = (e.time_range.end - e.time_range.start)
+        print(f"  {dur:8.1f} us  {e.name[:110]}")
+
+
 def run_case(name: str, model, fpt: float, active_params: int, args, peak: float | None) -> dict:
     from .train import TrainConfig, train
 
@@ -162,6 +179,8 @@ def decode_bench(args) -> int:
         del hf
         graph = "_cuda_graph" if cuda else ""
         variants = [(f"static{graph}", "native", False), (f"static_compiled{graph}", "native", True)]
+        if args.autotune:
+            variants.append((f"static_autotuned{graph}", "native", "max-autotune-no-cudagraphs"))
         if cuda or dtype == torch.bfloat16:
             variants.append((f"int4_static_compiled{graph}", "int4", True))
         for label, weights, comp in variants:
@@ -185,6 +204,8 @@ def decode_bench(args) -> int:
                     _, stamps = dec.generate(ids, new)
                 print_profile(prof, f"trace {name} {label} (one request, prefill included)",
                               (stamps[-1] - stamps[0]) / (new - 1), new, "token", cuda, rows=12)
+                if cuda:
+                    print_step_kernels(prof, len(ours.model.layers))
             del dec
         bf, i4 = rates.get(f"static_compiled{graph}"), rates.get(f"int4_static_compiled{graph}")
         if bf and i4:
@@ -244,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-eager", action="store_true", help="decode mode: leave out HF generate (slow)")
     ap.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per optimizer step")
     ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
+    ap.add_argument("--autotune", action="store_true",
+                    help="decode mode: also compile with inductor's max-autotune (Triton GEMV templates; slow compile)")
     ap.add_argument("--trace", action="store_true", help="profile a few training steps of each case (train mode) or "
                     "one request of each decoder (decode mode): the kernels taking the most time, kernels per token")
     args = ap.parse_args(argv)

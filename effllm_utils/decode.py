@@ -271,7 +271,7 @@ class DecodeWeights:
 class StaticDecoder:
     """Greedy decoding with a preallocated KV cache and a fixed-shape step (see the module docstring)."""
 
-    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool = False,
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool | str = False,
                  weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
                  prepared: DecodeWeights | None = None):
         """weights/group_size/int4_weights: see DecodeWeights; prepared: a DecodeWeights of this model to share
@@ -294,7 +294,11 @@ class StaticDecoder:
         self.pos = torch.zeros((), dtype=torch.long, device=self.device)
         self.history = torch.zeros(batch_size, max_len, dtype=torch.long, device=self.device)
         self.use_graph = cuda_graph and self.device.type == "cuda"
-        self._advance_fn = torch.compile(self._advance, fullgraph=True) if compile else self._advance
+        if compile:  # True: inductor's default mode; a string: its mode (e.g. "max-autotune-no-cudagraphs")
+            mode = compile if isinstance(compile, str) else None
+            self._advance_fn = torch.compile(self._advance, fullgraph=True, mode=mode)
+        else:
+            self._advance_fn = self._advance
         self.graph = None
 
     def _forward_one(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -322,7 +326,7 @@ class StaticDecoder:
 
     def _advance(self) -> None:
         """One greedy step on the static buffers: feed tok at pos, then tok <- argmax, pos += 1, record it."""
-        nxt = self._forward_one(self.tok, self.pos).argmax(-1, keepdim=True)
+        nxt = greedy(self._forward_one(self.tok, self.pos))
         self.pos.add_(1)
         self.tok.copy_(nxt)
         self.history.index_copy_(1, self.pos.view(1), nxt)
@@ -388,6 +392,23 @@ class StaticDecoder:
                 synchronize(str(self.device))
                 stamps.append(time.perf_counter())
         return self.history[:, L:L + new_tokens].clone(), stamps
+
+
+def greedy(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """`logits.argmax(-1, keepdim=True)` computed in two stages: the max of each `chunk`-wide slice, then the best
+    slice. A single argmax over a 152k vocabulary at batch 1 is one thread block's reduction (~32 us/token on an H100,
+    measured); split, the first stage spreads over ~150 blocks. Ties resolve to the first index, as argmax."""
+    V = logits.shape[-1]
+    n = V // chunk
+    if n < 2:
+        return logits.argmax(-1, keepdim=True)
+    vals, idx = logits[..., :n * chunk].unflatten(-1, (n, chunk)).max(-1)  # first max within each slice
+    best = vals.argmax(-1, keepdim=True)  # the first slice holding the overall max
+    tok = best * chunk + idx.gather(-1, best)
+    if n * chunk < V:  # the tail past the last whole slice
+        tail_val, tail_idx = logits[..., n * chunk:].max(-1, keepdim=True)
+        tok = torch.where(tail_val > vals.gather(-1, best), tail_idx + n * chunk, tok)
+    return tok
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

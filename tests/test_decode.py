@@ -100,3 +100,15 @@ def test_compiled_step_matches_eager():
     ids = torch.randint(0, 128, (1, 6))
     ref = decode.StaticDecoder(m, 1, 24).generate(ids, 8)[0]
     assert torch.equal(decode.StaticDecoder(m, 1, 24, compile=True).generate(ids, 8)[0], ref)
+
+
+@pytest.mark.parametrize("V,chunk", [(151_936, 1024), (4096, 1024), (1000, 1024), (5000, 64)])
+def test_two_stage_greedy_equals_argmax_ties_included(V, chunk):
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(3, V, generator=g).to(torch.bfloat16)  # bf16: many exact ties among the top values
+    logits[0, [7, V - 1]] = 100.0  # a tie between the first slice and the tail: the first index wins
+    logits[1, V - 1] = 100.0  # the max only in the tail
+    logits[2, [(chunk + 3) % V, (2 * chunk + 5) % V]] = 50.0  # a tie across two slices
+    want = logits.argmax(-1, keepdim=True)
+    assert torch.equal(decode.greedy(logits, chunk), want)
+    assert want[0, 0] == 7 and want[1, 0] == V - 1
