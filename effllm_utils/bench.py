@@ -9,7 +9,8 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
     python -m effllm_utils.bench --mode harness  # infer.measure: eager vs infer.FastDecode, batch 1 and 4
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
-compiled, and the backbone with 8 experts top-2 compiled. Each trains on random tokens through `train.train`
+compiled, and the backbone with 8 experts top-2 compiled; optional (`--cases`): `effllm_nsa_compiled` (NSA with
+the attention study's gpu settings, FlexAttention on CUDA) and `effllm_nsa_ref_compiled` (its dense-mask reference). Each trains on random tokens through `train.train`
 (AdamW, bf16 autocast on GPU, clipping) for `--steps`, the first `--skip` excluded; MFU uses analytic FLOPs and the
 device's datasheet peak (or the hardware study's measured peak). Prints measured numbers and ratios; asserts nothing.
 """
@@ -301,6 +302,11 @@ def main(argv: list[str] | None = None) -> int:
             model, fpt, active = models.EffLLMForCausalLM(dense_cfg), dense_fpt, nonemb(dense_cfg)
         elif case.startswith("effllm_moe"):
             model, fpt, active = models.EffLLMForCausalLM(moe_cfg), moe_fpt, nonemb(moe_cfg)
+        elif case.startswith("effllm_nsa"):  # the attention study's gpu NSA settings; _ref: the dense-mask kernel
+            nsa_cfg = models.EffLLMConfig(**dims, attention="nsa", nsa_block_size=64, nsa_num_selected=16,
+                                          nsa_window=512, nsa_kernel="reference" if "_ref" in case else "auto")
+            model, active = models.EffLLMForCausalLM(nsa_cfg), nonemb(nsa_cfg)
+            fpt = metrics.training_flops_per_token(nsa_cfg.shape(), args.seq)
         else:
             print(f"error: unknown case {case!r}", file=sys.stderr)
             return 2
@@ -317,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if "qwen2_eager" in by and "effllm_dense_compiled" in by:
         print(f"effllm dense compiled / transformers Qwen2 eager tokens/s: "
               f"{by['effllm_dense_compiled']['tokens_per_s'] / by['qwen2_eager']['tokens_per_s']:.2f}x")
+    if "effllm_nsa_compiled" in by and "effllm_nsa_ref_compiled" in by:
+        print(f"NSA FlexAttention / dense-mask reference tokens/s: "
+              f"{by['effllm_nsa_compiled']['tokens_per_s'] / by['effllm_nsa_ref_compiled']['tokens_per_s']:.2f}x")
     if "effllm_moe_compiled" in by and "effllm_dense_compiled" in by:
         d, m = by["effllm_dense_compiled"], by["effllm_moe_compiled"]
         ratio = (m["tokens_per_s"] * m["active_params"]) / (d["tokens_per_s"] * d["active_params"])

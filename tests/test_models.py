@@ -148,3 +148,50 @@ def test_bad_configs_are_clear_errors():
     m = EffLLMForCausalLM(models.config("test", position="learned"))
     with pytest.raises(ValueError, match="beyond max_position_embeddings 128"):
         m(torch.zeros(1, 129, dtype=torch.long))
+
+
+def _nsa_pair(window, selected, device="cpu"):
+    torch.manual_seed(0)
+    kw = dict(attention="nsa", nsa_window=window, nsa_num_selected=selected)
+    ref = EffLLMForCausalLM(models.config("test", nsa_kernel="reference", **kw)).to(device)
+    flex = EffLLMForCausalLM(models.config("test", nsa_kernel="flex", **kw)).to(device)
+    flex.load_state_dict(ref.state_dict())
+    return ref, flex
+
+
+@pytest.mark.parametrize("window,selected", [(8, 2), (5, 1)])
+def test_nsa_flex_kernel_equals_the_dense_mask_reference(window, selected):
+    """The FlexAttention path (used on CUDA) computes what the reference's dense masks compute, over a length where
+    selection is sparse (6 blocks of 4: 2 selected + the first + the current). Gradients: the CUDA test below."""
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3))
+    ref, flex = _nsa_pair(window, selected)
+    with torch.no_grad():
+        torch.testing.assert_close(flex(input_ids=ids).logits, ref(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        # with padding or a cache offset the flex config falls back to the reference
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        torch.testing.assert_close(flex(input_ids=ids, attention_mask=mask).logits,
+                                   ref(input_ids=ids, attention_mask=mask).logits)
+    g_ref = ref.generate(ids[:, :10], max_new_tokens=6, do_sample=False)
+    assert torch.equal(flex.generate(ids[:, :10], max_new_tokens=6, do_sample=False), g_ref)
+    with pytest.raises(ValueError, match="nsa_kernel='flex' cannot train on CPU"):
+        flex(input_ids=ids, labels=ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's fused kernel and backward need CUDA")
+def test_nsa_flex_kernel_gradients_on_cuda():
+    ids = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(4)).cuda()
+    ref, flex = _nsa_pair(16, 2, "cuda")  # 16 blocks of 4 (test config), 2 selected: sparse
+    outs = []
+    for m in (ref, flex):
+        out = m(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        outs.append((out.logits.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=2e-4, rtol=1e-3)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, atol=2e-4, rtol=1e-3, msg=n)
+
+
+def test_unknown_nsa_kernel_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown nsa_kernel 'triton'; choose one of auto, reference, flex"):
+        models.config("test", attention="nsa", nsa_kernel="triton")

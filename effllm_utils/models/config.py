@@ -9,6 +9,9 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "nsa")
+# NSA's selected and sliding-window branches: dense-mask SDPA (reference), FlexAttention block-sparse kernels
+# (flex), or auto = flex on CUDA when training/prefilling without padding, the reference otherwise
+NSA_KERNELS = ("auto", "reference", "flex")
 POSITIONS = ("rope", "sinusoidal", "learned", "relative", "none")
 FFNS = ("dense", "moe")
 
@@ -27,6 +30,7 @@ class EffLLMConfig(PretrainedConfig):
                  qk_rope_head_dim: int = 16, v_head_dim: int = 32,
                  # NSA (Yuan et al. 2025, "Native Sparse Attention")
                  nsa_block_size: int = 16, nsa_num_selected: int = 4, nsa_window: int = 64,
+                 nsa_kernel: str = "auto",
                  # relative position bias (T5)
                  relative_num_buckets: int = 32, relative_max_distance: int = 128,
                  # MoE (Mixtral naming)
@@ -51,6 +55,8 @@ class EffLLMConfig(PretrainedConfig):
         if num_attention_heads % num_key_value_heads:
             raise ValueError(f"num_attention_heads {num_attention_heads} must be a multiple of num_key_value_heads "
                              f"{num_key_value_heads}")
+        if nsa_kernel not in NSA_KERNELS:
+            raise ValueError(f"unknown nsa_kernel {nsa_kernel!r}; choose one of {', '.join(NSA_KERNELS)}")
         if ffn == "moe" and not 1 <= num_experts_per_tok <= num_local_experts:
             raise ValueError(f"num_experts_per_tok must be in [1, num_local_experts={num_local_experts}], "
                              f"got {num_experts_per_tok}")
@@ -65,6 +71,7 @@ class EffLLMConfig(PretrainedConfig):
         self.q_lora_rank, self.kv_lora_rank = q_lora_rank, kv_lora_rank
         self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         self.nsa_block_size, self.nsa_num_selected, self.nsa_window = nsa_block_size, nsa_num_selected, nsa_window
+        self.nsa_kernel = nsa_kernel
         self.relative_num_buckets, self.relative_max_distance = relative_num_buckets, relative_max_distance
         self.num_local_experts, self.num_experts_per_tok = num_local_experts, num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size

@@ -11,8 +11,12 @@ Attention variants (config.attention)
   nsa              Native Sparse Attention (Yuan et al. 2025): a compressed branch (a learned linear map of each
                    block of `nsa_block_size` keys/values), a selected branch (the top `nsa_num_selected` blocks by
                    the compressed attention scores, shared across the heads of a KV group, plus the first and the
-                   current block), and a sliding window of `nsa_window` tokens, mixed by learned sigmoid gates. This is
-                   the reference PyTorch formulation with dense masks (O(T^2) memory): clear and testable, not fast.
+                   current block), and a sliding window of `nsa_window` tokens, mixed by learned sigmoid gates. The
+                   reference formulation uses dense masks (O(T^2) memory): clear and testable, not fast. On CUDA
+                   (`nsa_kernel` auto, or flex anywhere) the selected and window branches run as FlexAttention
+                   block-sparse kernels instead (torch.compile'd; blocks no query selects are skipped, no T x T mask
+                   is built), whenever the attention is plain causal (no padding, no cache offset); tested equal to
+                   the reference.
 
 Position encodings (config.position)
   rope        rotary embedding on q/k (Su et al.), theta = rope_theta.
@@ -202,19 +206,46 @@ class NSAttention(Attention):
         self.k_compress = nn.Linear(self.block * self.head_dim, self.head_dim, bias=False)
         self.v_compress = nn.Linear(self.block * self.head_dim, self.head_dim, bias=False)
         self.gate = nn.Linear(c.hidden_size, 3 * self.n_heads, bias=True)
+        self.kernel = c.nsa_kernel
+
+    def _flex_branches(self, q, k, v, sel_blocks):
+        """The selected and sliding-window branches as FlexAttention over block masks (keys 0..T-1, causal):
+        the same function as the reference's dense masks, computed by a fused kernel that skips unselected blocks."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        B, H, T, _ = q.shape
+        l, w, last = self.block, self.window, sel_blocks.shape[-1] - 1
+
+        def selected(b, h, qi, ki):
+            return (ki <= qi) & sel_blocks[b, h, qi, torch.clamp(ki // l, max=last)]
+
+        def window(b, h, qi, ki):
+            return (ki <= qi) & (qi - ki < w)
+
+        attend = _flex_attention(q.is_cuda)
+        gqa = self.n_kv != self.n_heads
+        sel = attend(q, k, v, block_mask=create_block_mask(selected, B, H, T, T, device=q.device), enable_gqa=gqa)
+        win = attend(q, k, v, block_mask=create_block_mask(window, None, None, T, T, device=q.device), enable_gqa=gqa)
+        return sel, win
 
     def forward(self, x, positions, rope, allowed, bias, cache):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, rope, cache)
         S, G, l = k.shape[2], self.n_heads // self.n_kv, self.block
+        # FlexAttention needs plain causal attention over keys 0..T-1 (allowed None: no padding; S == T: no cache)
+        kernel = self.kernel
+        flex = allowed is None and S == T and (kernel == "flex" or (kernel == "auto" and x.is_cuda))
+        if flex and not x.is_cuda and torch.is_grad_enabled() and q.requires_grad:
+            raise ValueError("nsa_kernel='flex' cannot train on CPU (torch's FlexAttention has no CPU backward); "
+                             "use nsa_kernel='auto' (flex on CUDA only) or 'reference'")
         if allowed is None:
             allowed = allowed_mask(positions, S, None)
         scale = self.head_dim ** -0.5
         # compressed branch: block i summarises keys [i*l, (i+1)*l); query t sees it once the block is complete
         nb = S // l
         outs, gates = [], torch.sigmoid(self.gate(x)).view(B, T, self.n_heads, 3).permute(0, 2, 1, 3)
-        kq = k.repeat_interleave(G, dim=1)
-        vq = v.repeat_interleave(G, dim=1)
+        kq = None if flex else k.repeat_interleave(G, dim=1)
+        vq = None if flex else v.repeat_interleave(G, dim=1)
         block_of_key = torch.arange(S, device=x.device) // l
         if nb > 0:
             kc = self.k_compress(k[:, :, : nb * l].reshape(B, self.n_kv, nb, l * self.head_dim))
@@ -236,14 +267,33 @@ class NSAttention(Attention):
         sel_blocks[..., 0] = True  # the first block
         cur = (positions // l).clamp(max=sel_blocks.shape[-1] - 1)
         sel_blocks.scatter_(-1, cur[:, None, :, None].expand(B, self.n_heads, T, 1), True)  # the current block
-        sel_mask = sel_blocks.gather(-1, block_of_key.clamp(max=sel_blocks.shape[-1] - 1)
-                                     .expand(B, self.n_heads, T, S)) & allowed
-        outs.append(F.scaled_dot_product_attention(q, kq, vq, attn_mask=sel_mask))
-        win = allowed & (torch.arange(S, device=x.device)[None, None, None, :]
-                         > positions[:, None, :, None] - self.window)
-        outs.append(F.scaled_dot_product_attention(q, kq, vq, attn_mask=win))
+        if flex:
+            outs.extend(self._flex_branches(q, k, v, sel_blocks))
+        else:
+            sel_mask = sel_blocks.gather(-1, block_of_key.clamp(max=sel_blocks.shape[-1] - 1)
+                                         .expand(B, self.n_heads, T, S)) & allowed
+            outs.append(F.scaled_dot_product_attention(q, kq, vq, attn_mask=sel_mask))
+            win = allowed & (torch.arange(S, device=x.device)[None, None, None, :]
+                             > positions[:, None, :, None] - self.window)
+            outs.append(F.scaled_dot_product_attention(q, kq, vq, attn_mask=win))
         out = sum(gates[..., i, None] * o for i, o in enumerate(outs))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+_COMPILED_FLEX = None
+
+
+def _flex_attention(cuda: bool):
+    """FlexAttention: compiled on CUDA (its fast, fused kernel; inlined when the model itself is compiled), eager
+    elsewhere (a reference that materialises the scores: for tests on CPU)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not cuda:
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX
 
 
 # -- feed-forward ------------------------------------------------------------------------------------------------
@@ -421,7 +471,7 @@ class EffLLMModel(EffLLMPreTrainedModel):
         # keys are in cache order 0..S-1; queries sit at cache slots past..past+T-1
         slots = torch.arange(past, S, device=x.device)[None].expand(B, T)
         pad = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        needs_mask = pad is not None or past > 0 or c.position == "relative" or c.attention == "nsa"
+        needs_mask = pad is not None or past > 0 or c.position == "relative"
         allowed = allowed_mask(slots, S, pad) if needs_mask and not (past > 0 and T == 1 and pad is None) else None
         bias = None
         if self.relative_bias is not None:
