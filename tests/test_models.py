@@ -151,8 +151,8 @@ def test_bad_configs_are_clear_errors():
 
 
 def _nsa_pair(window, selected, device="cpu"):
-    torch.manual_seed(0)
-    kw = dict(attention="nsa", nsa_window=window, nsa_num_selected=selected)
+    torch.manual_seed(0)  # head_dim 16: the smallest FlexAttention's CUDA kernel takes
+    kw = dict(attention="nsa", nsa_window=window, nsa_num_selected=selected, hidden_size=64)
     ref = EffLLMForCausalLM(models.config("test", nsa_kernel="reference", **kw)).to(device)
     flex = EffLLMForCausalLM(models.config("test", nsa_kernel="flex", **kw)).to(device)
     flex.load_state_dict(ref.state_dict())
