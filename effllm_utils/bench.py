@@ -86,21 +86,26 @@ def print_profile(prof, title: str, wall: float, count: int, unit: str, cuda: bo
     print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=70), flush=True)
 
 
+def last_period(names: list[str]) -> int | None:
+    """The length of the shortest block that ends the sequence and repeats just before it (one decode step's
+    kernels: the step's tail kernels occur once per step, so a layer's repeats cannot match)."""
+    return next((p for p in range(1, len(names) // 2 + 1) if names[-p:] == names[-2 * p:-p]), None)
+
+
 def print_step_kernels(prof, n_layers: int, layers_shown: int = 2) -> None:
-    """The kernels of the last decode step in launch order, with their durations: the embedding, the first
-    `layers_shown` layers, and the tail (final norm, lm_head, greedy choice)."""
+    """The kernels of the last decode step in launch order, with their durations: its first `layers_shown` layers'
+    worth and its tail (final norm, lm_head, greedy choice). Every replay launches the same kernels, so the step is
+    the shortest period of the kernel-name sequence at the end of the profile."""
     kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
-    if not kernels:
+    period = last_period([e.name for e in kernels])
+    if period is None:
         return
-    # the last step: from the last embedding lookup on (the step's first kernel reads the embedding table)
-    starts = [i for i, e in enumerate(kernels) if "embedding" in e.name.lower()]
-    step = kernels[starts[-1]:] if starts else kernels[-64:]
-    per_layer = (len(step) - 1) / max(n_layers, 1)
-    print(f"--- last step: {len(step)} kernels (~{per_layer:.1f} per layer); launch order:")
-    show = 1 + int(round(per_layer * layers_shown))
-    for e in step[:show] + ([] if len(step) <= show + 6 else step[-6:]):
-        dur = (e.time_range.end - e.time_range.start)
-        print(f"  {dur:8.1f} us  {e.name[:110]}")
+    step = kernels[-period:]
+    per_layer = period / max(n_layers, 1)
+    print(f"--- last step: {period} kernels (~{per_layer:.1f} per layer); launch order:")
+    show = int(round(per_layer * layers_shown))
+    for e in step[:show] + ([] if period <= show + 6 else step[-6:]):
+        print(f"  {e.time_range.end - e.time_range.start:8.1f} us  {e.name[:110]}")
 
 
 def run_case(name: str, model, fpt: float, active_params: int, args, peak: float | None) -> dict:
