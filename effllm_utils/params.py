@@ -146,6 +146,29 @@ def study_params(study: str, profile: str, root: Path | None = None) -> dict[str
     return validate(values, notebook_parameters(notebook_path(study, root)), str(path))
 
 
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` strings (VALUE read as a YAML value: 200, true, "text", {"a": 1}) into a dict."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ParamsError(f"--set {pair!r}: write KEY=VALUE, e.g. --set steps=200")
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ParamsError(f"--set {pair!r}: VALUE is not a YAML value: {' '.join(str(e).split())}") from None
+    return out
+
+
+def with_overrides(study: str, values: dict[str, Any], overrides: dict[str, Any],
+                   root: Path | None = None) -> dict[str, Any]:
+    """A study's params with command-line overrides applied, each checked against the notebook's declaration."""
+    bad = [k for k in overrides if k in RUNNER_KEYS]
+    if bad:
+        raise ParamsError(f"--set {bad[0]}: set by the runner (use --profile / --force)")
+    return values | validate(overrides, notebook_parameters(notebook_path(study, root)), f"--set for {study}")
+
+
 def from_namespace(study: str, namespace: dict[str, Any], root: Path | None = None) -> dict[str, Any]:
     """In a notebook: the current values of its declared parameters (minus runner keys), type-checked.
 

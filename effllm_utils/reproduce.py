@@ -1,12 +1,15 @@
 """`make reproduce`: run every study notebook of a profile in batch with papermill.
 
     python -m effllm_utils.reproduce --profile tiny [--only hardware,attention] [--dry-run] [--force]
+    python -m effllm_utils.reproduce --profile gpu --only attention --set steps=200 --set dataset=embedded
 
 Each study's `params/<profile>/<study>.yaml` is validated against its notebook's parameters cell first; each
 notebook runs in its own kernel with a per-cell timeout and is written, executed, to
 outputs/<profile>/notebooks/<study>.ipynb. A failing notebook is reported (cell and error) and the batch goes on;
 the summary table ends the run, and the exit status is 1 if any study failed. Records are written atomically by the
 notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) resumes where it stopped.
+`--set KEY=VALUE` overrides one parameter of every selected study for this run (checked against each notebook's
+declaration); the records keep the params they ran with, so an override is never mistaken for the file's run.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import PROFILES, STUDIES, outputs_dir, repo_root
-from .params import ParamsError, notebook_path, study_params
+from .params import ParamsError, notebook_path, parse_overrides, study_params, with_overrides
 from .runs import atomic_write_text
 
 
@@ -52,13 +55,14 @@ def select(only: str | None, root: Path) -> list[str]:
     return [s for s in available if s in chosen]
 
 
-def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None) -> Outcome:
+def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None,
+              overrides: dict | None = None) -> Outcome:
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     t0 = time.perf_counter()
     try:
-        values = study_params(study, profile, root)
+        values = with_overrides(study, study_params(study, profile, root), overrides or {}, root)
     except ParamsError as e:
         return Outcome(study, "failed", 0.0, f"params: {e}")
     out_dir = outputs_dir(profile) / "notebooks"
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout in seconds")
     ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's, python3)")
     ap.add_argument("--root", type=Path, default=None, help="effllm checkout holding notebooks/ and params/")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a parameter of the selected studies for this run (VALUE as YAML); repeatable")
     args = ap.parse_args(argv)
     if args.root:
         os.environ["EFFLLM_ROOT"] = str(args.root.resolve())  # kernels inherit it
@@ -111,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile not in PROFILES:
             raise ValueError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
         studies = select(args.only, root)
-    except ValueError as e:
+        overrides = parse_overrides(args.overrides)
+        for st in studies:  # every override must be a parameter of every selected study, before anything runs
+            with_overrides(st, {}, overrides, root)
+    except (ValueError, ParamsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not studies:
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = 0
         for s in studies:
             try:
-                values = study_params(s, args.profile, root)
+                values = with_overrides(s, study_params(s, args.profile, root), overrides, root)
                 print(f"{s}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
             except ParamsError as e:
                 bad += 1
@@ -138,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(studies, desc=f"reproduce[{args.profile}]", unit="study", file=sys.stderr)
         for s in bar:
             bar.set_postfix_str(s)
-            o = run_study(s, args.profile, root, args.force, args.timeout, args.kernel)
+            o = run_study(s, args.profile, root, args.force, args.timeout, args.kernel, overrides)
             outcomes.append(o)
             if o.status != "ok":
                 tqdm.write(f"FAILED {s}: {o.detail}", file=sys.stderr)

@@ -102,6 +102,23 @@ def test_cli_errors_and_dry_run(root, capsys):
     assert counter(root) == []  # a dry run runs nothing
 
 
+def test_set_overrides_a_parameter_for_one_run(root, outputs, capsys):
+    make_study(root, "hardware", "sleep_s: 0.5\n")
+    assert reproduce.main(["--root", str(root), "--dry-run", "--set", "sleep_s=0", "--set", "fail=false"]) == 0
+    assert '{"sleep_s": 0.0, "fail": false}' in capsys.readouterr().out  # int widened to the declared float
+    for bad, msg in ((["--set", "sleep_s"], "--set 'sleep_s': write KEY=VALUE"),
+                     (["--set", "slep_s=1"], "--set for hardware: unknown key 'slep_s'"),
+                     (["--set", "sleep_s=fast"], "key 'sleep_s' must be float, got str 'fast'"),
+                     (["--set", "force=true"], "--set force: set by the runner"),
+                     (["--set", "sleep_s=[1,"], "--set 'sleep_s=[1,': VALUE is not a YAML value")):
+        assert reproduce.main(["--root", str(root), *bad]) == 2, bad
+        assert msg in capsys.readouterr().err
+    assert counter(root) == []  # a bad override runs nothing
+    assert reproduce.main(["--root", str(root), "--set", "sleep_s=0"]) == 0
+    df = runs.load_runs("tiny")
+    assert len(df) == 2 and (df["param.sleep_s"] == 0.0).all()  # the records keep the params they ran with
+
+
 def test_kill_leaves_no_half_written_record_and_the_next_run_resumes(root, outputs):
     make_study(root, "hardware", "sleep_s: 60.0\n")
     env = dict(os.environ, EFFLLM_OUTPUTS=str(outputs))
