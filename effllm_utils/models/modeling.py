@@ -232,11 +232,10 @@ class NSAttention(Attention):
         B, T, _ = x.shape
         q, k, v = self.qkv(x, rope, cache)
         S, G, l = k.shape[2], self.n_heads // self.n_kv, self.block
-        # FlexAttention needs plain causal attention over keys 0..T-1 (allowed None: no padding; S == T: no cache)
-        kernel = self.kernel
-        # (auto also needs head_dim >= 16: FlexAttention's CUDA kernel rejects smaller heads, measured)
+        # FlexAttention needs plain causal attention over keys 0..T-1 (allowed None: no padding; S == T: no cache);
+        # its CUDA kernel rejects head_dim < 16 (measured), where auto keeps the reference
         flex = allowed is None and S == T and (
-            kernel == "flex" or (kernel == "auto" and x.is_cuda and self.head_dim >= 16))
+            self.kernel == "flex" or (self.kernel == "auto" and x.is_cuda and self.head_dim >= 16))
         if flex and not x.is_cuda and torch.is_grad_enabled() and q.requires_grad:
             raise ValueError("nsa_kernel='flex' cannot train on CPU (torch's FlexAttention has no CPU backward); "
                              "use nsa_kernel='auto' (flex on CUDA only) or 'reference'")
