@@ -10,7 +10,8 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled; optional (`--cases`): `effllm_nsa_compiled` (NSA with
-the attention study's gpu settings, FlexAttention on CUDA) and `effllm_nsa_ref_compiled` (its dense-mask reference). Each trains on random tokens through `train.train`
+the attention study's gpu settings, FlexAttention on CUDA) and `effllm_nsa_ref_compiled` (its dense-mask
+reference). Each trains on random tokens through `train.train`
 (AdamW, bf16 autocast on GPU, clipping) for `--steps`, the first `--skip` excluded; MFU uses analytic FLOPs and the
 device's datasheet peak (or the hardware study's measured peak). Prints measured numbers and ratios; asserts nothing.
 """

@@ -351,10 +351,15 @@ class StaticDecoder:
         saved = [t.clone() for t in (*self.k, *self.v, self.tok, self.pos, self.history)]
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up (and compilation) outside the graph
+        # warm-up (and compilation) outside the graph, then the capture; each run starts at position 0 so the
+        # writes stay inside the cache whatever the prompt length (a capture at the prompt's end would step past
+        # max_len when few tokens are left); the buffers are restored below
+        with torch.cuda.stream(s):
             for _ in range(3):
+                self.pos.zero_()
                 self._advance_fn()
         torch.cuda.current_stream().wait_stream(s)
+        self.pos.zero_()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._advance_fn()

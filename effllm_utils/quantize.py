@@ -315,12 +315,11 @@ COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "
 def table(profile: str):
     import pandas as pd
 
-    df = runs.load_runs(profile, "quantization", status="ok")
-    if df.empty:
+    recs = [r for r in runs.load_records(profile, "quantization") if r.status == "ok"]  # read once
+    if not recs:
         return pd.DataFrame(columns=list(COLUMNS.values()))
     order = {p: i for i, p in enumerate(PRECISIONS)}
-    paths = {r.run_id: r.artifacts.get("decode_path", "eager") for r in runs.load_records(profile, "quantization")}
-    df["decode"] = df["run_id"].map(paths)
+    df = pd.DataFrame([r.flat() | {"decode": r.artifacts.get("decode_path", "eager")} for r in recs])
     df = df.sort_values(["scale", "technique"], key=lambda s: s.map(order) if s.name == "technique" else s)
     return df[[c for c in COLUMNS if c in df]].rename(columns=COLUMNS).reset_index(drop=True)
 
