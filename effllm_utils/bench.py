@@ -5,7 +5,8 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
     python -m effllm_utils.bench --shape gpu --batch 16 --seq 1024 --steps 30
     python -m effllm_utils.bench --shape gpu_large --grad-accum 2 --trace   # the gpu profile's largest, profiled
     python -m effllm_utils.bench --mode decode   # Qwen2.5-1.5B and 0.5B shapes (random bf16 weights) on CUDA:
-                                                 # HF eager, static + CUDA graph, + compile, int4 (tinygemm)
+                                                 # HF eager, static + CUDA graph, + compile, int4
+                                                 # (tinygemm and the Triton W4A16 kernels)
     python -m effllm_utils.bench --mode harness  # infer.measure: eager vs infer.FastDecode, batch 1 and 4
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
@@ -140,12 +141,13 @@ def _dtype(args, cuda: bool) -> torch.dtype:
 
 def decode_bench(args) -> int:
     """Batch-1 greedy decode: HF generate (eager) vs the static-cache decoder (CUDA graph; compiled + CUDA graph) in
-    the model's dtype, and with int4 weights (tinygemm), side by side on the same random-weight model."""
+    the model's dtype, and with int4 weights (tinygemm, and effllm's Triton W4A16 kernels on CUDA), side by side on
+    the same random-weight model."""
     import statistics
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from . import decode, hardware
+    from . import decode, hardware, w4a16
 
     cuda = args.device.startswith("cuda")
     dtype = _dtype(args, cuda)
@@ -185,16 +187,20 @@ def decode_bench(args) -> int:
         ours = decode.from_qwen2(hf)
         del hf
         graph = "_cuda_graph" if cuda else ""
-        variants = [(f"static{graph}", "native", False), (f"static_compiled{graph}", "native", True)]
+        variants = [(f"static{graph}", "native", False, "tinygemm"),  # (label, weights, compile, int4 kernel)
+                    (f"static_compiled{graph}", "native", True, "tinygemm")]
         if args.autotune:
-            variants.append((f"static_autotuned{graph}", "native", "max-autotune-no-cudagraphs"))
+            variants.append((f"static_autotuned{graph}", "native", "max-autotune-no-cudagraphs", "tinygemm"))
+        int4_kernels = ["tinygemm"] + (["triton"] if w4a16.available(args.device) and cuda else [])
         if cuda or dtype == torch.bfloat16:
-            variants.append((f"int4_static_compiled{graph}", "int4", True))
-        for label, weights, comp in variants:
-            if comp and not cuda and not args.compile_cpu:
+            variants += [(f"int4_{k}_static_compiled{graph}", "int4", True, k) for k in int4_kernels]
+        for label, weights, comp, kernel in variants:
+            if (comp and not cuda and not args.compile_cpu) or (
+                    args.decode_variants and not any(v in label for v in args.decode_variants.split(","))):
                 continue
             try:
-                dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp, weights=weights)
+                dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp, weights=weights,
+                                           int4_kernel=kernel)
             except ValueError as e:  # e.g. int4 on a shape its kernel cannot tile
                 print(f"  {label:<34} skipped: {e}", flush=True)
                 continue
@@ -214,10 +220,12 @@ def decode_bench(args) -> int:
                 if cuda:
                     print_step_kernels(prof, len(ours.model.layers))
             del dec
-        bf, i4 = rates.get(f"static_compiled{graph}"), rates.get(f"int4_static_compiled{graph}")
-        if bf and i4:
-            print(f"  int4 / {str(dtype).removeprefix('torch.')} decode tokens/s (compiled, batch 1): {i4 / bf:.2f}x",
-                  flush=True)
+        bf = rates.get(f"static_compiled{graph}")
+        for k in int4_kernels:
+            i4 = rates.get(f"int4_{k}_static_compiled{graph}")
+            if bf and i4:
+                print(f"  int4 ({k}) / {str(dtype).removeprefix('torch.')} decode tokens/s (compiled, batch 1): "
+                      f"{i4 / bf:.2f}x", flush=True)
         del ours
         if cuda:
             torch.cuda.empty_cache()
@@ -270,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="decode mode: weight dtype (default bf16 on CUDA, fp32 on CPU; int4 runs from bf16 only)")
     ap.add_argument("--skip-eager", action="store_true", help="decode mode: leave out HF generate (slow)")
+    ap.add_argument("--decode-variants", default="",
+                    help="decode mode: comma-separated substrings; only decoders whose label holds one run "
+                         "(e.g. 'compiled' or 'static_compiled,int4_triton')")
     ap.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per optimizer step")
     ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
     ap.add_argument("--autotune", action="store_true",

@@ -1,5 +1,5 @@
 """A fast decode path: a static KV cache and a fixed-shape one-token step, compiled and captured in a CUDA graph,
-with bf16/fp16 weights or int4 weights through torch's tinygemm kernel.
+with bf16/fp16 weights or int4 weights (torch's tinygemm kernel, or effllm's Triton W4A16 kernels).
 
 HF `generate` in eager mode spends almost all of a small model's decode time launching kernels from Python (an H100
 decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). Here:
@@ -13,8 +13,10 @@ decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). 
   one graph replay with no host round trip; per-token timestamps come from CUDA events recorded after each replay
   (on CPU, from the host clock after each step), not from dividing a total;
 - `weights="int4"`: every linear layer (lm_head included) is quantized round-to-nearest, groupwise asymmetric
-  (group 128 by default), and packed for `torch.ops.aten._weight_int4pack_mm` (tinygemm on CUDA, its CPU twin on
-  CPU). Activations are bf16. Calibration-free; quality is measured by the quantization study, not assumed.
+  (group 128 by default) — or a GPTQ checkpoint's ints are taken as they are — and multiplied by
+  `torch.ops.aten._weight_int4pack_mm` (tinygemm on CUDA, its CPU twin on CPU), or with `int4_kernel="triton"` by
+  effllm's Triton W4A16 kernels (`w4a16`; slower than tinygemm as they stand, measured). Activations are bf16.
+  Quality is measured by the quantization study, not assumed.
 
     dec = StaticDecoder(model, batch_size=1, max_len=512, cuda_graph=True, compile=True)
     tokens, stamps = dec.generate(prompt_ids, new_tokens=128)
@@ -85,32 +87,62 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) 
     return ((q.float().reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
+INT4_KERNELS = ("tinygemm", "triton")
+
+
+def int4_kernel(kernel: str, device: torch.device | str) -> str:
+    """Checks the int4 matmul a decode step on `device` is to use: "tinygemm" (torch's `_weight_int4pack_mm`, the
+    default: measured faster) or "triton" (effllm's W4A16 kernels, `w4a16`: CUDA, or Triton's interpreter on CPU)."""
+    from . import w4a16
+
+    if kernel not in INT4_KERNELS:
+        raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, not {kernel!r}")
+    if kernel == "triton" and not w4a16.available(device):
+        raise ValueError(f"the Triton W4A16 kernel cannot run on {torch.device(device).type} here (it needs Triton "
+                         f"and a CUDA device, or TRITON_INTERPRET=1 on CPU); use int4_kernel='tinygemm'")
+    return kernel
+
+
 class Linear:
-    """One linear layer as the decode step reads it: a dense weight, or int4 packed for tinygemm."""
+    """One linear layer as the decode step reads it: a dense weight, or int4 for the Triton W4A16 kernels or
+    tinygemm (`int4_kernel`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP,
-                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN."""
+        from . import w4a16
+
         self.out_features, self.in_features = weight.shape
         self.bias, self.int4, self.group = bias, int4, group
         self.cuda = weight.device.type == "cuda"
+        self.kernel = "dense"
         if not int4:
             self.weight = weight.detach()
             self.read_bytes = self.weight.numel() * self.weight.element_size()
         else:
-            if self.out_features % 8:
-                raise ValueError(f"int4 needs out_features divisible by 8, got {self.out_features}")
-            q, self.sz = quantized if quantized is not None else quantize_int4(weight.detach(), group)
-            q, self.sz = q.to(weight.device), self.sz.to(weight.device)
-            tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
-            if self.cuda:  # CUDA's packer takes two 4-bit values per byte
-                self.weight = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8),
-                                                                         tiles)
+            self.kernel = int4_kernel(kernel, weight.device)
+            q, sz = quantized if quantized is not None else quantize_int4(weight.detach(), group)
+            q, sz = q.to(weight.device), sz.to(weight.device)
+            if self.kernel == "triton":
+                self.weight, self.sz_rows = w4a16.pack(q, sz)
+                stored = (self.weight, self.sz_rows)
             else:
-                self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
-            self.read_bytes = self.weight.numel() * self.weight.element_size() + self.sz.numel() * 2
-            self._check(q)  # the packed layout is torch-internal: verify it computes what (q, sz) stands for
-            self.q = q if not self.cuda else None  # kept on CPU for the tests' reference; dropped on GPU
+                if self.out_features % 8:
+                    raise ValueError(f"tinygemm int4 needs out_features divisible by 8, got {self.out_features}")
+                tiles = 8 if self.in_features % 128 == 0 else 4 if self.in_features % 64 == 0 else 2
+                if self.cuda:  # CUDA's packer takes two 4-bit values per byte
+                    self.weight = torch.ops.aten._convert_weight_to_int4pack(
+                        (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), tiles)
+                else:
+                    self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, tiles)
+                stored = (self.weight, sz)
+            self.sz = sz
+            self.read_bytes = sum(t.numel() * t.element_size() for t in stored)
+            self._check(q)  # a packed layout can drift between torch versions: verify it computes what (q, sz) mean
+            if self.cuda:  # q and the tinygemm-layout scales are kept on CPU for the tests' reference only
+                self.q, self.sz = None, (sz if self.kernel == "tinygemm" else None)
+            else:
+                self.q = q
         if bias is not None:
             self.read_bytes += bias.numel() * bias.element_size()
 
@@ -120,14 +152,18 @@ class Linear:
         got = self(x).float() - (0 if self.bias is None else self.bias.float())
         err = ((got - ref).norm() / ref.norm()).item()
         if not err < 2e-2:
-            raise RuntimeError(f"int4 kernel check failed (relative error {err:.3g} vs the dequantized weight): this "
-                               f"torch ({torch.__version__}) packs int4 differently; use weights='native'")
+            raise RuntimeError(f"int4 kernel check failed ({self.kernel}: relative error {err:.3g} vs the "
+                               f"dequantized weight) with torch {torch.__version__}; use weights='native'")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.int4:
             return F.linear(x, self.weight, self.bias)
+        from . import w4a16
+
         flat = x.reshape(-1, self.in_features)
-        if self.cuda:
+        if self.kernel == "triton":
+            y = w4a16.matmul(flat, self.weight, self.sz_rows, self.group)
+        elif self.cuda:
             y = torch.ops.aten._weight_int4pack_mm(flat, self.weight, self.group, self.sz)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.sz)
@@ -223,7 +259,8 @@ class DecodeWeights:
     {module name: (q, scales_and_zeros)} from `from_gptq`; their group size follows from the shapes, and a GPTQ
     checkpoint's float lm_head stays float). Refuses, with the reason, a model the static step cannot run."""
 
-    def __init__(self, model, weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None):
+    def __init__(self, model, weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
+                 int4_kernel: str = "tinygemm"):
         c = model.config
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
             raise ValueError(f"StaticDecoder supports mha/gqa/mqa + rope + dense, not {c.attention}/{c.position}/"
@@ -241,6 +278,7 @@ class DecodeWeights:
         self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                       c.num_key_value_heads * c.head_dim]
         given = int4_weights or {}
+        k = dict(kernel=int4_kernel)
 
         def q(*names):  # the given int4 weights of these modules, fused along the output features, or None (RTN)
             if not all(n in given for n in names):
@@ -255,13 +293,14 @@ class DecodeWeights:
                 self.layers.append(dict(
                     ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm,
                     qkv=Linear(*_fused(a.q_proj, a.k_proj, a.v_proj), int4, group_size,
-                               q(pa + "q_proj", pa + "k_proj", pa + "v_proj")),
-                    o=Linear(a.o_proj.weight, a.o_proj.bias, int4, group_size, q(pa + "o_proj")),
+                               q(pa + "q_proj", pa + "k_proj", pa + "v_proj"), **k),
+                    o=Linear(a.o_proj.weight, a.o_proj.bias, int4, group_size, q(pa + "o_proj"), **k),
                     gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size,
-                                   q(pm + "gate_proj", pm + "up_proj")),
-                    down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"))))
+                                   q(pm + "gate_proj", pm + "up_proj"), **k),
+                    down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"), **k)))
             self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
-                                  q("lm_head"))
+                                  q("lm_head"), **k)
+        self.int4_kernel = self.layers[0]["qkv"].kernel if int4 else None
         norms = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n)
         # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
         self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))
@@ -273,10 +312,10 @@ class StaticDecoder:
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool | str = False,
                  weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
-                 prepared: DecodeWeights | None = None):
-        """weights/group_size/int4_weights: see DecodeWeights; prepared: a DecodeWeights of this model to share
-        (decoders of several batch sizes then hold one copy of the fused weights)."""
-        w = prepared or DecodeWeights(model, weights, group_size, int4_weights)
+                 prepared: DecodeWeights | None = None, int4_kernel: str = "tinygemm"):
+        """weights/group_size/int4_weights/int4_kernel: see DecodeWeights and `int4_kernel`; prepared: a
+        DecodeWeights of this model to share (decoders of several batch sizes then hold one copy of the weights)."""
+        w = prepared or DecodeWeights(model, weights, group_size, int4_weights, int4_kernel)
         c = model.config
         self.model, self.c = model.eval(), c
         p = next(model.parameters())

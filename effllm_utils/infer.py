@@ -76,7 +76,8 @@ class FastDecode:
         self.cuda_graph = cuda_graph
         self.decoders: dict[int, Any] = {}  # one per batch size, all reading self.prepared
         self.path = "static" + ("+compile" if self.compile else "") + (
-            "+graph" if cuda_graph and self.device.type == "cuda" else "") + ("+int4" if self.prepared.int4 else "")
+            "+graph" if cuda_graph and self.device.type == "cuda" else "") + (
+            f"+int4({self.prepared.int4_kernel})" if self.prepared.int4 else "")
 
     @classmethod
     def from_gptq(cls, path, max_len: int, device: str, **kw) -> "FastDecode":

@@ -170,7 +170,7 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
     assert isinstance(decoders["fp32"], infer.FastDecode) and paths["fp32"] == ("static", "")
     assert decoders["int8"] is built["int8"][0] and paths["int8"][0] == "eager"
     assert "quantized weights" in paths["int8"][1]
-    assert isinstance(decoders["int4_rtn"], infer.FastDecode) and paths["int4_rtn"] == ("static+int4", "")
+    assert isinstance(decoders["int4_rtn"], infer.FastDecode) and paths["int4_rtn"] == ("static+int4(tinygemm)", "")
     ids = data.token_ids("validation", tok)[:16].view(2, 8)
     r = infer.timed_request(decoders["fp32"], ids, 6, "cpu")
     assert len(r["token_s"]) == 5 and r["tokens"] == 12 and r["e2e_s"] >= r["prefill_s"] > 0
