@@ -11,8 +11,9 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled; optional (`--cases`): `effllm_nsa_compiled` (NSA with
-the attention study's gpu settings, FlexAttention on CUDA) and `effllm_nsa_ref_compiled` (its dense-mask
-reference). Each trains on random tokens through `train.train`
+the attention study's gpu settings, FlexAttention on CUDA), `effllm_nsa_ref_compiled` (its dense-mask
+reference) and `effllm_dense_ce_compiled` (dense with the fused chunked head + cross-entropy, `ce_chunk`). Each trains on
+random tokens through `train.train`
 (AdamW, bf16 autocast on GPU, clipping) for `--steps`, the first `--skip` excluded; MFU uses analytic FLOPs and the
 device's datasheet peak (or the hardware study's measured peak). Prints measured numbers and ratios; asserts nothing.
 """
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode mode: comma-separated substrings; only decoders whose label holds one run "
                          "(e.g. 'compiled' or 'static_compiled,int4_triton')")
     ap.add_argument("--grad-accum", type=int, default=1, help="train mode: micro-batches per optimizer step")
+    ap.add_argument("--ce-chunk", type=int, default=4096,
+                    help="train mode: tokens per chunk of the effllm_dense_ce_compiled case's fused head + loss")
     ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
     ap.add_argument("--autotune", action="store_true",
                     help="decode mode: also compile with inductor's max-autotune (Triton GEMV templates; slow compile)")
@@ -315,8 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         if case.startswith("qwen2"):
             model, fpt, active = _qwen2(dims), dense_fpt, nonemb(dense_cfg)
-        elif case.startswith("effllm_dense"):
-            model, fpt, active = models.EffLLMForCausalLM(dense_cfg), dense_fpt, nonemb(dense_cfg)
+        elif case.startswith("effllm_dense"):  # effllm_dense_ce*: the fused chunked head + loss (--ce-chunk)
+            cfg = models.EffLLMConfig(**dims, attention="gqa", ce_chunk=args.ce_chunk if "_ce" in case else 0)
+            model, fpt, active = models.EffLLMForCausalLM(cfg), dense_fpt, nonemb(dense_cfg)
         elif case.startswith("effllm_moe"):
             model, fpt, active = models.EffLLMForCausalLM(moe_cfg), moe_fpt, nonemb(moe_cfg)
         elif case.startswith("effllm_nsa"):  # the attention study's gpu NSA settings; _ref: the dense-mask kernel
@@ -340,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     if "qwen2_eager" in by and "effllm_dense_compiled" in by:
         print(f"effllm dense compiled / transformers Qwen2 eager tokens/s: "
               f"{by['effllm_dense_compiled']['tokens_per_s'] / by['qwen2_eager']['tokens_per_s']:.2f}x")
+    if "effllm_dense_ce_compiled" in by and "effllm_dense_compiled" in by:
+        d, f = by["effllm_dense_compiled"], by["effllm_dense_ce_compiled"]
+        print(f"fused chunked head + loss (ce_chunk {args.ce_chunk}) / plain cross-entropy: tokens/s "
+              f"{f['tokens_per_s'] / d['tokens_per_s']:.2f}x, peak memory {f['peak_mem_gb']:.1f} vs "
+              f"{d['peak_mem_gb']:.1f} GB")
     if "effllm_nsa_compiled" in by and "effllm_nsa_ref_compiled" in by:
         print(f"NSA FlexAttention / dense-mask reference tokens/s: "
               f"{by['effllm_nsa_compiled']['tokens_per_s'] / by['effllm_nsa_ref_compiled']['tokens_per_s']:.2f}x")

@@ -36,6 +36,8 @@ class EffLLMConfig(PretrainedConfig):
                  # MoE (Mixtral naming)
                  num_local_experts: int = 8, num_experts_per_tok: int = 2, moe_intermediate_size: int | None = None,
                  router_aux_loss_coef: float = 0.01,
+                 # training loss: 0 = cross-entropy over the full logits; N = fused head + loss, N tokens at a time
+                 ce_chunk: int = 0,
                  initializer_range: float = 0.02, tie_word_embeddings: bool = False, use_cache: bool = True,
                  bos_token_id: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
                  **kwargs):
@@ -76,6 +78,9 @@ class EffLLMConfig(PretrainedConfig):
         self.num_local_experts, self.num_experts_per_tok = num_local_experts, num_experts_per_tok
         self.moe_intermediate_size = moe_intermediate_size or intermediate_size
         self.router_aux_loss_coef = router_aux_loss_coef
+        if ce_chunk < 0:
+            raise ValueError(f"ce_chunk must be 0 (plain cross-entropy) or a positive number of tokens, got {ce_chunk}")
+        self.ce_chunk = ce_chunk
         self.initializer_range, self.use_cache = initializer_range, use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)

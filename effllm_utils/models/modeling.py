@@ -45,6 +45,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import EffLLMConfig
+from .loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -514,12 +515,22 @@ class EffLLMForCausalLM(EffLLMPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         h, cache, aux = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = None
+        loss = logits = None
+        # training with ce_chunk: the head and the loss fused, chunk by chunk, no logits kept (models/loss.py);
+        # only for a plain Linear head (a PEFT-wrapped one computes more than its weight)
+        fused = (labels is not None and self.config.ce_chunk and torch.is_grad_enabled()
+                 and type(self.lm_head) is nn.Linear)
+        if not fused:
+            logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         if labels is not None:
             # shift the labels, not the logits: slicing [B, T, vocab] logits would copy them
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1), ignore_index=-100)
+            if fused:
+                loss = linear_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, shifted.reshape(-1),
+                                            self.config.ce_chunk)
+            else:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
+                                       ignore_index=-100)
             if self.config.ffn == "moe":
                 loss = loss + self.config.router_aux_loss_coef * aux / self.config.num_hidden_layers
         out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
