@@ -18,8 +18,11 @@ def test_pack_roundtrip_and_layout():
     q, sz = decode.quantize_int4(torch.randn(24, 256), 64)
     words, rows = w4a16.pack(q, sz)
     assert words.shape == (24, 32) and words.dtype == torch.int32 and rows.shape == (24, 4, 2)
-    assert torch.equal(w4a16.unpack(words), q)
-    assert int(words[0, 0]) & 0xF == int(q[0, 0]) and (int(words[0, 0]) >> 4) & 0xF == int(q[0, 1])  # low nibble first
+    assert torch.equal(w4a16.unpack(words, 64), q)
+    # within a group of 64 columns (8 words), nibble j of word w is column 8 j + w; the low nibble first
+    w0, w9 = int(words[0, 0]), int(words[0, 9])  # word 9 = group 1, word 1
+    assert w0 & 0xF == int(q[0, 0]) and (w0 >> 4) & 0xF == int(q[0, 8]) and (w0 >> 28) & 0xF == int(q[0, 56])
+    assert w9 & 0xF == int(q[0, 65]) and (w9 >> 8) & 0xF == int(q[0, 64 + 16 + 1])
     assert torch.equal(rows[5, 2], sz[2, 5])
     with pytest.raises(ValueError, match="divisible by 8"):
         w4a16.pack(torch.zeros(2, 12, dtype=torch.int32), torch.zeros(1, 2, 2))
@@ -47,8 +50,8 @@ _INTERPRETED = textwrap.dedent("""
     # N not a multiple of the block, groups not a multiple of the groups per step
     for M, N, K, g, dt in [(1, 44, 384, 128, torch.bfloat16), (3, 40, 320, 64, torch.float16),
                            (8, 16, 96, 32, torch.bfloat16), (20, 72, 512, 128, torch.float16),
-                           (1, 24, 4224, 128, torch.bfloat16)]:  # the last splits K in 4 (a ragged last slice)
-        assert (M, N, K) != (1, 24, 4224) or w4a16.splits(M, N, K) == 4, w4a16.splits(M, N, K)
+                           (1, 24, 8320, 128, torch.bfloat16)]:  # the last: 65 groups in 8 slices of 9 (ragged)
+        assert (M, N, K) != (1, 24, 8320) or w4a16.splits(M, N, K, g) == 8, w4a16.splits(M, N, K, g)
         q, sz = decode.quantize_int4(torch.randn(N, K), g)
         words, rows = w4a16.pack(q, sz)
         x = torch.randn(M, K).to(dt)
@@ -57,6 +60,15 @@ _INTERPRETED = textwrap.dedent("""
         assert y.shape == (M, N) and y.dtype == dt, (y.shape, y.dtype)
         e = err(y, ref)
         assert e < 8e-3, (M, N, K, g, dt, e)
+    # the tensor-core gemm also on few rows (what a GPU may choose for decoding: `_choose` times both)
+    for M in (1, 5):
+        q, sz = decode.quantize_int4(torch.randn(40, 256), 64)
+        words, rows = w4a16.pack(q, sz)
+        x = torch.randn(M, 256).to(torch.float16)
+        y = torch.empty(1, M, 40)
+        w4a16._launch("gemm", x, words, rows, y, 64)
+        e = err(y[0], x.float() @ decode.dequantize_int4(q, sz, 64).t())
+        assert e < 8e-3, (M, e)
     try:
         w4a16.matmul(torch.randn(1, 128), words, rows, 64)
     except ValueError as e:
@@ -99,6 +111,13 @@ def test_kernels_on_cuda_bf16():
             ref = x.float() @ decode.dequantize_int4(q, sz, 128).t()
             y = w4a16.matmul(x, words, rows, 128)
             assert ((y.float() - ref).norm() / ref.norm()).item() < 8e-3, (M, N, K)
+            assert w4a16._CHOICE[(N, K, 128)] in ("gemv", "gemm")
+            if M <= w4a16.GEMV_MAX_M:  # both few-row kernels, whichever was chosen
+                for kernel in ("gemv", "gemm"):
+                    S = w4a16.splits(M, N, K, 128) if kernel == "gemv" and w4a16._CHOICE[(N, K, 128)] == "gemv" else 1
+                    out = torch.empty(S, M, N, device="cuda")
+                    w4a16._launch(kernel, x, words, rows, out, 128)
+                    assert ((out.sum(0) - ref).norm() / ref.norm()).item() < 8e-3, (kernel, M, N, K)
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 128, (1, 6), device="cuda")
     toks = {k: decode.StaticDecoder(m, 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k)
