@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU measurements the README quotes, each under its own time limit, its log written as it runs (so a step cut
+# short still leaves what it printed). Run from the repository root on a CUDA host:
+#
+#   scripts/gpu_session.sh [step ...]        (default: tests decode train)
+#
+# steps:
+#   tests     the CUDA-only tests (W4A16 kernels in bf16, NSA FlexAttention gradients)
+#   decode    batch-1 decode, Qwen2.5-1.5B shape: bf16 compiled + CUDA graph, int4 tinygemm and int4 Triton
+#   decode05  the same at the Qwen2.5-0.5B shape
+#   train     training step at the gpu profile's largest shape: dense vs dense with the fused chunked loss
+#   trace     the dense training step at that shape under the profiler (kernel table)
+#   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
+#             GPU host without the Hub has them); needs papermill, or wheels for it in .whl/ (installed to /tmp/site)
+#
+# Logs go to $OUT (set by the device tool) or outputs/gpu_session/. PYTHON picks the interpreter (default python3).
+set -u
+out=${OUT:-outputs/gpu_session}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+step() {  # step NAME SECONDS CMD...: run CMD under a limit, log to $out/NAME.log, show its tail
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name exit $?"
+  grep -v -i -e warn -e "Failed to load" "$out/$name.log" | tail -n 30
+}
+
+bench=("$py" -m effllm_utils.bench)
+for s in "${@:-tests decode train}"; do
+  for s in $s; do
+    case $s in
+      tests) step tests 240 "$py" -m pytest -q -rs tests/test_w4a16.py tests/test_models.py -k cuda ;;
+      decode) step decode 330 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-1.5b \
+                --decode-variants static_compiled,int4 ;;
+      decode05) step decode05 300 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b \
+                  --decode-variants static_compiled,int4 ;;
+      train) step train 420 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled,effllm_dense_ce_compiled \
+               --steps 20 --skip 8 ;;
+      trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
+      study)
+        if ! "$py" -c "import papermill" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+          "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+          export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+        fi
+        step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
+          --set tokenizer=embedded --set steps=150 --set eval_every=1000
+        tar czf "$out/gpu_attention.tgz" outputs/gpu 2>/dev/null ;;
+      *) echo "unknown step $s; steps: tests decode decode05 train trace study" >&2; exit 2 ;;
+    esac
+  done
+done
