@@ -259,7 +259,7 @@ def table(profile: str):
     (model, dataset) group over the metrics measured there (metrics.efficiency_score)."""
     import pandas as pd
 
-    df = runs.load_runs(profile, "peft", status="ok")
+    df = runs.load_runs(profile, "peft", status="ok", current_only=True)
     if df.empty:
         return pd.DataFrame(columns=list(COLUMNS.values()))
     df = df.copy()

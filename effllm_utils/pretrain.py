@@ -159,7 +159,7 @@ def table(profile: str, study: str):
     """The study's table as a DataFrame, one row per ok record, paper-style headers."""
     import pandas as pd
 
-    df = runs.load_runs(profile, study, status="ok")
+    df = runs.load_runs(profile, study, status="ok", current_only=True)
     if df.empty:
         return pd.DataFrame(columns=list(TABLE_COLUMNS.values()))
     cols = [c for c in TABLE_COLUMNS if c in df]
@@ -183,7 +183,7 @@ def figures(profile: str, study: str) -> list[Path]:
 
     from . import plotting
 
-    recs = [r for r in runs.load_records(profile, study) if r.status == "ok"]
+    recs = runs.load_current(profile, study)
     if not recs:
         return []
     paths = write_table(table(profile, study), profile, study)

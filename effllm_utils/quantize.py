@@ -315,7 +315,7 @@ COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "
 def table(profile: str):
     import pandas as pd
 
-    recs = [r for r in runs.load_records(profile, "quantization") if r.status == "ok"]  # read once
+    recs = runs.load_current(profile, "quantization")  # read once
     if not recs:
         return pd.DataFrame(columns=list(COLUMNS.values()))
     order = {p: i for i, p in enumerate(PRECISIONS)}

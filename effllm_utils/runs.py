@@ -304,15 +304,19 @@ def ok_record(profile: str, study: str, technique: str, params: dict[str, Any], 
     return rec if rec.status == "ok" else None
 
 
-def load_runs(profile: str, study: str | None = None, status: str | None = None):
-    """All records of a profile (optionally one study / one status) as a pandas DataFrame, one row each.
+def load_runs(profile: str, study: str | None = None, status: str | None = None, current_only: bool = False):
+    """All records of a profile (optionally one study / one status) as a pandas DataFrame, one row each;
+    `current_only`: the ok records `current` keeps (what a table shows).
 
     Leftover temp files of interrupted writes are ignored; a record that does not parse is an error naming it."""
     import pandas as pd
 
     base = runs_dir(profile, study)
     paths = sorted(base.glob("*.json") if study else base.glob("*/*.json")) if base.is_dir() else []
-    rows = [read_record(p).flat() for p in paths]
+    recs = [read_record(p) for p in paths]
+    if current_only:
+        recs = current([r for r in recs if r.status == "ok"])
+    rows = [r.flat() for r in recs]
     cols = ["run_id", "study", "technique", "scale", "profile", "status", "error", "started_at", "duration_s"]
     df = pd.DataFrame(rows) if rows else pd.DataFrame(columns=cols)
     if status is not None:
@@ -329,6 +333,34 @@ def latest(records: list[RunRecord]) -> list[RunRecord]:
         if k not in newest or (r.started_at or "") > (newest[k].started_at or ""):
             newest[k] = r
     return [r for r in records if newest[(r.technique, r.scale)] is r]
+
+
+def settings(r: RunRecord) -> str:
+    """A hash of a record's params with the seed left out: records with equal settings are repeats of one experiment."""
+    return params_hash({k: v for k, v in r.params.items() if k != "seed"})
+
+
+def experiment(r: RunRecord) -> tuple:
+    """What a table row stands for: (technique, scale), and the dataset where a study varies it per run (peft)."""
+    return (r.technique, r.scale) + ((r.params.get("dataset"),) if r.study == "peft" else ())
+
+
+def current(records: list[RunRecord]) -> list[RunRecord]:
+    """The records tables and figures show, in the order given: for each `experiment`, those with the settings of its
+    newest record — that record and its repeats (other seeds). Records of a re-run with other params supersede the
+    older ones, which stay on disk but would otherwise appear as duplicate rows."""
+    newest: dict[tuple, RunRecord] = {}
+    for r in records:
+        k = experiment(r)
+        if k not in newest or (r.started_at or "") > (newest[k].started_at or ""):
+            newest[k] = r
+    keep = {k: settings(r) for k, r in newest.items()}
+    return [r for r in records if settings(r) == keep[experiment(r)]]
+
+
+def load_current(profile: str, study: str) -> list[RunRecord]:
+    """The ok records of a study that `current` keeps."""
+    return current([r for r in load_records(profile, study) if r.status == "ok"])
 
 
 def load_records(profile: str, study: str) -> list[RunRecord]:

@@ -108,3 +108,29 @@ def test_atomic_dir_publishes_only_complete_folders(tmp_path):
     with runs.atomic_dir(target) as tmp:
         (tmp / "model.safetensors").write_text("whole")
     assert (target / "model.safetensors").read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def _record(study, technique, started, seed=0, scale="s", **params):
+    p = {"seed": seed, **params}
+    return runs.RunRecord(run_id=runs.make_run_id(study, technique, p, scale), study=study, technique=technique,
+                          profile="tiny", scale=scale, params=p, quality={"ppl": started}, started_at=f"2026-01-0{started}")
+
+
+def test_current_keeps_the_newest_settings_and_their_repeats(outputs):
+    """A re-run with other params supersedes older records in tables (no duplicate rows); seeds stay repeats."""
+    from effllm_utils import pretrain
+
+    old = _record("attention", "gqa", 1, lr=0.1)
+    new, new_seed = _record("attention", "gqa", 2, lr=0.2), _record("attention", "gqa", 3, seed=1, lr=0.2)
+    other = _record("attention", "mqa", 1, lr=0.1)  # only ever run with the old settings: still shown
+    assert runs.current([old, new, other, new_seed]) == [new, other, new_seed]
+    # peft varies the dataset per run: each dataset is its own row
+    a, b = _record("peft", "lora", 1, dataset="alpaca"), _record("peft", "lora", 2, dataset="milton")
+    assert runs.current([a, b]) == [a, b]
+    for r in (old, new, other, new_seed):
+        runs.write_record(r)
+    t = pretrain.table("tiny", "attention")
+    assert sorted(zip(t["technique"], t["PPL"])) == [("gqa", 2), ("gqa", 3), ("mqa", 1)]
+    assert len(runs.load_runs("tiny", "attention")) == 4  # all stay on disk and in the raw listing
+    assert [r.run_id for r in runs.load_current("tiny", "attention")] == sorted([new.run_id, new_seed.run_id,
+                                                                                  other.run_id])
