@@ -40,3 +40,13 @@ def test_notebooks_are_committed_without_outputs():
         for cell in json.loads(nb.read_text())["cells"]:
             if cell["cell_type"] == "code":
                 assert not cell["outputs"] and cell["execution_count"] is None, nb.name
+
+
+def test_gpu_session_script_parses_and_refuses_unknown_steps(tmp_path):
+    import subprocess
+
+    script = REPO / "scripts" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    r = subprocess.run(["bash", str(script), "nosuchstep"], capture_output=True, text=True, cwd=REPO,
+                       env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "unknown step nosuchstep; steps: tests decode decode05 train trace study" in r.stderr
