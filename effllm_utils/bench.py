@@ -12,8 +12,8 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled; optional (`--cases`): `effllm_nsa_compiled` (NSA with
 the attention study's gpu settings, FlexAttention on CUDA), `effllm_nsa_ref_compiled` (its dense-mask
-reference) and `effllm_dense_ce_compiled` (dense with the fused chunked head + cross-entropy, `ce_chunk`). Each trains on
-random tokens through `train.train`
+reference) and `effllm_dense_ce_compiled` (dense with the fused chunked head + cross-entropy, `ce_chunk`). Each
+trains on random tokens through `train.train`
 (AdamW, bf16 autocast on GPU, clipping) for `--steps`, the first `--skip` excluded; MFU uses analytic FLOPs and the
 device's datasheet peak (or the hardware study's measured peak). Prints measured numbers and ratios; asserts nothing.
 """
@@ -188,20 +188,24 @@ def decode_bench(args) -> int:
         ours = decode.from_qwen2(hf)
         del hf
         graph = "_cuda_graph" if cuda else ""
-        variants = [(f"static{graph}", "native", False, "tinygemm"),  # (label, weights, compile, int4 kernel)
-                    (f"static_compiled{graph}", "native", True, "tinygemm")]
+        triton_ok = cuda and w4a16.available(args.device)
+        # (label, weights, compile, int4 kernel, dense kernel)
+        variants = [(f"static{graph}", "native", False, "tinygemm", "cublas"),
+                    (f"static_compiled{graph}", "native", True, "tinygemm", "cublas")]
+        if triton_ok:
+            variants.append((f"static_compiled_triton_gemv{graph}", "native", True, "tinygemm", "triton"))
         if args.autotune:
-            variants.append((f"static_autotuned{graph}", "native", "max-autotune-no-cudagraphs", "tinygemm"))
-        int4_kernels = ["tinygemm"] + (["triton"] if w4a16.available(args.device) and cuda else [])
+            variants.append((f"static_autotuned{graph}", "native", "max-autotune-no-cudagraphs", "tinygemm", "cublas"))
+        int4_kernels = ["tinygemm"] + (["triton"] if triton_ok else [])
         if cuda or dtype == torch.bfloat16:
-            variants += [(f"int4_{k}_static_compiled{graph}", "int4", True, k) for k in int4_kernels]
-        for label, weights, comp, kernel in variants:
+            variants += [(f"int4_{k}_static_compiled{graph}", "int4", True, k, "cublas") for k in int4_kernels]
+        for label, weights, comp, kernel, dense in variants:
             if (comp and not cuda and not args.compile_cpu) or (
                     args.decode_variants and not any(v in label for v in args.decode_variants.split(","))):
                 continue
             try:
                 dec = decode.StaticDecoder(ours, 1, 16 + new + 1, cuda_graph=cuda, compile=comp, weights=weights,
-                                           int4_kernel=kernel)
+                                           int4_kernel=kernel, dense_kernel=dense)
             except ValueError as e:  # e.g. int4 on a shape its kernel cannot tile
                 print(f"  {label:<34} skipped: {e}", flush=True)
                 continue
@@ -222,6 +226,10 @@ def decode_bench(args) -> int:
                     print_step_kernels(prof, len(ours.model.layers))
             del dec
         bf = rates.get(f"static_compiled{graph}")
+        tg = rates.get(f"static_compiled_triton_gemv{graph}")
+        if bf and tg:
+            print(f"  Triton GEMV / cuBLAS, {str(dtype).removeprefix('torch.')} decode tokens/s (compiled, batch 1): "
+                  f"{tg / bf:.2f}x", flush=True)
         for k in int4_kernels:
             i4 = rates.get(f"int4_{k}_static_compiled{graph}")
             if bf and i4:

@@ -88,6 +88,7 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) 
 
 
 INT4_KERNELS = ("tinygemm", "triton")
+DENSE_KERNELS = ("cublas", "triton")
 
 
 def int4_kernel(kernel: str, device: torch.device | str) -> str:
@@ -104,19 +105,25 @@ def int4_kernel(kernel: str, device: torch.device | str) -> str:
 
 
 class Linear:
-    """One linear layer as the decode step reads it: a dense weight, or int4 for the Triton W4A16 kernels or
-    tinygemm (`int4_kernel`)."""
+    """One linear layer as the decode step reads it: a dense weight (cuBLAS, or effllm's Triton GEMV:
+    `dense_kernel`), or int4 for tinygemm or the Triton W4A16 kernels (`kernel`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP,
-                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm"):
+                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm",
+                 dense_kernel: str = "cublas"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN."""
-        from . import w4a16
+        from . import gemv, w4a16
 
         self.out_features, self.in_features = weight.shape
         self.bias, self.int4, self.group = bias, int4, group
         self.cuda = weight.device.type == "cuda"
-        self.kernel = "dense"
         if not int4:
+            if dense_kernel not in DENSE_KERNELS:
+                raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, not {dense_kernel!r}")
+            if dense_kernel == "triton" and not gemv.available(weight.device):
+                raise ValueError(f"the Triton GEMV cannot run on {weight.device.type} here (it needs Triton and a "
+                                 f"CUDA device, or TRITON_INTERPRET=1 on CPU); use dense_kernel='cublas'")
+            self.kernel = dense_kernel
             self.weight = weight.detach()
             self.read_bytes = self.weight.numel() * self.weight.element_size()
         else:
@@ -156,11 +163,13 @@ class Linear:
                                f"dequantized weight) with torch {torch.__version__}; use weights='native'")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.int4:
-            return F.linear(x, self.weight, self.bias)
-        from . import w4a16
+        from . import gemv, w4a16
 
         flat = x.reshape(-1, self.in_features)
+        if not self.int4:
+            if self.kernel == "triton" and flat.shape[0] <= gemv.MAX_M:
+                return gemv.linear(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+            return F.linear(x, self.weight, self.bias)
         if self.kernel == "triton":
             y = w4a16.matmul(flat, self.weight, self.sz_rows, self.group)
         elif self.cuda:
@@ -260,7 +269,7 @@ class DecodeWeights:
     checkpoint's float lm_head stays float). Refuses, with the reason, a model the static step cannot run."""
 
     def __init__(self, model, weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
-                 int4_kernel: str = "tinygemm"):
+                 int4_kernel: str = "tinygemm", dense_kernel: str = "cublas"):
         c = model.config
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
             raise ValueError(f"StaticDecoder supports mha/gqa/mqa + rope + dense, not {c.attention}/{c.position}/"
@@ -278,7 +287,7 @@ class DecodeWeights:
         self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                       c.num_key_value_heads * c.head_dim]
         given = int4_weights or {}
-        k = dict(kernel=int4_kernel)
+        k = dict(kernel=int4_kernel, dense_kernel=dense_kernel)
 
         def q(*names):  # the given int4 weights of these modules, fused along the output features, or None (RTN)
             if not all(n in given for n in names):
@@ -312,10 +321,11 @@ class StaticDecoder:
 
     def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool = True, compile: bool | str = False,
                  weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
-                 prepared: DecodeWeights | None = None, int4_kernel: str = "tinygemm"):
-        """weights/group_size/int4_weights/int4_kernel: see DecodeWeights and `int4_kernel`; prepared: a
-        DecodeWeights of this model to share (decoders of several batch sizes then hold one copy of the weights)."""
-        w = prepared or DecodeWeights(model, weights, group_size, int4_weights, int4_kernel)
+                 prepared: DecodeWeights | None = None, int4_kernel: str = "tinygemm", dense_kernel: str = "cublas"):
+        """weights/group_size/int4_weights/int4_kernel/dense_kernel: see DecodeWeights, `int4_kernel` and `Linear`;
+        prepared: a DecodeWeights of this model to share (decoders of several batch sizes then hold one copy of the
+        weights)."""
+        w = prepared or DecodeWeights(model, weights, group_size, int4_weights, int4_kernel, dense_kernel)
         c = model.config
         self.model, self.c = model.eval(), c
         p = next(model.parameters())

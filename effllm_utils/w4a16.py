@@ -30,25 +30,15 @@ from __future__ import annotations
 
 import torch
 
+from .gemv import available, interpreting as _interpreting, slices  # noqa: F401  (available: this module's API)
+
 GEMV_MAX_M = 8
 
 try:
     import triton
     import triton.language as tl
-    from triton import knobs as _knobs
 except ImportError:  # no Triton (e.g. a CPU-only install): `available()` says so and the decoder uses tinygemm
     triton = None
-
-
-def available(device: torch.device | str) -> bool:
-    """Whether these kernels can run on `device`: Triton present, and a CUDA device (or the interpreter on CPU)."""
-    if triton is None:
-        return False
-    return torch.device(device).type == "cuda" or _interpreting()
-
-
-def _interpreting() -> bool:
-    return triton is not None and bool(_knobs.runtime.interpret)
 
 
 def pack(q: torch.Tensor, sz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +144,11 @@ def _kernel_for(M: int, N: int, K: int, group: int) -> str:
 
 
 def splits(M: int, N: int, K: int, group: int) -> int:
-    """How many slices of K the gemv splits into: enough programs (at 8 output features each) to fill an H100's
-    132 SMs twice, each slice at least 8 groups long; 1 for the gemm."""
+    """How many slices of K the gemv splits into (`gemv.slices`: programs counted at 8 output features, slices of at
+    least 8 groups); 1 for the gemm."""
     if _kernel_for(M, N, K, group) == "gemm":
         return 1
-    want = max(1, -(-264 // -(-N // 8)))
-    s = 1
-    while s < want and s < 16 and K // group // (2 * s) >= 8:
-        s *= 2
-    return s
+    return slices(-(-N // 8), K // group, 8)
 
 
 def _launch(kernel: str, x, words, sz, y, group: int) -> None:

@@ -6,7 +6,8 @@
 #
 # steps:
 #   tests     the CUDA-only tests (W4A16 kernels in bf16, NSA FlexAttention gradients)
-#   decode    batch-1 decode, Qwen2.5-1.5B shape: bf16 compiled + CUDA graph, int4 tinygemm and int4 Triton
+#   decode    batch-1 decode, Qwen2.5-1.5B shape: bf16 compiled + CUDA graph (cuBLAS and the Triton GEMV), int4
+#             tinygemm and int4 Triton
 #   decode05  the same at the Qwen2.5-0.5B shape
 #   train     training step at the gpu profile's largest shape: dense vs dense with the fused chunked loss
 #   trace     the dense training step at that shape under the profiler (kernel table)
@@ -34,9 +35,9 @@ for s in "${@:-tests decode train}"; do
   for s in $s; do
     case $s in
       tests) step tests 240 "$py" -m pytest -q -rs tests/test_w4a16.py tests/test_models.py -k cuda ;;
-      decode) step decode 330 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-1.5b \
+      decode) step decode 420 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-1.5b \
                 --decode-variants static_compiled,int4 ;;
-      decode05) step decode05 300 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b \
+      decode05) step decode05 400 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b \
                   --decode-variants static_compiled,int4 ;;
       train) step train 420 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled,effllm_dense_ce_compiled \
                --steps 20 --skip 8 ;;

@@ -113,7 +113,8 @@ def test_atomic_dir_publishes_only_complete_folders(tmp_path):
 def _record(study, technique, started, seed=0, scale="s", **params):
     p = {"seed": seed, **params}
     return runs.RunRecord(run_id=runs.make_run_id(study, technique, p, scale), study=study, technique=technique,
-                          profile="tiny", scale=scale, params=p, quality={"ppl": started}, started_at=f"2026-01-0{started}")
+                          profile="tiny", scale=scale, params=p, quality={"ppl": started},
+                          started_at=f"2026-01-0{started}")
 
 
 def test_current_keeps_the_newest_settings_and_their_repeats(outputs):

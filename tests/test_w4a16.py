@@ -1,5 +1,6 @@
-"""effllm's Triton W4A16 kernels (`effllm_utils.w4a16`) against the dequantized reference: on CPU through Triton's
-interpreter (a subprocess with TRITON_INTERPRET=1, read when the kernels are defined), on CUDA natively."""
+"""effllm's Triton kernels — W4A16 (`effllm_utils.w4a16`) against the dequantized reference, the dense GEMV
+(`effllm_utils.gemv`) against F.linear: on CPU through Triton's interpreter (a subprocess with TRITON_INTERPRET=1,
+read when the kernels are defined), on CUDA natively."""
 import os
 import subprocess
 import sys
@@ -32,9 +33,14 @@ def test_kernel_choice_errors():
     with pytest.raises(ValueError, match="int4 kernel must be one of"):
         decode.int4_kernel("marlin", "cpu")
     assert decode.int4_kernel("tinygemm", "cpu") == "tinygemm"
+    m = EffLLMForCausalLM(models.config("test", attention="gqa")).eval()
+    with pytest.raises(ValueError, match="dense kernel must be one of"):
+        decode.StaticDecoder(m, 1, 16, dense_kernel="cutlass")
     if not w4a16.available("cpu"):
         with pytest.raises(ValueError, match="Triton W4A16 kernel cannot run on cpu"):
             decode.int4_kernel("triton", "cpu")
+        with pytest.raises(ValueError, match="the Triton GEMV cannot run on cpu"):
+            decode.StaticDecoder(m, 1, 16, dense_kernel="triton")
 
 
 _INTERPRETED = textwrap.dedent("""
@@ -75,6 +81,25 @@ _INTERPRETED = textwrap.dedent("""
         assert "W4A16 shapes do not agree" in str(e)
     else:
         raise AssertionError("mismatched group accepted")
+    # the dense Triton GEMV (effllm_utils.gemv) against F.linear: bf16/fp16/fp32, ragged N and K, K split in 8
+    from effllm_utils import gemv
+    import torch.nn.functional as F
+    assert gemv.splits(1, 16, 8192) == 8
+    for M, N, K, dt in [(1, 44, 200, torch.bfloat16), (3, 40, 384, torch.float16), (2, 16, 8192, torch.float32)]:
+        w, x, b = torch.randn(N, K).to(dt), torch.randn(M, K).to(dt), torch.randn(N).to(dt)
+        y = gemv.linear(x, w, b)
+        ref = F.linear(x.float(), w.float(), b.float())
+        assert y.shape == (M, N) and y.dtype == dt and err(y, ref) < 5e-3, (M, N, K, dt, err(y, ref))
+    m32 = EffLLMForCausalLM(models.config("test", attention="gqa")).eval()
+    ids32 = torch.randint(0, 128, (1, 6))
+    steps = {}
+    for kernel in ("triton", "cublas"):
+        dec = decode.StaticDecoder(m32, batch_size=1, max_len=16, dense_kernel=kernel)
+        assert dec.layers[0]["qkv"].kernel == kernel
+        with torch.no_grad():
+            dec.prefill(ids32)
+            steps[kernel] = torch.stack([dec.step(ids32[:, i:i + 1], 6 + i) for i in range(3)], 1)
+    torch.testing.assert_close(steps["triton"], steps["cublas"], rtol=1e-4, atol=1e-4)
     # the decode step with the Triton kernels computes what the tinygemm one does
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to(torch.bfloat16).eval()
     ids = torch.randint(0, 128, (2, 6))
@@ -118,6 +143,12 @@ def test_kernels_on_cuda_bf16():
                     out = torch.empty(S, M, N, device="cuda")
                     w4a16._launch(kernel, x, words, rows, out, 128)
                     assert ((out.sum(0) - ref).norm() / ref.norm()).item() < 8e-3, (kernel, M, N, K)
+    from effllm_utils import gemv
+    for M, N, K in ((1, 1152, 896), (1, 896, 4864), (4, 9728, 896), (1, 151936, 896)):
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ w.float().t()
+        assert ((gemv.linear(x, w).float() - ref).norm() / ref.norm()).item() < 8e-3, (M, N, K)
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 128, (1, 6), device="cuda")
     toks = {k: decode.StaticDecoder(m, 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k)
