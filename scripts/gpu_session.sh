@@ -48,7 +48,7 @@ for s in "${@:-tests decode train}"; do
           export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
         fi
         step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
-          --set tokenizer=embedded --set steps=150 --set eval_every=1000
+          --set tokenizer=embedded --set steps=100 --set eval_every=1000
         tar czf "$out/gpu_attention.tgz" outputs/gpu 2>/dev/null ;;
       *) echo "unknown step $s; steps: tests decode decode05 train trace study" >&2; exit 2 ;;
     esac
