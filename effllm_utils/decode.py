@@ -15,8 +15,8 @@ decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). 
 - `weights="int4"`: every linear layer (lm_head included) is quantized round-to-nearest, groupwise asymmetric
   (group 128 by default) — or a GPTQ checkpoint's ints are taken as they are — and multiplied by
   `torch.ops.aten._weight_int4pack_mm` (tinygemm on CUDA, its CPU twin on CPU), or with `int4_kernel="triton"` by
-  effllm's Triton W4A16 kernels (`w4a16`; slower than tinygemm as they stand, measured). Activations are bf16.
-  Quality is measured by the quantization study, not assumed.
+  effllm's Triton W4A16 kernels (`w4a16`; its earlier versions measured slower than tinygemm, the current one is
+  not yet measured). Activations are bf16. Quality is measured by the quantization study, not assumed.
 
     dec = StaticDecoder(model, batch_size=1, max_len=512, cuda_graph=True, compile=True)
     tokens, stamps = dec.generate(prompt_ids, new_tokens=128)
@@ -93,12 +93,13 @@ DENSE_KERNELS = ("cublas", "triton")
 
 def int4_kernel(kernel: str, device: torch.device | str) -> str:
     """Checks the int4 matmul a decode step on `device` is to use: "tinygemm" (torch's `_weight_int4pack_mm`, the
-    default: measured faster) or "triton" (effllm's W4A16 kernels, `w4a16`: CUDA, or Triton's interpreter on CPU)."""
-    from . import w4a16
+    default: faster than the Triton kernels measured so far) or "triton" (effllm's W4A16 kernels, `w4a16`: CUDA, or
+    Triton's interpreter on CPU)."""
+    from .gemv import available
 
     if kernel not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, not {kernel!r}")
-    if kernel == "triton" and not w4a16.available(device):
+    if kernel == "triton" and not available(device):
         raise ValueError(f"the Triton W4A16 kernel cannot run on {torch.device(device).type} here (it needs Triton "
                          f"and a CUDA device, or TRITON_INTERPRET=1 on CPU); use int4_kernel='tinygemm'")
     return kernel
@@ -112,7 +113,7 @@ class Linear:
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm",
                  dense_kernel: str = "cublas"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN."""
-        from . import gemv, w4a16
+        from .gemv import available
 
         self.out_features, self.in_features = weight.shape
         self.bias, self.int4, self.group = bias, int4, group
@@ -120,7 +121,7 @@ class Linear:
         if not int4:
             if dense_kernel not in DENSE_KERNELS:
                 raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, not {dense_kernel!r}")
-            if dense_kernel == "triton" and not gemv.available(weight.device):
+            if dense_kernel == "triton" and not available(weight.device):
                 raise ValueError(f"the Triton GEMV cannot run on {weight.device.type} here (it needs Triton and a "
                                  f"CUDA device, or TRITON_INTERPRET=1 on CPU); use dense_kernel='cublas'")
             self.kernel = dense_kernel
@@ -131,7 +132,9 @@ class Linear:
             q, sz = quantized if quantized is not None else quantize_int4(weight.detach(), group)
             q, sz = q.to(weight.device), sz.to(weight.device)
             if self.kernel == "triton":
-                self.weight, self.sz_rows = w4a16.pack(q, sz)
+                from .w4a16 import pack
+
+                self.weight, self.sz_rows = pack(q, sz)
                 stored = (self.weight, self.sz_rows)
             else:
                 if self.out_features % 8:
@@ -163,15 +166,18 @@ class Linear:
                                f"dequantized weight) with torch {torch.__version__}; use weights='native'")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from . import gemv, w4a16
-
         flat = x.reshape(-1, self.in_features)
         if not self.int4:
-            if self.kernel == "triton" and flat.shape[0] <= gemv.MAX_M:
-                return gemv.linear(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+            if self.kernel == "triton":
+                from . import gemv  # Triton is imported only where a Triton kernel was asked for
+
+                if flat.shape[0] <= gemv.MAX_M:
+                    return gemv.linear(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
             return F.linear(x, self.weight, self.bias)
         if self.kernel == "triton":
-            y = w4a16.matmul(flat, self.weight, self.sz_rows, self.group)
+            from .w4a16 import matmul
+
+            y = matmul(flat, self.weight, self.sz_rows, self.group)
         elif self.cuda:
             y = torch.ops.aten._weight_int4pack_mm(flat, self.weight, self.group, self.sz)
         else:
@@ -281,7 +287,7 @@ class DecodeWeights:
             raise ValueError(f"weights must be 'native' (the model's dtype) or 'int4', not {weights!r}")
         p = next(model.parameters())
         if weights == "int4" and p.dtype != torch.bfloat16:
-            raise ValueError(f"int4 decoding runs tinygemm with bf16 activations; load the model in bf16, not "
+            raise ValueError(f"int4 decoding runs with bf16 activations; load the model in bf16, not "
                              f"{str(p.dtype).removeprefix('torch.')}")
         self.int4 = int4 = weights == "int4"
         self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
@@ -309,7 +315,7 @@ class DecodeWeights:
                     down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"), **k)))
             self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
                                   q("lm_head"), **k)
-        self.int4_kernel = self.layers[0]["qkv"].kernel if int4 else None
+        self.int4_kernel = int4_kernel if int4 else None
         norms = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n)
         # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
         self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))

@@ -324,15 +324,21 @@ def load_runs(profile: str, study: str | None = None, status: str | None = None,
     return df
 
 
-def latest(records: list[RunRecord]) -> list[RunRecord]:
-    """The newest record of each (technique, scale), in the order first seen (older records of other params stay on
-    disk but are not what a table shows)."""
+def _newest(records: list[RunRecord]) -> dict[tuple, RunRecord]:
+    """{experiment: its newest record}."""
     newest: dict[tuple, RunRecord] = {}
     for r in records:
-        k = (r.technique, r.scale)
+        k = experiment(r)
         if k not in newest or (r.started_at or "") > (newest[k].started_at or ""):
             newest[k] = r
-    return [r for r in records if newest[(r.technique, r.scale)] is r]
+    return newest
+
+
+def latest(records: list[RunRecord]) -> list[RunRecord]:
+    """The newest record of each `experiment` alone, in the order first seen: one row per technique (the lvm and vlm
+    tables; older records and seed repeats stay on disk). `current` keeps the repeats."""
+    newest = _newest(records)
+    return [r for r in records if newest[experiment(r)] is r]
 
 
 def settings(r: RunRecord) -> str:
@@ -349,12 +355,7 @@ def current(records: list[RunRecord]) -> list[RunRecord]:
     """The records tables and figures show, in the order given: for each `experiment`, those with the settings of its
     newest record — that record and its repeats (other seeds). Records of a re-run with other params supersede the
     older ones, which stay on disk but would otherwise appear as duplicate rows."""
-    newest: dict[tuple, RunRecord] = {}
-    for r in records:
-        k = experiment(r)
-        if k not in newest or (r.started_at or "") > (newest[k].started_at or ""):
-            newest[k] = r
-    keep = {k: settings(r) for k, r in newest.items()}
+    keep = {k: settings(r) for k, r in _newest(records).items()}
     return [r for r in records if settings(r) == keep[experiment(r)]]
 
 
