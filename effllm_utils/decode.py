@@ -132,10 +132,13 @@ class Linear:
             q, sz = quantized if quantized is not None else quantize_int4(weight.detach(), group)
             q, sz = q.to(weight.device), sz.to(weight.device)
             if self.kernel == "triton":
-                from .w4a16 import pack
+                from .w4a16 import choose, pack
 
                 self.weight, self.sz_rows = pack(q, sz)
                 stored = (self.weight, self.sz_rows)
+                # the few-row kernel is timed now, eagerly: a compiled step cannot time it and must not guard on it
+                one_row = torch.randn(1, self.in_features, device=weight.device, dtype=weight.dtype)
+                self.few_rows = choose(one_row, self.weight, self.sz_rows, group)
             else:
                 if self.out_features % 8:
                     raise ValueError(f"tinygemm int4 needs out_features divisible by 8, got {self.out_features}")
@@ -177,7 +180,7 @@ class Linear:
         if self.kernel == "triton":
             from .w4a16 import matmul
 
-            y = matmul(flat, self.weight, self.sz_rows, self.group)
+            y = matmul(flat, self.weight, self.sz_rows, self.group, self.few_rows)
         elif self.cuda:
             y = torch.ops.aten._weight_int4pack_mm(flat, self.weight, self.group, self.sz)
         else:

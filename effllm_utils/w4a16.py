@@ -133,22 +133,16 @@ if triton is not None:
     _gemm_tuned = triton.autotune(_GEMM_CONFIGS, key=["M", "N", "K"])(_gemm_kernel)
 
 # few-row (decode) products: which kernel measured faster per (N, K, group), the gemv or the tensor-core gemm at
-# BLOCK_M 16 (15 of 16 rows wasted, as tinygemm does); decided by timing both on the first call of a shape
+# BLOCK_M 16 (15 of 16 rows wasted, as tinygemm does); decided by timing both on the first call of a shape (`choose`)
 _CHOICE: dict[tuple[int, int, int], str] = {}
+KERNELS = ("gemv", "gemm")
 
 
-def _kernel_for(M: int, N: int, K: int, group: int) -> str:
-    if M > GEMV_MAX_M:
-        return "gemm"
-    return "gemv" if _interpreting() else _CHOICE.get((N, K, group), "gemv")
-
-
-def splits(M: int, N: int, K: int, group: int) -> int:
-    """How many slices of K the gemv splits into (`gemv.slices`: programs counted at 8 output features, slices of at
-    least 8 groups); 1 for the gemm."""
-    if _kernel_for(M, N, K, group) == "gemm":
-        return 1
-    return slices(-(-N // 8), K // group, 8)
+def splits(kernel: str, N: int, K: int, group: int) -> int:
+    """How many slices of K `kernel` splits into: for the gemv `gemv.slices` (programs counted at 8 output features,
+    slices of at least 8 groups); 1 for the gemm. Shape arithmetic only, so a compiled step's fake tensors (whose N
+    may be symbolic) get the same answer as the kernel."""
+    return 1 if kernel == "gemm" else slices(-(-N // 8), K // group, 8)
 
 
 def _launch(kernel: str, x, words, sz, y, group: int) -> None:
@@ -171,27 +165,38 @@ def _launch(kernel: str, x, words, sz, y, group: int) -> None:
             x, words, sz, y, M, N, K, G, GROUP=group)
 
 
-def _choose(x, words, sz, group: int) -> None:
-    """Time the gemv and the gemm on this few-row shape once (each autotuned first) and remember the faster."""
-    from triton.testing import do_bench
-
+def choose(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> str:
+    """The kernel for x's rows against this weight: "gemm" above GEMV_MAX_M rows; for fewer the faster of the gemv and
+    the gemm, each autotuned and then timed on the shape's first call (eager, real tensors: before compiling or
+    capturing a step) and remembered per (N, K, group); "gemv" under the interpreter (nothing to time)."""
     M, K = x.shape
     N = words.shape[0]
+    if M > GEMV_MAX_M:
+        return "gemm"
     key = (N, K, group)
-    _CHOICE[key] = "gemv"
-    ys = torch.empty(splits(M, N, K, group), M, N, dtype=torch.float32, device=x.device)
+    if _interpreting() or key in _CHOICE:
+        return _CHOICE.get(key, "gemv")
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("W4A16: no kernel chosen for this shape yet; call w4a16.choose on it eagerly before "
+                           "compiling or capturing (decode.Linear does so when it is built)")
+    from triton.testing import do_bench
+
+    x = x.contiguous()
+    ys = torch.empty(splits("gemv", N, K, group), M, N, dtype=torch.float32, device=x.device)
     y1 = torch.empty(1, M, N, dtype=torch.float32, device=x.device)
     _launch("gemv", x, words, sz, ys, group)  # autotune each first, so do_bench times the tuned kernels only
     _launch("gemm", x, words, sz, y1, group)
     t_gemv = do_bench(lambda: _launch("gemv", x, words, sz, ys, group))
     t_gemm = do_bench(lambda: _launch("gemm", x, words, sz, y1, group))
     _CHOICE[key] = "gemm" if t_gemm < t_gemv else "gemv"
+    return _CHOICE[key]
 
 
-def partials(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def partials(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, kernel: str) -> torch.Tensor:
     """fp32 partial products [S, M, N] of x [M, K] (bf16/fp16) times the int4 weight (`pack`ed words [N, K/8],
-    sz [N, K/group, 2]) transposed, one per slice of K (`splits`); their sum over S is the product. Left unsummed so
-    a compiled step fuses the sum into whatever consumes the result (bias, activation, residual)."""
+    sz [N, K/group, 2]) transposed, through `kernel` ("gemv": M <= GEMV_MAX_M; "gemm"), one per slice of K
+    (`splits`); their sum over S is the product. Left unsummed so a compiled step fuses the sum into whatever
+    consumes the result (bias, activation, residual)."""
     if triton is None:
         raise RuntimeError("the W4A16 kernels need Triton (pip install triton); use the tinygemm int4 kernel instead")
     M, K = x.shape
@@ -199,30 +204,33 @@ def partials(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int)
     if words.shape[1] * 8 != K or G * group != K or group % 8 or group & (group - 1):
         raise ValueError(f"W4A16 shapes do not agree: x {tuple(x.shape)}, words {tuple(words.shape)}, "
                          f"sz {tuple(sz.shape)}, group {group} (a power of two dividing in_features)")
-    x = x.contiguous()
-    if M <= GEMV_MAX_M and not _interpreting() and (N, K, group) not in _CHOICE:
-        if torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("W4A16: a new shape inside CUDA-graph capture; run the step once before capturing")
-        _choose(x, words, sz, group)
-    kernel = _kernel_for(M, N, K, group)
-    y = torch.empty(splits(M, N, K, group), M, N, dtype=torch.float32, device=x.device)
-    _launch(kernel, x, words, sz, y, group)
+    if kernel not in KERNELS or (kernel == "gemv" and M > GEMV_MAX_M):
+        raise ValueError(f"W4A16 kernel must be 'gemm', or 'gemv' for at most {GEMV_MAX_M} rows; got {kernel!r} "
+                         f"for {M} rows")
+    y = torch.empty(splits(kernel, N, K, group), M, N, dtype=torch.float32, device=x.device)
+    _launch(kernel, x.contiguous(), words, sz, y, group)
     return y
 
 
 @torch.library.custom_op("effllm::w4a16_partials", mutates_args=())
-def w4a16_partials(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
+def w4a16_partials(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int, kernel: str) -> torch.Tensor:
     """`partials` as an opaque torch op, so a `torch.compile`d decode step calls the autotuned kernels as they are."""
-    return partials(x, words, sz, group)
+    return partials(x, words, sz, group, kernel)
 
 
 @w4a16_partials.register_fake
-def _(x, words, sz, group):
-    M, K = x.shape
+def _(x, words, sz, group, kernel):
     N = words.shape[0]
-    return x.new_empty(splits(M, N, K, group), M, N, dtype=torch.float32)
+    return x.new_empty(splits(kernel, N, x.shape[1], group), x.shape[0], N, dtype=torch.float32)
 
 
-def matmul(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> torch.Tensor:
-    """x [M, K] times the int4 weight transposed: [M, N] in x's dtype (fp32 accumulation)."""
-    return torch.ops.effllm.w4a16_partials(x, words, sz, group).sum(0).to(x.dtype)
+def matmul(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int,
+           few_rows: str | None = None) -> torch.Tensor:
+    """x [M, K] times the int4 weight transposed: [M, N] in x's dtype (fp32 accumulation). few_rows: the kernel
+    `choose` picked for this weight at <= GEMV_MAX_M rows (a compiled step must pass it: choosing times kernels);
+    None chooses now."""
+    if x.shape[0] > GEMV_MAX_M:
+        kernel = "gemm"
+    else:
+        kernel = few_rows if few_rows is not None else choose(x, words, sz, group)
+    return torch.ops.effllm.w4a16_partials(x, words, sz, group, kernel).sum(0).to(x.dtype)

@@ -57,7 +57,7 @@ _INTERPRETED = textwrap.dedent("""
     for M, N, K, g, dt in [(1, 44, 384, 128, torch.bfloat16), (3, 40, 320, 64, torch.float16),
                            (8, 16, 96, 32, torch.bfloat16), (20, 72, 512, 128, torch.float16),
                            (1, 24, 8320, 128, torch.bfloat16)]:  # the last: 65 groups in 8 slices of 9 (ragged)
-        assert (M, N, K) != (1, 24, 8320) or w4a16.splits(M, N, K, g) == 8, w4a16.splits(M, N, K, g)
+        assert (M, N, K) != (1, 24, 8320) or w4a16.splits("gemv", N, K, g) == 8, w4a16.splits("gemv", N, K, g)
         q, sz = decode.quantize_int4(torch.randn(N, K), g)
         words, rows = w4a16.pack(q, sz)
         x = torch.randn(M, K).to(dt)
@@ -75,12 +75,17 @@ _INTERPRETED = textwrap.dedent("""
         w4a16._launch("gemm", x, words, rows, y, 64)
         e = err(y[0], x.float() @ decode.dequantize_int4(q, sz, 64).t())
         assert e < 8e-3, (M, e)
-    try:
-        w4a16.matmul(torch.randn(1, 128), words, rows, 64)
-    except ValueError as e:
-        assert "W4A16 shapes do not agree" in str(e)
-    else:
-        raise AssertionError("mismatched group accepted")
+    for args, msg in [((torch.randn(1, 128), words, rows, 64, "gemv"), "W4A16 shapes do not agree"),
+                      ((torch.randn(9, 256), words, rows, 64, "gemv"), "'gemv' for at most 8 rows"),
+                      ((torch.randn(1, 256), words, rows, 64, "gemvv"), "W4A16 kernel must be")]:
+        try:
+            w4a16.partials(*args)
+        except ValueError as e:
+            assert msg in str(e), (msg, str(e))
+        else:
+            raise AssertionError(f"accepted: {msg}")
+    assert w4a16.choose(torch.randn(9, 256), words, rows, 64) == "gemm"
+    assert w4a16.choose(torch.randn(2, 256), words, rows, 64) == "gemv"  # nothing to time under the interpreter
     # the dense Triton GEMV (effllm_utils.gemv) against F.linear: bf16/fp16/fp32, ragged N and K, K split in 8
     from effllm_utils import gemv
     import torch.nn.functional as F
@@ -136,12 +141,11 @@ def test_kernels_on_cuda_bf16():
             ref = x.float() @ decode.dequantize_int4(q, sz, 128).t()
             y = w4a16.matmul(x, words, rows, 128)
             assert ((y.float() - ref).norm() / ref.norm()).item() < 8e-3, (M, N, K)
-            assert w4a16._CHOICE[(N, K, 128)] in ("gemv", "gemm")
+            assert w4a16.choose(x, words, rows, 128) == ("gemm" if M > w4a16.GEMV_MAX_M else w4a16._CHOICE[(N, K, 128)])
             if M <= w4a16.GEMV_MAX_M:  # both few-row kernels, whichever was chosen
-                for kernel in ("gemv", "gemm"):
-                    S = w4a16.splits(M, N, K, 128) if kernel == "gemv" and w4a16._CHOICE[(N, K, 128)] == "gemv" else 1
-                    out = torch.empty(S, M, N, device="cuda")
-                    w4a16._launch(kernel, x, words, rows, out, 128)
+                for kernel in w4a16.KERNELS:
+                    out = w4a16.partials(x, words, rows, 128, kernel)
+                    assert out.shape == (w4a16.splits(kernel, N, K, 128), M, N)
                     assert ((out.sum(0) - ref).norm() / ref.norm()).item() < 8e-3, (kernel, M, N, K)
     from effllm_utils import gemv
     for M, N, K in ((1, 1152, 896), (1, 896, 4864), (4, 9728, 896), (1, 151936, 896)):
@@ -154,3 +158,9 @@ def test_kernels_on_cuda_bf16():
     toks = {k: decode.StaticDecoder(m, 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k)
             .generate(ids, 8)[0] for k in ("triton", "tinygemm")}
     assert (toks["triton"] == toks["tinygemm"]).float().mean() >= 0.75  # same quantized model, two kernels
+    # a second shape through the same compiled code: dynamo recompiles with symbolic weight sizes, which the op's
+    # fake must take (the choice of kernel once hashed them and failed, in the decode bench's second model)
+    wide = EffLLMForCausalLM(models.config("test", attention="gqa", intermediate_size=96)).to("cuda", torch.bfloat16)
+    for k in ("triton", "tinygemm"):
+        decode.StaticDecoder(wide.eval(), 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k
+                             ).generate(ids, 4)
