@@ -232,9 +232,10 @@ def decode_bench(args) -> int:
                   f"{tg / bf:.2f}x", flush=True)
         for k in int4_kernels:
             i4 = rates.get(f"int4_{k}_static_compiled{graph}")
-            if bf and i4:
-                print(f"  int4 ({k}) / {str(dtype).removeprefix('torch.')} decode tokens/s (compiled, batch 1): "
-                      f"{i4 / bf:.2f}x", flush=True)
+            for base, rate in (("cuBLAS", bf), ("Triton GEMV", tg)):
+                if rate and i4:
+                    print(f"  int4 ({k}) / {str(dtype).removeprefix('torch.')} ({base}) decode tokens/s (compiled, "
+                          f"batch 1): {i4 / rate:.2f}x", flush=True)
         del ours
         if cuda:
             torch.cuda.empty_cache()

@@ -36,6 +36,9 @@ def test_kernel_choice_errors():
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).eval()
     with pytest.raises(ValueError, match="dense kernel must be one of"):
         decode.StaticDecoder(m, 1, 16, dense_kernel="cutlass")
+    # the default picks the Triton GEMV only for bf16/fp16 on CUDA: cuBLAS on CPU (also under the interpreter)
+    assert decode.StaticDecoder(m, 1, 16).layers[0]["qkv"].kernel == "cublas"
+    assert decode.StaticDecoder(m.to(torch.bfloat16), 1, 16).lm_head.kernel == "cublas"
     if not w4a16.available("cpu"):
         with pytest.raises(ValueError, match="Triton W4A16 kernel cannot run on cpu"):
             decode.int4_kernel("triton", "cpu")
@@ -155,6 +158,11 @@ def test_kernels_on_cuda_bf16():
         assert ((gemv.linear(x, w).float() - ref).norm() / ref.norm()).item() < 8e-3, (M, N, K)
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 128, (1, 6), device="cuda")
+    auto = decode.StaticDecoder(m, 1, 24, compile=True)  # bf16 on CUDA: the Triton GEMV by default
+    assert auto.layers[0]["qkv"].kernel == auto.lm_head.kernel == "triton"
+    dense = {k: decode.StaticDecoder(m, 1, 24, compile=True, dense_kernel=k).generate(ids, 8)[0]
+             for k in ("cublas", "triton")}
+    assert (dense["triton"] == dense["cublas"]).float().mean() >= 0.75
     toks = {k: decode.StaticDecoder(m, 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k)
             .generate(ids, 8)[0] for k in ("triton", "tinygemm")}
     assert (toks["triton"] == toks["tinygemm"]).float().mean() >= 0.75  # same quantized model, two kernels
