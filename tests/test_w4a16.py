@@ -133,6 +133,31 @@ def test_kernels_and_decoder_under_the_triton_interpreter():
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
 
 
+_COMPILED = textwrap.dedent("""
+    import torch
+    from effllm_utils import decode, models
+    from effllm_utils.models import EffLLMForCausalLM
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (1, 6))
+    # two widths through the same compiled step: the second compile sees symbolic weight sizes, which the custom ops'
+    # fakes must take (a kernel choice keyed on them once failed on the GPU); compiled = eager, token for token
+    for width in (64, 96):
+        m = EffLLMForCausalLM(models.config("test", attention="gqa", intermediate_size=width)).to(torch.bfloat16)
+        for kw in (dict(dense_kernel="triton"), dict(weights="int4", group_size=32, int4_kernel="triton")):
+            eager = decode.StaticDecoder(m.eval(), 1, 24, **kw).generate(ids, 4)[0]
+            compiled = decode.StaticDecoder(m, 1, 24, compile=True, **kw).generate(ids, 4)[0]
+            assert torch.equal(compiled, eager), (width, kw, compiled, eager)
+    print("ok")
+""")
+
+
+def test_compiled_decode_with_the_triton_kernels_under_the_interpreter():
+    pytest.importorskip("triton", minversion="3.9")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _COMPILED], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not w4a16.available("cuda"), reason="needs CUDA and Triton")
 def test_kernels_on_cuda_bf16():
     torch.manual_seed(0)
