@@ -20,6 +20,7 @@ device's datasheet peak (or the hardware study's measured peak). Prints measured
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 
@@ -196,7 +197,8 @@ def decode_bench(args) -> int:
             variants.append((f"static_compiled_triton_gemv{graph}", "native", True, "tinygemm", "triton"))
         if args.autotune:
             variants.append((f"static_autotuned{graph}", "native", "max-autotune-no-cudagraphs", "tinygemm", "cublas"))
-        int4_kernels = ["tinygemm"] + (["triton"] if triton_ok else [])
+        int4_kernels = ["tinygemm"] + (["triton"] if triton_ok else []) + (
+            ["gemlite"] if cuda and importlib.util.find_spec("gemlite") else [])
         if cuda or dtype == torch.bfloat16:
             variants += [(f"int4_{k}_static_compiled{graph}", "int4", True, k, "cublas") for k in int4_kernels]
         for label, weights, comp, kernel, dense in variants:

@@ -90,18 +90,25 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) 
     return ((q.float().reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
 
 
-INT4_KERNELS = ("tinygemm", "triton")
+INT4_KERNELS = ("tinygemm", "triton", "gemlite")
 DENSE_KERNELS = ("auto", "cublas", "triton")
 
 
 def int4_kernel(kernel: str, device: torch.device | str) -> str:
     """Checks the int4 matmul a decode step on `device` is to use: "tinygemm" (torch's `_weight_int4pack_mm`, the
-    default: faster than the Triton kernels measured so far) or "triton" (effllm's W4A16 kernels, `w4a16`: CUDA, or
-    Triton's interpreter on CPU)."""
+    default: faster than effllm's Triton kernels, measured), "triton" (effllm's W4A16 kernels, `w4a16`: CUDA, or
+    Triton's interpreter on CPU) or "gemlite" (GemLite's A16W4 Triton kernels, `pip install gemlite`: CUDA only)."""
+    import importlib.util
+
     from .gemv import available
 
     if kernel not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, not {kernel!r}")
+    if kernel == "gemlite" and (torch.device(device).type != "cuda" or importlib.util.find_spec("gemlite") is None):
+        raise ValueError(f"GemLite's int4 kernels need a CUDA device and the gemlite package (pip install -e "
+                         f"'.[gpu]'); here: {torch.device(device).type}, gemlite "
+                         f"{'installed' if importlib.util.find_spec('gemlite') else 'missing'}; use "
+                         f"int4_kernel='tinygemm'")
     if kernel == "triton" and not available(device):
         raise ValueError(f"the Triton W4A16 kernel cannot run on {torch.device(device).type} here (it needs Triton "
                          f"and a CUDA device, or TRITON_INTERPRET=1 on CPU); use int4_kernel='tinygemm'")
@@ -140,7 +147,10 @@ class Linear:
             self.kernel = int4_kernel(kernel, weight.device)
             q, sz = quantized if quantized is not None else quantize_int4(weight.detach(), group)
             q, sz = q.to(weight.device), sz.to(weight.device)
-            if self.kernel == "triton":
+            if self.kernel == "gemlite":
+                self.gemlite = gemlite_args(q, sz, group)
+                stored = self.gemlite[0][:3]
+            elif self.kernel == "triton":
                 from .w4a16 import choose, pack
 
                 self.weight, self.sz_rows = pack(q, sz)
@@ -186,7 +196,9 @@ class Linear:
                 if flat.shape[0] <= gemv.MAX_M:
                     return gemv.linear(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
             return F.linear(x, self.weight, self.bias)
-        if self.kernel == "triton":
+        if self.kernel == "gemlite":
+            y = torch.ops.gemlite.forward_functional(flat, None, *self.gemlite)
+        elif self.kernel == "triton":
             from .w4a16 import matmul
 
             y = matmul(flat, self.weight, self.sz_rows, self.group, self.few_rows)
@@ -196,6 +208,21 @@ class Linear:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, self.group, self.sz)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+def gemlite_args(q: torch.Tensor, sz: torch.Tensor, group: int) -> tuple[list[torch.Tensor], list[int]]:
+    """GemLite's A16W4 layer (bf16 in and out) holding the same ints as (q, scales_and_zeros), as the (tensor, meta)
+    arguments of its `gemlite::forward_functional` op. GemLite's asymmetric form is w = q s + z' (its fma mode); ours
+    is w = (q - 8) s + z, so z' = z - 8 s, formed in fp32 and then stored in bf16 as tinygemm stores z."""
+    import gemlite
+
+    n, k = q.shape
+    scale, zero = sz.float().transpose(0, 1).unbind(-1)  # [n, k/group]
+    lin = gemlite.GemLiteLinearTriton(W_nbits=4, group_size=group, in_features=k, out_features=n,
+                                      input_dtype=gemlite.DType.BF16, output_dtype=gemlite.DType.BF16)
+    lin.pack(q.to(torch.uint8), scale.to(torch.bfloat16), 8 - zero / scale)  # pack forms -(8 - z/s) s in fp32
+    lin.zeros = torch.nn.Parameter(lin.zeros.detach().to(torch.bfloat16), requires_grad=False)
+    return lin.get_tensor_args(), lin.get_meta_args()
 
 
 def _fused(*mods) -> tuple[torch.Tensor, torch.Tensor | None]:

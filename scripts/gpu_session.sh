@@ -7,12 +7,17 @@
 # steps:
 #   tests     the CUDA-only tests (W4A16 kernels in bf16, NSA FlexAttention gradients)
 #   decode    batch-1 decode, Qwen2.5-1.5B shape: bf16 compiled + CUDA graph (cuBLAS and the Triton GEMV), int4
-#             tinygemm and int4 Triton
+#             through tinygemm, effllm's Triton W4A16 and GemLite
 #   decode05  the same at the Qwen2.5-0.5B shape
+#   dtrace    the 0.5B decode step's kernels in launch order (Triton GEMV bf16 and the int4 kernels) under the profiler
 #   train     training step at the gpu profile's largest shape: dense vs dense with the fused chunked loss
 #   trace     the dense training step at that shape under the profiler (kernel table)
 #   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
-#             GPU host without the Hub has them); needs papermill, or wheels for it in .whl/ (installed to /tmp/site)
+#             GPU host without the Hub has them)
+#
+# papermill (study) and gemlite (the GemLite int4 kernel in tests/decode) are taken from wheels in .whl/ where the host
+# lacks them (a host without internet: build them here with `pip download`/`pip wheel` for its Python, carry .whl/);
+# they are installed once, without dependencies, to /tmp/site.
 #
 # Logs go to $OUT (set by the device tool) or outputs/gpu_session/. PYTHON picks the interpreter (default python3).
 set -u
@@ -30,9 +35,22 @@ step() {  # step NAME SECONDS CMD...: run CMD under a limit, log to $out/NAME.lo
   grep -v -i -e warn -e "Failed to load" "$out/$name.log" | tail -n 30
 }
 
+wheels() {  # install .whl/ to /tmp/site once, if papermill or gemlite is missing and wheels are there
+  [ -n "${_wheels_done:-}" ] && return
+  _wheels_done=1
+  if ! "$py" -c "import papermill, importlib.util as u; assert u.find_spec('gemlite')" 2>/dev/null \
+      && ls .whl/*.whl >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+}
+
 bench=("$py" -m effllm_utils.bench)
 for s in "${@:-tests decode train}"; do
   for s in $s; do
+    case $s in
+      tests|decode|decode05|dtrace|study) wheels ;;
+    esac
     case $s in
       tests) step tests 240 "$py" -m pytest -q -rs tests/test_w4a16.py tests/test_models.py -k cuda ;;
       decode) step decode 420 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-1.5b \
@@ -41,16 +59,14 @@ for s in "${@:-tests decode train}"; do
                   --decode-variants static_compiled,int4 ;;
       train) step train 420 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled,effllm_dense_ce_compiled \
                --steps 20 --skip 8 ;;
+      dtrace) step dtrace 400 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b --trace \
+                --decode-variants triton_gemv,int4 ;;
       trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
       study)
-        if ! "$py" -c "import papermill" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-          "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-          export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-        fi
         step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
           --set tokenizer=embedded --set steps=100 --set eval_every=1000
-        tar czf "$out/gpu_attention.tgz" outputs/gpu 2>/dev/null ;;
-      *) echo "unknown step $s; steps: tests decode decode05 train trace study" >&2; exit 2 ;;
+        tar czf "$out/gpu_attention.tgz" --exclude=outputs/gpu/checkpoints outputs/gpu 2>/dev/null ;;
+      *) echo "unknown step $s; steps: tests decode decode05 dtrace train trace study" >&2; exit 2 ;;
     esac
   done
 done

@@ -1,6 +1,7 @@
 """effllm's Triton kernels — W4A16 (`effllm_utils.w4a16`) against the dequantized reference, the dense GEMV
 (`effllm_utils.gemv`) against F.linear: on CPU through Triton's interpreter (a subprocess with TRITON_INTERPRET=1,
 read when the kernels are defined), on CUDA natively."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -33,6 +34,8 @@ def test_kernel_choice_errors():
     with pytest.raises(ValueError, match="int4 kernel must be one of"):
         decode.int4_kernel("marlin", "cpu")
     assert decode.int4_kernel("tinygemm", "cpu") == "tinygemm"
+    with pytest.raises(ValueError, match="GemLite's int4 kernels need a CUDA device and the gemlite package"):
+        decode.int4_kernel("gemlite", "cpu")
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).eval()
     with pytest.raises(ValueError, match="dense kernel must be one of"):
         decode.StaticDecoder(m, 1, 16, dense_kernel="cutlass")
@@ -197,3 +200,26 @@ def test_kernels_on_cuda_bf16():
     for k in ("triton", "tinygemm"):
         decode.StaticDecoder(wide.eval(), 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k
                              ).generate(ids, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("gemlite") is None,
+                    reason="needs CUDA and gemlite")
+def test_gemlite_int4_on_cuda():
+    """GemLite's layer built from our ints computes the dequantized weight's product (1-64 rows, 0.5B shapes, one
+    group per row too); the compiled decode step through it matches the tinygemm one."""
+    torch.manual_seed(0)
+    for N, K, g in ((1152, 896, 128), (896, 4864, 128), (256, 128, 128)):
+        q, sz = decode.quantize_int4(torch.randn(N, K, device="cuda"), g)
+        args = decode.gemlite_args(q, sz, g)
+        ref_w = decode.dequantize_int4(q, sz, g)
+        for M in (1, 2, 8, 64):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            y = torch.ops.gemlite.forward_functional(x, None, *args)
+            ref = x.float() @ ref_w.t()
+            assert y.shape == (M, N) and y.dtype == torch.bfloat16
+            assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, (M, N, K)
+    m = EffLLMForCausalLM(models.config("test", attention="gqa")).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (1, 6), device="cuda")
+    toks = {k: decode.StaticDecoder(m, 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k)
+            .generate(ids, 8)[0] for k in ("gemlite", "tinygemm")}
+    assert (toks["gemlite"] == toks["tinygemm"]).float().mean() >= 0.75
