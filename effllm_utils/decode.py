@@ -17,9 +17,9 @@ decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). 
   `torch.ops.aten._weight_int4pack_mm` (tinygemm on CUDA, its CPU twin on CPU), or with `int4_kernel="triton"` by
   effllm's Triton W4A16 kernels (`w4a16`; all three versions measured slower than tinygemm). Activations are bf16.
   Quality is measured by the quantization study, not assumed;
-- dense (bf16/fp16) layers on CUDA go through effllm's Triton GEMV (`gemv`, `dense_kernel="auto"`), which splits K
-  over the GPU and leaves the partial sums to the compiled consumer: 1.12x (1.5B shape) and 1.16x (0.5B) the cuBLAS
-  step's tokens/s, measured on an H100.
+- dense (float) layers on CUDA go through effllm's Triton GEMV (`gemv`, `dense_kernel="auto"`), which splits K
+  over the GPU and leaves the partial sums to the compiled consumer: in bf16 1.12x (1.5B shape) and 1.16x (0.5B)
+  the cuBLAS step's tokens/s, measured on an H100.
 
     dec = StaticDecoder(model, batch_size=1, max_len=512, cuda_graph=True, compile=True)
     tokens, stamps = dec.generate(prompt_ids, new_tokens=128)
@@ -124,8 +124,8 @@ class Linear:
                  dense_kernel: str = "auto"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN.
         dense_kernel: "cublas" (F.linear), "triton" (effllm's GEMV for <= 8 rows, `gemv`) or "auto": the Triton GEMV
-        for bf16/fp16 weights on CUDA where Triton is installed (measured 1.12-1.16x the cuBLAS step, H100, Qwen2.5
-        0.5B/1.5B shapes, batch 1), cuBLAS otherwise."""
+        on CUDA where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS step, H100, Qwen2.5 0.5B/1.5B shapes,
+        batch 1; fp32 and fp16 take it too, so a precision comparison runs one kernel family), cuBLAS otherwise."""
         from .gemv import available
 
         self.out_features, self.in_features = weight.shape
@@ -135,8 +135,7 @@ class Linear:
             if dense_kernel not in DENSE_KERNELS:
                 raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, not {dense_kernel!r}")
             if dense_kernel == "auto":
-                fast = weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
-                dense_kernel = "triton" if fast and available(weight.device) else "cublas"
+                dense_kernel = "triton" if weight.device.type == "cuda" and available(weight.device) else "cublas"
             if dense_kernel == "triton" and not available(weight.device):
                 raise ValueError(f"the Triton GEMV cannot run on {weight.device.type} here (it needs Triton and a "
                                  f"CUDA device, or TRITON_INTERPRET=1 on CPU); use dense_kernel='cublas'")
@@ -355,6 +354,7 @@ class DecodeWeights:
             self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
                                   q("lm_head"), **k)
         self.int4_kernel = int4_kernel if int4 else None
+        self.dense_kernel = None if self.lm_head.int4 else self.lm_head.kernel  # resolved ("auto" -> cublas/triton)
         norms = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n)
         # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
         self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))

@@ -77,7 +77,8 @@ class FastDecode:
         self.decoders: dict[int, Any] = {}  # one per batch size, all reading self.prepared
         self.path = "static" + ("+compile" if self.compile else "") + (
             "+graph" if cuda_graph and self.device.type == "cuda" else "") + (
-            f"+int4({self.prepared.int4_kernel})" if self.prepared.int4 else "")
+            f"+int4({self.prepared.int4_kernel})" if self.prepared.int4 else "") + (
+            "+triton_gemv" if self.prepared.dense_kernel == "triton" else "")
 
     @classmethod
     def from_gptq(cls, path, max_len: int, device: str, **kw) -> "FastDecode":

@@ -179,11 +179,13 @@ def test_kernels_on_cuda_bf16():
                     assert out.shape == (w4a16.splits(kernel, N, K, 128), M, N)
                     assert ((out.sum(0) - ref).norm() / ref.norm()).item() < 8e-3, (kernel, M, N, K)
     from effllm_utils import gemv
-    for M, N, K in ((1, 1152, 896), (1, 896, 4864), (4, 9728, 896), (1, 151936, 896)):
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ w.float().t()
-        assert ((gemv.linear(x, w).float() - ref).norm() / ref.norm()).item() < 8e-3, (M, N, K)
+    for M, N, K, dt in ((1, 1152, 896, torch.bfloat16), (1, 896, 4864, torch.bfloat16), (4, 9728, 896, torch.bfloat16),
+                        (1, 151936, 896, torch.bfloat16), (2, 896, 4864, torch.float32), (1, 1152, 896, torch.float16)):
+        w = torch.randn(N, K, device="cuda", dtype=dt)
+        x = torch.randn(M, K, device="cuda", dtype=dt)
+        ref = x.double() @ w.double().t()
+        err = ((gemv.linear(x, w).double() - ref).norm() / ref.norm()).item()
+        assert err < (1e-5 if dt == torch.float32 else 8e-3), (M, N, K, dt, err)
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 128, (1, 6), device="cuda")
     auto = decode.StaticDecoder(m, 1, 24, compile=True)  # bf16 on CUDA: the Triton GEMV by default
