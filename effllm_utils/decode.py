@@ -117,14 +117,14 @@ def int4_kernel(kernel: str, device: torch.device | str) -> str:
 
 class Linear:
     """One linear layer as the decode step reads it: a dense weight (cuBLAS, or effllm's Triton GEMV:
-    `dense_kernel`), or int4 for tinygemm or the Triton W4A16 kernels (`kernel`)."""
+    `dense_kernel`), or int4 for tinygemm, the Triton W4A16 kernels or GemLite (`kernel`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP,
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm",
                  dense_kernel: str = "auto"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN.
         dense_kernel: "cublas" (F.linear), "triton" (effllm's GEMV for <= 8 rows, `gemv`) or "auto": the Triton GEMV
-        on CUDA where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS step, H100, Qwen2.5 0.5B/1.5B shapes,
+        on a CUDA GPU of compute capability >= 8.0 where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS step, H100, Qwen2.5 0.5B/1.5B shapes,
         batch 1; fp32 and fp16 take it too, so a precision comparison runs one kernel family), cuBLAS otherwise."""
         from .gemv import available
 
@@ -134,8 +134,9 @@ class Linear:
         if not int4:
             if dense_kernel not in DENSE_KERNELS:
                 raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, not {dense_kernel!r}")
-            if dense_kernel == "auto":
-                dense_kernel = "triton" if weight.device.type == "cuda" and available(weight.device) else "cublas"
+            if dense_kernel == "auto":  # Ampere or newer (measured on Hopper; Triton's bf16 needs sm_80)
+                modern = weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) >= (8, 0)
+                dense_kernel = "triton" if modern and available(weight.device) else "cublas"
             if dense_kernel == "triton" and not available(weight.device):
                 raise ValueError(f"the Triton GEMV cannot run on {weight.device.type} here (it needs Triton and a "
                                  f"CUDA device, or TRITON_INTERPRET=1 on CPU); use dense_kernel='cublas'")
