@@ -124,8 +124,9 @@ class Linear:
                  dense_kernel: str = "auto"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN.
         dense_kernel: "cublas" (F.linear), "triton" (effllm's GEMV for <= 8 rows, `gemv`) or "auto": the Triton GEMV
-        on a CUDA GPU of compute capability >= 8.0 where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS step, H100, Qwen2.5 0.5B/1.5B shapes,
-        batch 1; fp32 and fp16 take it too, so a precision comparison runs one kernel family), cuBLAS otherwise."""
+        on a CUDA GPU of compute capability >= 8.0 where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS
+        step, H100, Qwen2.5 0.5B/1.5B shapes, batch 1; fp32 and fp16 take it too, so a precision comparison runs one
+        kernel family), cuBLAS otherwise."""
         from .gemv import available
 
         self.out_features, self.in_features = weight.shape

@@ -1,7 +1,7 @@
-"""A Triton matrix-vector product for the decode step's dense (bf16/fp16) linear layers, used instead of cuBLAS on
-CUDA by default (`decode.StaticDecoder(..., dense_kernel="auto" | "triton")`). Measured on an H100 (bf16, batch 1,
-compiled + CUDA graph): 552.4 vs 493.1 tok/s through cuBLAS at the Qwen2.5-1.5B shape (57.1% vs 50.9% of the
-bandwidth roofline), 1,033.6 vs 894.3 at 0.5B (34.2% vs 29.6%).
+"""A Triton matrix-vector product for the decode step's dense (float) linear layers, used instead of cuBLAS on CUDA
+GPUs of compute capability >= 8.0 by default (`decode.StaticDecoder(..., dense_kernel="auto" | "triton")`).
+Measured on an H100 (bf16, batch 1, compiled + CUDA graph): 552.4 vs 493.1 tok/s through cuBLAS at the Qwen2.5-1.5B
+shape (57.1% vs 50.9% of the bandwidth roofline), 1,033.6 vs 894.3 at 0.5B (34.2% vs 29.6%).
 
 Why: at batch 1 on an H100 the Qwen2.5-0.5B step's small projections run far below bandwidth through cuBLAS
 (measured per layer: qkv 1152x896 in 4.4 us ~ 0.5 TB/s, o 896x896 in 3.7 us; down 896x4864 as a split-K GEMV plus a

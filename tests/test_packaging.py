@@ -49,4 +49,5 @@ def test_gpu_session_script_parses_and_refuses_unknown_steps(tmp_path):
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     r = subprocess.run(["bash", str(script), "nosuchstep"], capture_output=True, text=True, cwd=REPO,
                        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 2 and "unknown step nosuchstep; steps: tests decode decode05 dtrace train trace study" in r.stderr
+    assert r.returncode == 2
+    assert "unknown step nosuchstep; steps: tests decode decode05 dtrace train trace study" in r.stderr
