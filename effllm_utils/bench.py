@@ -48,8 +48,10 @@ def trace_case(name: str, model, args, rows: int = 18) -> None:
     time over wall time (what is left is the host: launches, Python, synchronisation)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from .train import compiled
+
     cuda = args.device.startswith("cuda")
-    step_fn = torch.compile(model) if name.endswith("compiled") else model
+    step_fn = compiled(model, (args.compile_mode or True) if name.endswith("compiled") else False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
 
@@ -117,7 +119,8 @@ def run_case(name: str, model, fpt: float, active_params: int, args, peak: float
 
     ids = torch.randint(0, model.config.vocab_size, (args.batch * args.seq * 4 + 2,))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=1e-4, warmup_steps=1,
-                      eval_every=10**9, eval_batches=1, compile=name.endswith("compiled"), skip_steps=args.skip,
+                      eval_every=10**9, eval_batches=1, skip_steps=args.skip,
+                      compile=(args.compile_mode or True) if name.endswith("compiled") else False,
                       grad_accum=args.grad_accum,
                       precision=args.precision)
     r = train(model.to(args.device), ids, ids, cfg, flops_per_token=fpt, peak_flops=peak)
@@ -278,6 +281,7 @@ def harness_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from . import metrics, models
     from .pretrain import device_peak
+    from .train import COMPILE_MODES
 
     ap = argparse.ArgumentParser(prog="python -m effllm_utils.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -302,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ce-chunk", type=int, default=4096,
                     help="train mode: tokens per chunk of the effllm_dense_ce_compiled case's fused head + loss")
     ap.add_argument("--compile-cpu", action="store_true", help="decode mode: also time torch.compile on CPU")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                    help="train mode: torch.compile mode of the *_compiled cases (default: inductor's default)")
     ap.add_argument("--autotune", action="store_true",
                     help="decode mode: also compile with inductor's max-autotune (Triton GEMV templates; slow compile)")
     ap.add_argument("--trace", action="store_true", help="profile a few training steps of each case (train mode) or "
@@ -322,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = SHAPES[args.shape]
     peak, source = device_peak(args.profile, args.device, args.precision)
     print(f"device {args.device}, shape {args.shape} {dims}, batch {args.batch}x{args.seq} x {args.grad_accum} "
-          f"micro-batch(es) per step, peak: "
+          f"micro-batch(es) per step, compile mode {args.compile_mode or 'default'}, peak: "
           f"{peak / 1e12 if peak else float('nan'):.1f} TFLOP/s ({source})")
     dense_cfg = models.EffLLMConfig(**dims, attention="gqa")
     moe_cfg = models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8, num_experts_per_tok=2)

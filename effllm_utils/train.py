@@ -32,6 +32,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     steps: int = 100  # optimizer steps
@@ -47,7 +50,7 @@ class TrainConfig:
     eval_every: int = 50  # steps between validation passes (and one at the end)
     eval_batches: int = 8
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    compile: bool = False
+    compile: bool | str = False  # True: inductor's default; or a torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     seed: int = 0
     skip_steps: int = 2  # steps excluded from the timed telemetry window
     telemetry_period_s: float = 0.1
@@ -56,9 +59,18 @@ class TrainConfig:
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be true/false or one of {', '.join(COMPILE_MODES)}, not {self.compile!r}")
         if self.steps <= self.skip_steps:
             raise ValueError(f"steps ({self.steps}) must exceed skip_steps ({self.skip_steps}) to time anything")
         self.betas = tuple(self.betas)
+
+
+def compiled(model, how: bool | str):
+    """`model` under torch.compile (how: True for inductor's default, or a mode name), or as it is (False)."""
+    if not how:
+        return model
+    return torch.compile(model, mode=None if how is True else how)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -156,7 +168,7 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
                                          fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     model, opt = acc.prepare(model, opt)
-    step_fn = torch.compile(model) if cfg.compile else model
+    step_fn = compiled(model, cfg.compile)
     local = cfg.batch_size // world
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 

@@ -11,6 +11,8 @@
 #   decode05  the same at the Qwen2.5-0.5B shape
 #   dtrace    the 0.5B decode step's kernels in launch order (Triton GEMV bf16 and the int4 kernels) under the profiler
 #   train     training step at the gpu profile's largest shape: dense vs dense with the fused chunked loss
+#   tuned     the dense training step at that shape compiled with max-autotune-no-cudagraphs (GEMM and fused-kernel
+#             autotuning; minutes of compilation) — compare with `train`'s plain compile
 #   trace     the dense training step at that shape under the profiler (kernel table)
 #   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
 #             GPU host without the Hub has them)
@@ -61,12 +63,14 @@ for s in "${@:-tests decode train}"; do
                --steps 20 --skip 8 ;;
       dtrace) step dtrace 400 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b --trace \
                 --decode-variants triton_gemv,int4 ;;
+      tuned) step tuned 540 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 20 --skip 8 \
+               --compile-mode max-autotune-no-cudagraphs ;;
       trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
       study)
         step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
           --set tokenizer=embedded --set steps=100 --set eval_every=1000
         tar czf "$out/gpu_attention.tgz" --exclude=outputs/gpu/checkpoints outputs/gpu 2>/dev/null ;;
-      *) echo "unknown step $s; steps: tests decode decode05 dtrace train trace study" >&2; exit 2 ;;
+      *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned trace study" >&2; exit 2 ;;
     esac
   done
 done

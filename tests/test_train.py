@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from effllm_utils import models
-from effllm_utils.train import Data, TrainConfig, TrainingDiverged, lr_lambda, train
+from effllm_utils.train import Data, TrainConfig, TrainingDiverged, compiled, lr_lambda, train
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
 IDS = (torch.arange(8_000) * 7 + torch.arange(8_000) // 97) % 128  # learnable: the next token follows from this one
@@ -83,6 +83,9 @@ def test_bad_train_configs():
         TrainConfig(precision="fp8")
     with pytest.raises(ValueError, match="must exceed skip_steps"):
         TrainConfig(steps=2, skip_steps=2)
+    with pytest.raises(ValueError, match="compile must be true/false or one of default, reduce-overhead"):
+        TrainConfig(compile="max_autotune")
+    assert TrainConfig(compile="max-autotune-no-cudagraphs").compile == "max-autotune-no-cudagraphs"
     model = models.EffLLMForCausalLM(models.config("test"))
     with pytest.raises(ValueError, match="seq_len 5000 is longer than the train data"):
         train(model, IDS[:4000], IDS[4000:], TrainConfig(steps=5, seq_len=5000))
@@ -99,3 +102,12 @@ def test_two_processes_match_one_on_the_same_global_batch(tmp_path, ffn):
     a, b = json.loads(single.read_text()), json.loads(double.read_text())
     assert a["processes"] == 1 and b["processes"] == 2
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["val"] == pytest.approx(a["val"], rel=1e-4)
+
+
+def test_compile_takes_a_mode(monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: seen.append(mode) or model)
+    model = torch.nn.Linear(2, 2)
+    assert compiled(model, False) is model and seen == []
+    compiled(model, True), compiled(model, "max-autotune-no-cudagraphs")
+    assert seen == [None, "max-autotune-no-cudagraphs"]
