@@ -123,7 +123,7 @@ class Linear:
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm",
                  dense_kernel: str = "auto"):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN.
-        dense_kernel: "cublas" (F.linear), "triton" (effllm's GEMV for <= 8 rows, `gemv`) or "auto": the Triton GEMV
+        dense_kernel: "cublas" (F.linear), "triton" (effllm's GEMV at batch 1, `gemv`) or "auto": the Triton GEMV
         on a CUDA GPU of compute capability >= 8.0 where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS
         step, H100, Qwen2.5 0.5B/1.5B shapes, batch 1; fp32 and fp16 take it too, so a precision comparison runs one
         kernel family), cuBLAS otherwise."""
@@ -180,13 +180,15 @@ class Linear:
             self.read_bytes += bias.numel() * bias.element_size()
 
     def _check(self, q: torch.Tensor) -> None:
-        x = torch.randn(2, self.in_features, device=q.device, dtype=torch.bfloat16)
-        ref = x.float() @ dequantize_int4(q, self.sz, self.group).t()
-        got = self(x).float() - (0 if self.bias is None else self.bias.float())
-        err = ((got - ref).norm() / ref.norm()).item()
-        if not err < 2e-2:
-            raise RuntimeError(f"int4 kernel check failed ({self.kernel}: relative error {err:.3g} vs the "
-                               f"dequantized weight) with torch {torch.__version__}; use weights='native'")
+        w = dequantize_int4(q, self.sz, self.group)
+        for rows in (1, 3):  # the kernels a batch-1 and a batched step take
+            x = torch.randn(rows, self.in_features, device=q.device, dtype=torch.bfloat16)
+            ref = x.float() @ w.t()
+            got = self(x).float() - (0 if self.bias is None else self.bias.float())
+            err = ((got - ref).norm() / ref.norm()).item()
+            if not err < 2e-2:
+                raise RuntimeError(f"int4 kernel check failed ({self.kernel}, {rows} row(s): relative error {err:.3g} "
+                                   f"vs the dequantized weight) with torch {torch.__version__}; use weights='native'")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -194,7 +196,7 @@ class Linear:
             if self.kernel == "triton":
                 from . import gemv  # Triton is imported only where a Triton kernel was asked for
 
-                if flat.shape[0] <= gemv.MAX_M:
+                if flat.shape[0] <= gemv.DECODE_M:
                     return gemv.linear(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
             return F.linear(x, self.weight, self.bias)
         if self.kernel == "gemlite":

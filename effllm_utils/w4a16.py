@@ -19,9 +19,10 @@ tinygemm 1,218): still slower than tinygemm. What it does:
 - `gemv` (<= GEMV_MAX_M rows): each program owns BLOCK_N output features and one slice of K (`splits`: enough
   slices to fill the GPU), fp32 partial sums per slice, whose sum fuses in a compiled step into whatever consumes
   the product; rows of x are a grid axis;
-- `gemm`: the tile is dequantized to bf16 in registers and multiplied on tensor cores (`tl.dot`), for more rows,
-  and for few rows too when it times faster: on the first call of a shape both few-row kernels (each autotuned) are
-  timed and the faster kept (`_CHOICE`) — tinygemm itself runs batch-1 decoding on tensor cores.
+- `gemm`: the tile is dequantized to bf16 in registers and multiplied on tensor cores (`tl.dot`), for more than
+  one row (the gemv would re-read the weight per row), and for one row too when it times faster: on the first call
+  of a shape both (each autotuned) are timed and the faster kept (`choose`, `_CHOICE`) — tinygemm itself runs
+  batch-1 decoding on tensor cores.
 
 On CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1, set before this module is imported),
 which is how the tests check them against the dequantized reference; the decode path on CPU uses torch's CPU int4
@@ -167,16 +168,21 @@ def _launch(kernel: str, x, words, sz, y, group: int) -> None:
 
 
 def choose(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int) -> str:
-    """The kernel for x's rows against this weight: "gemm" above GEMV_MAX_M rows; for fewer the faster of the gemv and
-    the gemm, each autotuned and then timed on the shape's first call (eager, real tensors: before compiling or
-    capturing a step) and remembered per (N, K, group); "gemv" under the interpreter (nothing to time)."""
+    """The kernel for x's rows against this weight: for one row the faster of the gemv and the gemm, each autotuned
+    and then timed on the shape's first call (eager, real tensors: before compiling or capturing a step) and
+    remembered per (N, K, group); for more rows the gemm (the gemv's rows are a grid axis, each re-reading the
+    weight); "gemv" under the interpreter for <= GEMV_MAX_M rows (nothing to time; it has no bf16 dot)."""
     M, K = x.shape
     N = words.shape[0]
     if M > GEMV_MAX_M:
         return "gemm"
     key = (N, K, group)
-    if _interpreting() or key in _CHOICE:
-        return _CHOICE.get(key, "gemv")
+    if _interpreting():
+        return "gemv"
+    if M > 1:
+        return "gemm"
+    if key in _CHOICE:
+        return _CHOICE[key]
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         raise RuntimeError("W4A16: no kernel chosen for this shape yet; call w4a16.choose on it eagerly before "
                            "compiling or capturing (decode.Linear does so when it is built)")
@@ -228,10 +234,10 @@ def _(x, words, sz, group, kernel):
 def matmul(x: torch.Tensor, words: torch.Tensor, sz: torch.Tensor, group: int,
            few_rows: str | None = None) -> torch.Tensor:
     """x [M, K] times the int4 weight transposed: [M, N] in x's dtype (fp32 accumulation). few_rows: the kernel
-    `choose` picked for this weight at <= GEMV_MAX_M rows (a compiled step must pass it: choosing times kernels);
-    None chooses now."""
-    if x.shape[0] > GEMV_MAX_M:
-        kernel = "gemm"
+    `choose` picked for this weight at one row (a compiled step must pass it: choosing times kernels); None chooses
+    now."""
+    if x.shape[0] == 1 and few_rows is not None:
+        kernel = few_rows
     else:
-        kernel = few_rows if few_rows is not None else choose(x, words, sz, group)
+        kernel = choose(x, words, sz, group)
     return torch.ops.effllm.w4a16_partials(x, words, sz, group, kernel).sum(0).to(x.dtype)
