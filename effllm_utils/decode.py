@@ -104,9 +104,13 @@ def int4_kernel(kernel: str, device: torch.device | str) -> str:
 
     if kernel not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, not {kernel!r}")
-    if kernel == "gemlite" and (torch.device(device).type != "cuda" or importlib.util.find_spec("gemlite") is None):
-        raise ValueError(f"GemLite's int4 kernels need a CUDA device and the gemlite package (pip install -e "
-                         f"'.[gpu]'); here: {torch.device(device).type}, gemlite "
+    if kernel == "gemlite" and (torch.device(device).type != "cuda" or importlib.util.find_spec("gemlite") is None
+                                or torch.cuda.get_device_capability(device) < (8, 0)):
+        where = torch.device(device).type
+        if where == "cuda":
+            where = "compute capability {}.{}".format(*torch.cuda.get_device_capability(device))
+        raise ValueError(f"GemLite's int4 kernels need a CUDA GPU of compute capability >= 8.0 and the gemlite "
+                         f"package (pip install -e '.[gpu]'); here: {where}, gemlite "
                          f"{'installed' if importlib.util.find_spec('gemlite') else 'missing'}; use "
                          f"int4_kernel='tinygemm'")
     if kernel == "triton" and not available(device):
