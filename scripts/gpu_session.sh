@@ -14,6 +14,7 @@
 #   tuned     the dense training step at that shape compiled with max-autotune-no-cudagraphs (GEMM and fused-kernel
 #             autotuning; minutes of compilation) — compare with `train`'s plain compile
 #   trace     the dense training step at that shape under the profiler (kernel table)
+#   hardware  the hardware study on the gpu profile (matmul peak, copy bandwidth, idle power) through papermill
 #   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
 #             GPU host without the Hub has them)
 #
@@ -51,7 +52,7 @@ bench=("$py" -m effllm_utils.bench)
 for s in "${@:-tests decode train}"; do
   for s in $s; do
     case $s in
-      tests|decode|decode05|dtrace|study) wheels ;;
+      tests|decode|decode05|dtrace|hardware|study) wheels ;;
     esac
     case $s in
       tests) step tests 360 "$py" -m pytest -q -rs tests/test_w4a16.py tests/test_models.py -k cuda ;;
@@ -66,11 +67,13 @@ for s in "${@:-tests decode train}"; do
       tuned) step tuned 540 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 20 --skip 8 \
                --compile-mode max-autotune-no-cudagraphs ;;
       trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
+      hardware) step hardware 300 "$py" -m effllm_utils.reproduce --profile gpu --only hardware
+        tar czf "$out/gpu_hardware.tgz" outputs/gpu/runs/hardware outputs/gpu/figures outputs/gpu/tables 2>/dev/null ;;
       study)
         step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
           --set tokenizer=embedded --set steps=100 --set eval_every=1000
         tar czf "$out/gpu_attention.tgz" --exclude=outputs/gpu/checkpoints outputs/gpu 2>/dev/null ;;
-      *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned trace study" >&2; exit 2 ;;
+      *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned trace hardware study" >&2; exit 2 ;;
     esac
   done
 done
