@@ -5,8 +5,8 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
     python -m effllm_utils.bench --shape gpu --batch 16 --seq 1024 --steps 30
     python -m effllm_utils.bench --shape gpu_large --grad-accum 2 --trace   # the gpu profile's largest, profiled
     python -m effllm_utils.bench --mode decode   # Qwen2.5-1.5B and 0.5B shapes (random bf16 weights) on CUDA:
-                                                 # HF eager, static + CUDA graph, + compile, int4
-                                                 # (tinygemm and the Triton W4A16 kernels)
+                                                 # HF eager, static + CUDA graph, + compile (cuBLAS and the
+                                                 # Triton GEMV), int4 (tinygemm, Triton W4A16, GemLite)
     python -m effllm_utils.bench --mode harness  # infer.measure: eager vs infer.FastDecode, batch 1 and 4
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
@@ -43,6 +43,11 @@ def _qwen2(dims: dict):
     return Qwen2ForCausalLM(Qwen2Config(**dims, tie_word_embeddings=False, attn_implementation="sdpa"))
 
 
+def _compile_how(case: str, args) -> bool | str:
+    """What `train.compiled` gets for a case: its `--compile-mode` (or True) for the *_compiled cases, else False."""
+    return (args.compile_mode or True) if case.endswith("compiled") else False
+
+
 def trace_case(name: str, model, args, rows: int = 18) -> None:
     """A few more compiled training steps under torch.profiler: the kernels taking the most GPU time, and GPU busy
     time over wall time (what is left is the host: launches, Python, synchronisation)."""
@@ -51,7 +56,7 @@ def trace_case(name: str, model, args, rows: int = 18) -> None:
     from .train import compiled
 
     cuda = args.device.startswith("cuda")
-    step_fn = compiled(model, (args.compile_mode or True) if name.endswith("compiled") else False)
+    step_fn = compiled(model, _compile_how(name, args))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
 
@@ -120,7 +125,7 @@ def run_case(name: str, model, fpt: float, active_params: int, args, peak: float
     ids = torch.randint(0, model.config.vocab_size, (args.batch * args.seq * 4 + 2,))
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=1e-4, warmup_steps=1,
                       eval_every=10**9, eval_batches=1, skip_steps=args.skip,
-                      compile=(args.compile_mode or True) if name.endswith("compiled") else False,
+                      compile=_compile_how(name, args),
                       grad_accum=args.grad_accum,
                       precision=args.precision)
     r = train(model.to(args.device), ids, ids, cfg, flops_per_token=fpt, peak_flops=peak)
@@ -146,8 +151,8 @@ def _dtype(args, cuda: bool) -> torch.dtype:
 
 def decode_bench(args) -> int:
     """Batch-1 greedy decode: HF generate (eager) vs the static-cache decoder (CUDA graph; compiled + CUDA graph) in
-    the model's dtype, and with int4 weights (tinygemm, and effllm's Triton W4A16 kernels on CUDA), side by side on
-    the same random-weight model."""
+    the model's dtype (cuBLAS, and effllm's Triton GEMV on CUDA), and with int4 weights (tinygemm; on CUDA also
+    effllm's Triton W4A16 kernels and GemLite where installed), side by side on the same random-weight model."""
     import statistics
 
     from transformers import Qwen2Config, Qwen2ForCausalLM

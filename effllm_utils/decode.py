@@ -94,6 +94,11 @@ INT4_KERNELS = ("tinygemm", "triton", "gemlite")
 DENSE_KERNELS = ("auto", "cublas", "triton")
 
 
+def _sm80(device: torch.device | str) -> bool:
+    """A CUDA device of compute capability >= 8.0 (what effllm's Triton GEMV by default and GemLite need)."""
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def int4_kernel(kernel: str, device: torch.device | str) -> str:
     """Checks the int4 matmul a decode step on `device` is to use: "tinygemm" (torch's `_weight_int4pack_mm`, the
     default: faster than effllm's Triton kernels, measured), "triton" (effllm's W4A16 kernels, `w4a16`: CUDA, or
@@ -104,8 +109,7 @@ def int4_kernel(kernel: str, device: torch.device | str) -> str:
 
     if kernel not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, not {kernel!r}")
-    if kernel == "gemlite" and (torch.device(device).type != "cuda" or importlib.util.find_spec("gemlite") is None
-                                or torch.cuda.get_device_capability(device) < (8, 0)):
+    if kernel == "gemlite" and (importlib.util.find_spec("gemlite") is None or not _sm80(device)):
         where = torch.device(device).type
         if where == "cuda":
             where = "compute capability {}.{}".format(*torch.cuda.get_device_capability(device))
@@ -140,8 +144,7 @@ class Linear:
             if dense_kernel not in DENSE_KERNELS:
                 raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, not {dense_kernel!r}")
             if dense_kernel == "auto":  # Ampere or newer (measured on Hopper; Triton's bf16 needs sm_80)
-                modern = weight.device.type == "cuda" and torch.cuda.get_device_capability(weight.device) >= (8, 0)
-                dense_kernel = "triton" if modern and available(weight.device) else "cublas"
+                dense_kernel = "triton" if _sm80(weight.device) and available(weight.device) else "cublas"
             if dense_kernel == "triton" and not available(weight.device):
                 raise ValueError(f"the Triton GEMV cannot run on {weight.device.type} here (it needs Triton and a "
                                  f"CUDA device, or TRITON_INTERPRET=1 on CPU); use dense_kernel='cublas'")
@@ -176,7 +179,7 @@ class Linear:
             self.sz = sz
             self.read_bytes = sum(t.numel() * t.element_size() for t in stored)
             self._check(q)  # a packed layout can drift between torch versions: verify it computes what (q, sz) mean
-            if self.cuda:  # q and the tinygemm-layout scales are kept on CPU for the tests' reference only
+            if self.cuda:  # on CUDA: q dropped (kept on CPU for the tests' reference); sz only where tinygemm reads it
                 self.q, self.sz = None, (sz if self.kernel == "tinygemm" else None)
             else:
                 self.q = q

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 MAX_M = 8  # rows (sequences) per call this kernel takes
-# rows the decoder sends here (more go to cuBLAS): rows are a grid axis, so each row re-reads the weight — measured
-# faster than cuBLAS at batch 1; at 2+ rows cuBLAS reads the weight once
+# rows the decoder sends here (more go to cuBLAS): measured faster than cuBLAS at batch 1; rows are a grid axis, so
+# at 2+ rows each would re-read the weight (not measured), which cuBLAS reads once
 DECODE_M = 1
 
 try:
@@ -52,7 +52,7 @@ def slices(n_programs: int, k_units: int, min_units: int, target: int = 264, mos
     return s
 
 
-def splits(M: int, N: int, K: int) -> int:
+def splits(N: int, K: int) -> int:
     """K slices of the dense GEMV (programs counted at 8 output features; slices at least 1,024 columns)."""
     return slices(-(-N // 8), K, 1024)
 
@@ -91,7 +91,7 @@ def partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"Triton GEMV: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not agree, or more "
                          f"than {MAX_M} rows")
     x, weight = x.contiguous(), weight.contiguous()
-    S = splits(M, N, K)
+    S = splits(N, K)
     kps = -(-K // (S * 512)) * 512  # a slice is a whole number of the largest BLOCK_K
     y = torch.empty(S, M, N, dtype=torch.float32, device=x.device)
     if interpreting():  # one fixed config (autotuning would time Python)
@@ -109,7 +109,7 @@ def gemv_partials(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @gemv_partials.register_fake
 def _(x, weight):
-    return x.new_empty(splits(x.shape[0], weight.shape[0], x.shape[1]), x.shape[0], weight.shape[0],
+    return x.new_empty(splits(weight.shape[0], x.shape[1]), x.shape[0], weight.shape[0],
                        dtype=torch.float32)
 
 

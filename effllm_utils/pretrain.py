@@ -155,13 +155,15 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
 # -- tables and figures (from records only) -----------------------------------------------------------------------
 
-def table(profile: str, study: str):
-    """The study's table as a DataFrame, one row per ok record, paper-style headers."""
+def table(profile: str, study: str, records: list | None = None):
+    """The study's table as a DataFrame, one row per current ok record (`runs.load_current`, or `records` already
+    loaded), paper-style headers."""
     import pandas as pd
 
-    df = runs.load_runs(profile, study, status="ok", current_only=True)
-    if df.empty:
+    recs = runs.load_current(profile, study) if records is None else records
+    if not recs:
         return pd.DataFrame(columns=list(TABLE_COLUMNS.values()))
+    df = pd.DataFrame([r.flat() for r in recs])
     cols = [c for c in TABLE_COLUMNS if c in df]
     return df[cols].rename(columns=TABLE_COLUMNS).sort_values(["scale", "technique"]).reset_index(drop=True)
 
@@ -186,7 +188,7 @@ def figures(profile: str, study: str) -> list[Path]:
     recs = runs.load_current(profile, study)
     if not recs:
         return []
-    paths = write_table(table(profile, study), profile, study)
+    paths = write_table(table(profile, study, recs), profile, study)
     plotting.use_style()
     for scale in sorted({r.scale for r in recs}):
         rs = [r for r in recs if r.scale == scale]

@@ -95,7 +95,7 @@ _INTERPRETED = textwrap.dedent("""
     # the dense Triton GEMV (effllm_utils.gemv) against F.linear: bf16/fp16/fp32, ragged N and K, K split in 8
     from effllm_utils import gemv
     import torch.nn.functional as F
-    assert gemv.splits(1, 16, 8192) == 8
+    assert gemv.splits(16, 8192) == 8
     for M, N, K, dt in [(1, 44, 200, torch.bfloat16), (3, 40, 384, torch.float16), (2, 16, 8192, torch.float32)]:
         w, x, b = torch.randn(N, K).to(dt), torch.randn(M, K).to(dt), torch.randn(N).to(dt)
         y = gemv.linear(x, w, b)
