@@ -207,10 +207,10 @@ def test_kernels_on_cuda_bf16():
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("gemlite") is None,
                     reason="needs CUDA and gemlite")
 def test_gemlite_int4_on_cuda():
-    """GemLite's layer built from our ints computes the dequantized weight's product (1-64 rows, 0.5B shapes, one
-    group per row too); the compiled decode step through it matches the tinygemm one."""
+    """GemLite's layer built from our ints computes the dequantized weight's product to 1% (1-64 rows, 0.5B shapes,
+    the 1.5B down projection, one group per row too); the compiled decode step through it matches the tinygemm one."""
     torch.manual_seed(0)
-    for N, K, g in ((1152, 896, 128), (896, 4864, 128), (256, 128, 128)):
+    for N, K, g in ((1152, 896, 128), (896, 4864, 128), (1536, 8960, 128), (256, 128, 128)):
         q, sz = decode.quantize_int4(torch.randn(N, K, device="cuda"), g)
         args = decode.gemlite_args(q, sz, g)
         ref_w = decode.dequantize_int4(q, sz, g)
@@ -218,8 +218,9 @@ def test_gemlite_int4_on_cuda():
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             y = torch.ops.gemlite.forward_functional(x, None, *args)
             ref = x.float() @ ref_w.t()
-            assert y.shape == (M, N) and y.dtype == torch.bfloat16
-            assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2, (M, N, K)
+            assert y.shape == (M, N) and y.dtype == torch.float32  # fp32 out: see decode.gemlite_args
+            # GemLite dequantizes in bf16 (w = fma(q, s, z')): 0.56% measured at 2 rows of the first shape on an H100
+            assert ((y - ref).norm() / ref.norm()).item() < 1e-2, (M, N, K)
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 128, (1, 6), device="cuda")
     toks = {k: decode.StaticDecoder(m, 1, 24, compile=True, weights="int4", group_size=32, int4_kernel=k)
