@@ -11,8 +11,10 @@
 #   decode05  the same at the Qwen2.5-0.5B shape
 #   dtrace    the 0.5B decode step's kernels in launch order (Triton GEMV bf16 and the int4 kernels) under the profiler
 #   train     training step at the gpu profile's largest shape: dense vs dense with the fused chunked loss
-#   tuned     the dense training step at that shape compiled with max-autotune-no-cudagraphs (GEMM and fused-kernel
-#             autotuning; minutes of compilation) — compare with `train`'s plain compile
+#   tuned     the dense training step at that shape with the fused chunked loss, compiled with
+#             max-autotune-no-cudagraphs (GEMM and fused-kernel autotuning; over 280 s of compilation, so run it alone;
+#             inductor's autotune cache makes a second call on the same warm host quick) — compare with `train`'s
+#             fused-loss row. With the plain loss, autotuning the 2.5 G-element head GEMM crashed (illegal address).
 #   trace     the dense training step at that shape under the profiler (kernel table)
 #   hardware  the hardware study on the gpu profile (matmul peak, copy bandwidth, idle power) through papermill
 #   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
@@ -64,7 +66,7 @@ for s in "${@:-tests decode train}"; do
                --steps 20 --skip 8 ;;
       dtrace) step dtrace 400 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b --trace \
                 --decode-variants triton_gemv,int4 ;;
-      tuned) step tuned 540 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 20 --skip 8 \
+      tuned) step tuned 540 "${bench[@]}" --shape gpu_large --cases effllm_dense_ce_compiled --steps 14 --skip 6 \
                --compile-mode max-autotune-no-cudagraphs ;;
       trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
       hardware) step hardware 300 "$py" -m effllm_utils.reproduce --profile gpu --only hardware
