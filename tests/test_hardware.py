@@ -3,12 +3,29 @@ import pytest
 from effllm_utils import hardware, metrics, runs
 
 
+def test_matmul_peak_is_the_best_measurement_over_interleaved_rounds(monkeypatch):
+    """A slow spell (calls 2-4 of 6 at a third of the speed) must not set the peak: sizes alternate within each
+    round, and the peak is the best single measurement."""
+    calls = []
+
+    def fake(n, dtype, device, min_time_s):
+        calls.append(n)
+        return (1.0 if n == 64 else 0.5) / (3 if 2 <= len(calls) <= 4 else 1)
+
+    monkeypatch.setattr(hardware, "matmul_tflops", fake)
+    mm = hardware.matmul_sweep([32, 64], "fp32", "cpu", min_time_s=0.01, repeats=3)
+    assert calls == [32, 64, 32, 64, 32, 64]
+    assert mm["metrics"] == {"matmul_tflops": 1.0, "best_n": 64}
+    # the 64 product's median (1/3) fell in the slow spell: the old median-based peak would have read 0.5 at n=32
+    assert mm["artifacts"]["tflops_min"] == [0.5 / 3, 1 / 3] and mm["artifacts"]["tflops_median"] == [0.5, 1 / 3]
+
+
 def test_measurements_are_positive_and_shaped():
     mm = hardware.matmul_sweep([32, 64], "fp32", "cpu", min_time_s=0.01, repeats=2)
     assert mm["metrics"]["matmul_tflops"] > 0 and mm["artifacts"]["sizes"] == [32, 64]
-    assert mm["metrics"]["matmul_tflops"] == max(mm["artifacts"]["tflops_median"])
+    assert mm["metrics"]["matmul_tflops"] == max(mm["artifacts"]["tflops_max"])
     bw = hardware.memory_bandwidth(4, "cpu", min_time_s=0.01, repeats=2)
-    assert bw["metrics"]["mem_bw_gbs"] > 0
+    assert bw["metrics"]["mem_bw_gbs"] == max(bw["artifacts"]["mem_bw_gbs_samples"]) > 0
     idle = hardware.idle_power(0.05, "cpu", 0.01)
     assert idle["metrics"]["idle_power_w"] is None or idle["metrics"]["idle_power_w"] > 0
     assert idle["metrics"]["idle_power_w"] is not None or idle["artifacts"]["energy_reason"]
