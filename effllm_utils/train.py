@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -272,13 +273,19 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         "energy_j": telem["energy_j"], "j_per_token": telem["energy_j"] / tokens if telem["energy_j"] else None,
         "processes": world, "precision": "bf16" if use_bf16 else "fp32",
     }
+    notes = {}
     if peak_flops:
         m["pcu"] = metrics.pcu(fpt * tokens / world, seconds, peak_flops)  # per device
         m["mfu_pct"] = 100 * m["pcu"]
+        if m["pcu"] > 1:  # more than the peak: the peak is wrong (e.g. a hardware-study run in a slow spell)
+            notes["pcu_warning"] = (f"achieved {m['pcu'] * peak_flops:.3g} FLOP/s per device exceeds the peak given "
+                                    f"({peak_flops:.3g}): the peak is understated; re-run the hardware study "
+                                    f"(make reproduce ARGS='--only hardware --force') and this run")
+            warnings.warn(notes["pcu_warning"], stacklevel=2)
     if checkpoint_dir is not None and acc.is_main_process:
         acc.unwrap_model(model).save_pretrained(checkpoint_dir, safe_serialization=True)
     return {"metrics": m, "quality": {"loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)),
                                       "train_loss": sum(curve[-5:]) / len(curve[-5:])},
             "artifacts": {"loss_curve": curve, "val_curve": val_curve, "step_s": step_times,
                           "energy_method": telem["energy_method"], "energy_reason": telem["energy_reason"],
-                          "telemetry_errors": telem["errors"]}}
+                          "telemetry_errors": telem["errors"], **notes}}

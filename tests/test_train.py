@@ -68,6 +68,16 @@ def test_training_lowers_the_loss_and_reports_metrics(tmp_path):
     assert m["mfu_pct"] == pytest.approx(100 * m["tokens_per_s"] * m["flops_per_token"] / 1e12, rel=1e-6)
     assert r["quality"]["ppl"] == pytest.approx(math.exp(r["quality"]["loss"]))
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    assert "pcu_warning" not in r["artifacts"]
+
+
+def test_pcu_above_one_is_flagged():
+    """A peak below what the run achieved (a hardware study measured in a slow spell) is named in the record."""
+    model = models.EffLLMForCausalLM(models.config("test"))
+    with pytest.warns(UserWarning, match="exceeds the peak given"):
+        r = train(model, IDS[:6000], IDS[6000:], TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=100,
+                                                             eval_batches=1), peak_flops=1.0)
+    assert r["metrics"]["pcu"] > 1 and "re-run the hardware study" in r["artifacts"]["pcu_warning"]
 
 
 def test_non_finite_loss_stops_the_run():
