@@ -109,14 +109,14 @@ def int4_kernel(kernel: str, device: torch.device | str) -> str:
 
     if kernel not in INT4_KERNELS:
         raise ValueError(f"int4 kernel must be one of {INT4_KERNELS}, not {kernel!r}")
-    if kernel == "gemlite" and (importlib.util.find_spec("gemlite") is None or not _sm80(device)):
+    have_gemlite = kernel == "gemlite" and importlib.util.find_spec("gemlite") is not None
+    if kernel == "gemlite" and not (have_gemlite and _sm80(device)):
         where = torch.device(device).type
         if where == "cuda":
             where = "compute capability {}.{}".format(*torch.cuda.get_device_capability(device))
         raise ValueError(f"GemLite's int4 kernels need a CUDA GPU of compute capability >= 8.0 and the gemlite "
                          f"package (pip install -e '.[gpu]'); here: {where}, gemlite "
-                         f"{'installed' if importlib.util.find_spec('gemlite') else 'missing'}; use "
-                         f"int4_kernel='tinygemm'")
+                         f"{'installed' if have_gemlite else 'missing'}; use int4_kernel='tinygemm'")
     if kernel == "triton" and not available(device):
         raise ValueError(f"the Triton W4A16 kernel cannot run on {torch.device(device).type} here (it needs Triton "
                          f"and a CUDA device, or TRITON_INTERPRET=1 on CPU); use int4_kernel='tinygemm'")
@@ -225,7 +225,8 @@ def gemlite_args(q: torch.Tensor, sz: torch.Tensor, group: int) -> tuple[list[to
     arguments of its `gemlite::forward_functional` op. GemLite's asymmetric form is w = q s + z' (its fma mode); ours
     is w = (q - 8) s + z, so z' = z - 8 s, formed in fp32 and then stored in bf16 as tinygemm stores z. The output is
     fp32 (the caller casts it): GemLite's split-K GEMVs add their partial sums with atomics in the output dtype, and
-    bf16 atomics put the product 1-2% (relative) off the dequantized weight's on the H100 (measured), fp32 ones do not."""
+    with bf16 atomics the product was 1-2% (relative) off the dequantized weight's on the H100, with fp32 output 0.56%
+    (measured, 2 rows of a 1152x896 layer)."""
     import gemlite
 
     n, k = q.shape

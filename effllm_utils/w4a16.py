@@ -9,8 +9,8 @@ Measured history (H100, Qwen2.5-1.5B shape, batch 1, compiled + CUDA graph; bf16
 a first GEMV (per-group 3-D unpacking, word-per-column layout) 385 tok/s; a second (a [rows, words] tile per step,
 nibble by nibble, scales gathered per word, x read with a stride of 8) 537, and 538 with K split over more
 programs — instruction/load bound, not short of parallelism. Both slower than tinygemm, which stays the default.
-The kernels below are a third version, measured at 520 tok/s (1.5B; tinygemm 756 in the same run) and 1,121 (0.5B;
-tinygemm 1,218): still slower than tinygemm. What it does:
+The kernels below are a third version, measured at 520 and, in a later session's run, 690 tok/s (1.5B; tinygemm
+756-757 in the same runs) and 1,121 (0.5B; tinygemm 1,218): still slower than tinygemm. What it does:
 
 - layout (`pack`): within each group of `group` columns (W = group/8 int32 words), nibble j of word w holds column
   j*W + w, so the x values for nibble j of a group's words are W contiguous elements (the second version read x
