@@ -147,6 +147,11 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 result["artifacts"]["flops_per_token_source"] = "analytic (effllm_utils.metrics)" if fpt \
                     else "6 x parameters (transformers baseline)"
                 result["artifacts"]["model_config"] = model.config.to_dict()
+                if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
+                    from .models.mamba_scan import IMPLEMENTATION
+
+                    result["artifacts"]["selective_scan"] = IMPLEMENTATION if device == "cpu" else (
+                        "transformers (mamba_ssm kernels when installed, else its PyTorch fallback)")
                 return result
 
             records.append(runs.execute(study, technique, profile, run_params, fn, scale=scale, force=force))

@@ -16,7 +16,8 @@ FAMILIES = ("mamba", "rwkv", "pythia")
 def _config(family: str, hidden: int, n_layers: int, vocab_size: int, context: int):
     if family == "mamba":
         # use_mambapy: without the mamba_ssm CUDA kernels, the parallel scan of `mambapy` (pure PyTorch) is ~9x
-        # faster than transformers' sequential reference scan (1.9 vs 17 s/step measured on the tiny CPU profile)
+        # faster than transformers' sequential reference scan (1.9 vs 17 s/step measured on the tiny CPU profile);
+        # on CPU both give way to effllm's selective scan (mamba_scan.py), installed by build_baseline
         return MambaConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=n_layers, state_size=16,
                            expand=2, conv_kernel=4, use_cache=True, tie_word_embeddings=False, use_mambapy=True)
     if family == "rwkv":
@@ -63,6 +64,10 @@ def build_baseline(family: str, target_params: int, n_layers: int, vocab_size: i
     """A freshly initialised `transformers` model of `family` within `tolerance` of `target_params`."""
     if family not in FAMILIES:
         raise ValueError(f"unknown baseline family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family == "mamba":
+        from .mamba_scan import install
+
+        install()  # the selective scan on CPU (see mamba_scan); CUDA keeps the library's path
     for step in sorted({multiple, 2, 1}, reverse=True):  # finer widths only when the coarse grid misses
         hidden = match_width(family, target_params, n_layers, vocab_size, context, step)
         n = count_params(family, hidden, n_layers, vocab_size, context)
