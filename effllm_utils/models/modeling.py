@@ -349,7 +349,9 @@ class Experts(nn.Module):
 
     def _padded(self, x, idx, weights):
         """Anywhere: tokens grouped by expert into a zero-padded [E, C, d] batch, all experts as two batched
-        matmuls (C is the busiest expert's load, rounded up to a power of two so a compiled graph sees few shapes)."""
+        matmuls. C is the busiest expert's load; under torch.compile it is rounded up to a power of two so the graph
+        sees few shapes (eager, the rounding would double the padded FLOPs at a typical load: the tiny MoE study's
+        step measured 0.66 s rounded, 0.38 s exact)."""
         N, k = idx.shape
         E = self.gate_up_proj.shape[0]
         flat_e = idx.reshape(-1)
@@ -359,7 +361,9 @@ class Experts(nn.Module):
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.arange(N * k, device=x.device) - starts[sorted_e]
         token = order // k
-        C = 1 << (int(counts.max()) - 1).bit_length()
+        C = int(counts.max())
+        if torch.compiler.is_compiling():
+            C = 1 << (C - 1).bit_length()
         batch = x.new_zeros(E, C, x.shape[-1])
         batch[sorted_e, rank] = x[token]
         gate, up = torch.bmm(batch, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
