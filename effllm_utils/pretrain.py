@@ -148,10 +148,9 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                     else "6 x parameters (transformers baseline)"
                 result["artifacts"]["model_config"] = model.config.to_dict()
                 if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
-                    from .models.mamba_scan import IMPLEMENTATION
+                    from .models.mamba_scan import scan_in_use
 
-                    result["artifacts"]["selective_scan"] = IMPLEMENTATION if device == "cpu" else (
-                        "transformers (mamba_ssm kernels when installed, else its PyTorch fallback)")
+                    result["artifacts"]["selective_scan"] = scan_in_use(device)
                 return result
 
             records.append(runs.execute(study, technique, profile, run_params, fn, scale=scale, force=force))

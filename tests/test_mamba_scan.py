@@ -98,3 +98,11 @@ def test_mamba_model_loss_and_gradients_equal_the_library_scan(monkeypatch):
     monkeypatch.undo()
     out = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)  # cached decoding still runs
     assert out.shape == (2, 9)
+
+
+def test_records_name_the_scan(monkeypatch):
+    assert mamba_scan.scan_in_use("cpu") == mamba_scan.IMPLEMENTATION
+    monkeypatch.setattr(mamba_scan.importlib.util, "find_spec", lambda name: None)
+    assert "install mamba-ssm" in mamba_scan.scan_in_use("cuda:0")
+    monkeypatch.setattr(mamba_scan.importlib.util, "find_spec", lambda name: object() if name == "mamba_ssm" else None)
+    assert mamba_scan.scan_in_use("cuda").startswith("mamba_ssm")

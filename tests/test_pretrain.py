@@ -36,10 +36,11 @@ def test_build_model_backbone_and_baseline():
 
 def test_run_study_records_tables_figures_and_skips(outputs):
     params = P | {"techniques": {"gqa": {"attention": "gqa"}, "nsa": {"attention": "nsa"},
-                                 "rwkv": {"baseline": "rwkv"}}}
+                                 "rwkv": {"baseline": "rwkv"}, "mamba": {"baseline": "mamba"}}}
     recs = pretrain.run_study("attention", "tiny", params)
-    assert [(r.technique, r.status) for r in recs] == [("gqa", "ok"), ("nsa", "ok"), ("rwkv", "ok")], \
-        [r.error for r in recs]
+    assert [(r.technique, r.status) for r in recs] == [("gqa", "ok"), ("nsa", "ok"), ("rwkv", "ok"),
+                                                       ("mamba", "ok")], [r.error for r in recs]
+    assert recs[3].artifacts["selective_scan"].startswith("effllm CPU") and "selective_scan" not in recs[2].artifacts
     gqa = recs[0]
     assert gqa.scale == "micro" and gqa.metrics["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2
     assert gqa.quality["ppl"] > 1 and len(gqa.artifacts["loss_curve"]) == 4
@@ -47,7 +48,7 @@ def test_run_study_records_tables_figures_and_skips(outputs):
     assert recs[2].artifacts["flops_per_token_source"].startswith("6 x parameters")
     assert (outputs / "tiny" / "checkpoints" / "attention" / "micro-gqa" / "model.safetensors").is_file()
     table = pretrain.table("tiny", "attention")
-    assert list(table["technique"]) == ["gqa", "nsa", "rwkv"] and "AMU (GB)" in table and "PPL" in table
+    assert list(table["technique"]) == ["gqa", "mamba", "nsa", "rwkv"] and "AMU (GB)" in table and "PPL" in table
     paths = {p.name for p in pretrain.figures("tiny", "attention")}
     assert {"attention.csv", "attention.md", "attention.tex", "attention_micro.pdf", "attention_micro.png",
             "attention_micro.svg"} <= paths

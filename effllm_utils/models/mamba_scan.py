@@ -21,6 +21,8 @@ dynamo) goes to the library's function unchanged. `build_baseline("mamba", ...)`
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
@@ -116,6 +118,16 @@ def install() -> None:
 
     mamba_selective_scan._effllm_original = original
     mm.mamba_selective_scan = mamba_selective_scan
+
+
+def scan_in_use(device: str) -> str:
+    """Which selective scan a Mamba training run on `device` uses (recorded with its measurements)."""
+    if str(device).startswith("cpu"):
+        return IMPLEMENTATION
+    if importlib.util.find_spec("mamba_ssm") is not None:
+        return "mamba_ssm selective_scan_fn (CUDA kernels, through transformers)"
+    return ("transformers' PyTorch fallback (mambapy parallel scan): install mamba-ssm and causal-conv1d for the "
+            "CUDA kernels")
 
 
 def library_scan():
