@@ -106,3 +106,23 @@ def test_records_name_the_scan(monkeypatch):
     assert "install mamba-ssm" in mamba_scan.scan_in_use("cuda:0")
     monkeypatch.setattr(mamba_scan.importlib.util, "find_spec", lambda name: object() if name == "mamba_ssm" else None)
     assert mamba_scan.scan_in_use("cuda").startswith("mamba_ssm")
+
+
+def test_mamba_trains_under_cpu_bf16_autocast(monkeypatch):
+    """The scan runs in float32 inside an autocast region (the library's bmm would run in bf16 there)."""
+    torch.manual_seed(0)
+    model = build_baseline("mamba", 60_000, n_layers=2, vocab_size=128, context=32)
+    ids = torch.randint(0, 128, (2, 12))
+
+    def loss_and_grads():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    ours = loss_and_grads()
+    assert all(torch.isfinite(g).all() for g in ours[1])
+    monkeypatch.setattr(mm, "mamba_selective_scan", mamba_scan.library_scan())
+    ref = loss_and_grads()
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-3, atol=1e-3)

@@ -56,7 +56,7 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, gy):
         u, A, H, dt_l, dtu, B_l, C_l = ctx.saved_tensors
         b, L, d, n = H.shape
-        gy_l = gy.transpose(1, 2).contiguous()  # [b, L, d]
+        gy_l = gy.to(H.dtype).transpose(1, 2).contiguous()  # [b, L, d]
         gC = torch.matmul(gy_l.view(b * L, 1, d), H.view(b * L, d, n)).view(b, L, n)
         G = torch.empty_like(H)  # adjoint of every state: G_t = gy_t C_t + exp(dt_{t+1} A) G_{t+1}
         g_decay = u.new_zeros(b, L, d)  # d loss / d dt through exp(dt A)
@@ -92,7 +92,8 @@ def selective_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tenso
     if delta_softplus:
         dt = F.softplus(dt)
     c = torch.promote_types(dtype, torch.float32)
-    y = _SelectiveScan.apply(*(t.to(c) for t in (hidden_states, dt, A, B, C)))
+    with torch.autocast(hidden_states.device.type, enabled=False):  # the scan's dtype, whatever the autocast
+        y = _SelectiveScan.apply(*(t.to(c) for t in (hidden_states, dt, A, B, C)))
     if D is not None:
         y = y + hidden_states * D[None, :, None]
     if z is not None:
