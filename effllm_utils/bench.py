@@ -12,7 +12,9 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled; optional (`--cases`): `effllm_nsa_compiled` (NSA with
 the attention study's gpu settings, FlexAttention on CUDA), `effllm_nsa_ref_compiled` (its dense-mask
-reference) and `effllm_dense_ce_compiled` (dense with the fused chunked head + cross-entropy, `ce_chunk`). Each
+reference), `effllm_dense_ce_compiled` (dense with the fused chunked head + cross-entropy, `ce_chunk`), and
+`mamba` / `mamba_library` (the attention_free study's transformers Mamba, matched to the dense backbone's parameters,
+eager, with effllm's CPU selective scan / with the library's own; on CUDA both are the library's). Each
 trains on random tokens through `train.train`
 (AdamW, bf16 autocast on GPU, clipping) for `--steps`, the first `--skip` excluded; MFU uses analytic FLOPs and the
 device's datasheet peak (or the hardware study's measured peak). Prints measured numbers and ratios; asserts nothing.
@@ -20,6 +22,7 @@ device's datasheet peak (or the hardware study's measured peak). Prints measured
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import sys
 import time
@@ -285,6 +288,7 @@ def harness_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from . import metrics, models
+    from .models import mamba_scan
     from .pretrain import device_peak
     from .train import COMPILE_MODES
 
@@ -350,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             model, fpt, active = models.EffLLMForCausalLM(cfg), dense_fpt, nonemb(dense_cfg)
         elif case.startswith("effllm_moe"):
             model, fpt, active = models.EffLLMForCausalLM(moe_cfg), moe_fpt, nonemb(moe_cfg)
+        elif case in ("mamba", "mamba_library"):  # the attention_free baseline: effllm's CPU scan / the library's
+            from .models.baselines import build_baseline
+
+            target = models.EffLLMForCausalLM(dense_cfg).num_parameters()
+            model = build_baseline("mamba", target, dims["num_hidden_layers"], dims["vocab_size"], args.seq)
+            fpt, active = None, model.num_parameters()  # train() counts 6 x parameters, as the study does
         elif case.startswith("effllm_nsa"):  # the attention study's gpu NSA settings; _ref: the dense-mask kernel
             nsa_cfg = models.EffLLMConfig(**dims, attention="nsa", nsa_block_size=64, nsa_num_selected=16,
                                           nsa_window=512, nsa_kernel="reference" if "_ref" in case else "auto")
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"error: unknown case {case!r}", file=sys.stderr)
             return 2
-        results.append(run_case(case, model, fpt, active, args, peak))
+        with mamba_scan.using_library_scan() if case == "mamba_library" else contextlib.nullcontext():
+            results.append(run_case(case, model, fpt, active, args, peak))
         r = results[-1]
         print(f"{r['case']:<24} {r['tokens_per_s']:>12,.0f} tokens/s   MFU {r['mfu_pct'] or float('nan'):6.1f}%   "
               f"{r['al_s'] * 1e3:8.1f} ms/step   peak mem {r['peak_mem_gb']:.1f} GB", flush=True)
@@ -379,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     if "effllm_nsa_compiled" in by and "effllm_nsa_ref_compiled" in by:
         print(f"NSA FlexAttention / dense-mask reference tokens/s: "
               f"{by['effllm_nsa_compiled']['tokens_per_s'] / by['effllm_nsa_ref_compiled']['tokens_per_s']:.2f}x")
+    if "mamba" in by and "mamba_library" in by:
+        print(f"Mamba tokens/s, {mamba_scan.scan_in_use(args.device)} / transformers' own scan: "
+              f"{by['mamba']['tokens_per_s'] / by['mamba_library']['tokens_per_s']:.2f}x")
     if "effllm_moe_compiled" in by and "effllm_dense_compiled" in by:
         d, m = by["effllm_dense_compiled"], by["effllm_moe_compiled"]
         ratio = (m["tokens_per_s"] * m["active_params"]) / (d["tokens_per_s"] * d["active_params"])

@@ -21,6 +21,7 @@ dynamo) goes to the library's function unchanged. `build_baseline("mamba", ...)`
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -136,3 +137,16 @@ def library_scan():
     from transformers.models.mamba import modeling_mamba as mm
 
     return getattr(mm.mamba_selective_scan, "_effllm_original", mm.mamba_selective_scan)
+
+
+@contextlib.contextmanager
+def using_library_scan():
+    """Within the block, `transformers`' Mamba runs its own scan (for comparisons: `make bench`'s mamba_library)."""
+    from transformers.models.mamba import modeling_mamba as mm
+
+    routed = mm.mamba_selective_scan
+    mm.mamba_selective_scan = library_scan()
+    try:
+        yield
+    finally:
+        mm.mamba_selective_scan = routed
