@@ -7,7 +7,8 @@ Greedy decoding with the model's KV cache, one forward per token; the device is 
 its timestamp taken, so decode latencies are measured, not derived by subtraction. Warm-up requests are excluded;
 each (technique, batch size) is repeated until both `min_time_s` of measured requests and `min_requests` are reached;
 the order of techniques rotates every round, so drift (thermal, a noisy neighbour) does not favour one.
-Telemetry: a Monitor window around each request, accumulated per technique.
+Telemetry: a Monitor window around each request, accumulated per technique; `attribute_memory` gives each of several
+resident models its own memory (see `measure`).
 
 A model decodes eagerly through its own forward (any transformers model, quantized or not); on GPU launch overhead
 dominates that for small models. Wrap it in `FastDecode` to decode through `effllm_utils.decode.StaticDecoder`
@@ -26,7 +27,7 @@ import torch
 
 from . import metrics
 from .runtime import synchronize
-from .telemetry import Monitor
+from .telemetry import Monitor, held_bytes, trim_heap
 
 
 @dataclasses.dataclass
@@ -126,14 +127,24 @@ def timed_request(model, ids: torch.Tensor, new_tokens: int, device: str) -> dic
             "tokens": ids.shape[0] * new_tokens}
 
 
-def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, device: str) -> dict[str, dict]:
-    """Side-by-side measurement of every model on the same prompts ([N, >= prompt_len] token ids)."""
+def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, device: str,
+            attribute_memory: bool = False) -> dict[str, dict]:
+    """Side-by-side measurement of every model on the same prompts ([N, >= prompt_len] token ids).
+
+    Every model is resident while each is measured, so the device's (or process's) memory in use is the same for all
+    of them. With `attribute_memory`, a model's AMU and peak are its own: the bytes it holds (`telemetry.held_bytes`,
+    taken after the measurement, so a static decoder's KV cache is in) plus what its requests add above each window's
+    start (`amu_growth_gb`, `peak_growth_gb`: torch's allocated bytes on CUDA; RSS on CPU, with the C heap trimmed
+    before each window so reused free pages do not hide the growth). Without it they are the telemetry's totals
+    (`amu_method` "telemetry_total"), which do not tell resident models apart."""
     if prompts.shape[1] < cfg.prompt_len or prompts.shape[0] < max(cfg.batch_sizes):
         raise ValueError(f"prompts must be at least [{max(cfg.batch_sizes)}, {cfg.prompt_len}], "
                          f"got {tuple(prompts.shape)}")
     names = list(models)
     acc = {n: {"prefill": [], "token": [], "e2e": [], "it": {}, "wall": 0.0, "energy": 0.0, "energy_ok": True,
-               "amu_x_wall": 0.0, "peak": 0.0, "tokens": 0, "reason": None} for n in names}
+               "amu_x_wall": 0.0, "peak": 0.0, "growth_x_wall": 0.0, "peak_growth": 0.0, "rss_x_wall": 0.0,
+               "tokens": 0, "reason": None} for n in names}
+    cpu = not device.startswith("cuda")
     for b in cfg.batch_sizes:
         ids = prompts[:b, :cfg.prompt_len].to(device)
         for n in names:  # warm-up, not measured
@@ -145,6 +156,8 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
                 and rnd < cfg.max_requests:
             order = names[rnd % len(names):] + names[:rnd % len(names)]  # rotate so drift hits all alike
             for n in order:
+                if cpu and attribute_memory:
+                    trim_heap()
                 with Monitor(period_s=cfg.telemetry_period_s, device=device) as mon:
                     r = timed_request(models[n], ids, cfg.new_tokens, device)
                 a, s = acc[n], mon.summary
@@ -154,6 +167,9 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
                 a["wall"] += s["wall_s"]
                 a["amu_x_wall"] += (s["amu_gb"] or 0.0) * s["wall_s"]
                 a["peak"] = max(a["peak"], s["peak_mem_gb"] or 0.0)
+                a["growth_x_wall"] += (s["amu_growth_gb"] or 0.0) * s["wall_s"]
+                a["peak_growth"] = max(a["peak_growth"], s["peak_growth_gb"] or 0.0)
+                a["rss_x_wall"] += (s["rss_amu_gb"] or 0.0) * s["wall_s"]
                 a["tokens"] += r["tokens"]
                 if s["energy_j"] is None:
                     a["energy_ok"], a["reason"] = False, s["energy_reason"]
@@ -169,11 +185,17 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
     for n, a in acc.items():
         tok = metrics.latency(a["token"])
         e2e = metrics.latency(a["e2e"])
+        mem = {"amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"], "amu_method": "telemetry_total"}
+        if attribute_memory:
+            own = held_bytes(models[n]) / metrics.GB
+            mem = {"amu_gb": own + a["growth_x_wall"] / a["wall"], "peak_mem_gb": own + a["peak_growth"],
+                   "held_gb": own, "amu_method": "held_bytes_plus_request_growth"}
         out[n] = {"prefill_s": float(np.mean(a["prefill"])), "decode_token_s": tok["al_s"],
                   "decode_token_p50_s": tok["al_p50_s"], "decode_token_p90_s": tok["al_p90_s"],
                   "al_s": e2e["al_s"], "al_p50_s": e2e["al_p50_s"], "al_p90_s": e2e["al_p90_s"],
                   "it": max(a["it"].values()), "it_by_batch": {str(b): v for b, v in a["it"].items()},
-                  "amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"],
+                  **mem, "amu_growth_gb": a["growth_x_wall"] / a["wall"], "peak_growth_gb": a["peak_growth"],
+                  "rss_amu_gb": a["rss_x_wall"] / a["wall"],
                   "energy_j": a["energy"] if a["energy_ok"] else None,
                   "aec_w": a["energy"] / a["wall"] if a["energy_ok"] else None,
                   "j_per_token": a["energy"] / a["tokens"] if a["energy_ok"] else None,

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import check_choices, data, metrics, outputs_dir, runs
+from . import check_choices, data, metrics, outputs_dir, runs, telemetry
 from .runtime import resolve_device, seed_everything
 
 DECODE_CHOICES = ("eager", "static")
@@ -68,16 +68,10 @@ def export_qwen2(model, out_dir: Path, tok=None) -> Path:
     return out_dir
 
 
-def tensor_bytes(t) -> int:
-    """Bytes of a tensor, counting the inner tensors of quantized tensor subclasses (torchao)."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
 def memory_bytes(model) -> int:
-    return sum(tensor_bytes(t) for t in model.state_dict().values())
+    """The model's bytes in memory: its distinct parameter and buffer storages (tied embeddings once; quantized
+    tensor subclasses by their inner tensors)."""
+    return telemetry.held_bytes(model)
 
 
 def disk_bytes(folder: Path) -> int:
@@ -221,19 +215,20 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
             cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
                               min_time_s=P["min_time_s"], min_requests=P["min_requests"])
             decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
-            measured = measure(decoders, prompts, cfg, device) if built else {}
+            measured = measure(decoders, prompts, cfg, device, attribute_memory=True) if built else {}
             for p, (model, info) in built.items():
                 ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device) if val is not None else None
                 scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
                     if P["tasks"] else {}
-                results[p] = {"metrics": {**{k: v for k, v in measured[p].items() if k != "energy_reason"
-                                             and k != "it_by_batch"},
+                results[p] = {"metrics": {**{k: v for k, v in measured[p].items()
+                                             if k not in ("energy_reason", "it_by_batch", "amu_method")},
                                           "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
                                           "nominal_bits": NOMINAL_BITS[p]},
                               "quality": {"ppl": ppl, **scores},
                               "artifacts": {"it_by_batch": measured[p]["it_by_batch"], "checkpoint": info["path"],
                                             "reload_max_abs_diff": info["reload_max_abs_diff"],
                                             "energy_reason": measured[p]["energy_reason"],
+                                            "amu_method": measured[p]["amu_method"],
                                             "decode_path": paths[p][0], "decode_note": paths[p][1]}}
             _add_mcr(results)
             results.update({p: e for p, e in errors.items()})

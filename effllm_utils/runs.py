@@ -5,7 +5,8 @@
 
 `fn()` returns a dict with any of `metrics` (keys from effllm_utils.metrics.METRICS, units in the key), `quality`
 and `artifacts` (curves, per-sample lists). A record that exists with status "ok" is skipped (returned as loaded)
-unless `force`; a failed record is retried. An exception in `fn` writes a record with status "failed" and the error
+unless `force`; a failed record is retried. `fn` runs inside `telemetry.run_baseline()`: the previous run's memory
+is released first (garbage, torch's CUDA cache, the C heap) and CPU memory is counted from the run's start. An exception in `fn` writes a record with status "failed" and the error
 (so a batch goes on); KeyboardInterrupt/SystemExit write nothing, and since every write is a temp file + rename, an
 interrupted run never leaves a half-written record: the next run resumes with what is missing.
 """
@@ -29,7 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
 
-from . import check_profile, check_study, outputs_dir, repo_root
+from . import check_profile, check_study, outputs_dir, repo_root, telemetry
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed")
@@ -274,7 +275,8 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
                     started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     t0 = time.perf_counter()
     try:
-        result = fn() or {}
+        with telemetry.run_baseline():  # the previous run's memory released; CPU memory counted from here
+            result = fn() or {}
         unknown = set(result) - {"metrics", "quality", "artifacts"}
         if unknown:
             raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "

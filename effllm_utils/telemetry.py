@@ -12,12 +12,30 @@ the start. The window is CUDA-synchronised at both ends, so it covers the queued
 CPU (psutil): process RSS and CPU percent. Energy from RAPL (/sys/class/powercap) when readable; otherwise energy is
 None and `energy_reason` says why — never a TDP guess presented as a measurement.
 
+Memory that belongs to a run, not to the process or to the run before it:
+- `release_memory()` hands freed memory back (Python's garbage, torch's CUDA cache, glibc's free heap pages), so the
+  next measurement does not see the previous run's leftovers (on a GPU, NVML counts torch's cached blocks as used).
+- inside `run_baseline()` (which `runs.execute` opens around every run) a CPU window's `amu_gb` / `peak_mem_gb` are
+  the RSS above the process's level when the run began (`amu_method` "rss_above_run_start"): a Python process with
+  torch and transformers holds ~0.5 GB before any model exists, which would otherwise swamp a small model's footprint
+  and compress every ratio towards 1. The process totals stay in `rss_amu_gb` / `rss_peak_gb`. A window outside a
+  run reports the process's RSS (`amu_method` "process_rss"). On a GPU `amu_gb` is NVML's device memory used, as in the
+  paper (it includes the CUDA context, ~0.5 GB, small beside GPU-scale runs).
+- `amu_growth_gb` / `peak_growth_gb`: what the window itself added above its first sample (torch's allocated bytes on
+  CUDA, RSS on CPU) — the transient memory of a request when several models are resident at once (`infer.measure`).
+
 A sample is taken synchronously when the window opens and when it closes, and every `period_s` in between; an NVML
 error in the middle of a window is recorded in `errors` and the window still closes and reports what it has.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import ctypes
+import ctypes.util
+import gc
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +47,89 @@ import psutil
 from . import metrics
 
 DEFAULT_PERIOD_S = 0.1
+
+# The process RSS when the current run began (set by `run_baseline`); None outside a run.
+_RUN_RSS_BASELINE: contextvars.ContextVar[int | None] = contextvars.ContextVar("effllm_run_rss", default=None)
+
+
+def _libc_malloc_trim():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim with
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def trim_heap() -> bool:
+    """Give glibc's free heap pages back to the OS (`malloc_trim(0)`), so RSS is live memory; False where the C
+    library has no malloc_trim."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+def release_memory() -> None:
+    """Hand freed memory back before a measurement: collect Python's garbage, empty torch's CUDA cache (if CUDA is
+    initialised in this process) and trim the C heap."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    trim_heap()
+
+
+def held_bytes(*objs: Any) -> int:
+    """Bytes of the distinct tensor storages the objects hold: a module's parameters and buffers; the tensors in the
+    attributes of effllm's own objects (a decoder's fused weights and static KV cache), in dicts, lists and tuples;
+    the inner tensors of quantized tensor subclasses (torchao). A storage shared by several tensors (tied embeddings,
+    views) counts once, as it occupies memory once; other objects (compiled functions, tokenizers) are not entered."""
+    import torch
+
+    seen, storages, total = set(), set(), 0
+    stack = list(objs)
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            if hasattr(type(o), "__tensor_flatten__"):  # a wrapper subclass: its data lives in inner tensors
+                names, _ = o.__tensor_flatten__()
+                stack.extend(getattr(o, n) for n in names)
+                continue
+            st = o.untyped_storage()
+            key = (o.device, st.data_ptr())
+            if key not in storages:
+                storages.add(key)
+                total += st.nbytes()
+        elif isinstance(o, torch.nn.Module):
+            stack.extend(o.parameters())
+            stack.extend(o.buffers())
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            stack.extend(o)
+        elif type(o).__module__.startswith("effllm_utils") and hasattr(o, "__dict__"):
+            stack.extend(vars(o).values())
+    return total
+
+
+@contextlib.contextmanager
+def run_baseline():
+    """Within the block, CPU windows report memory above the process's RSS at entry (after `release_memory`).
+    Yields that baseline in bytes."""
+    release_memory()
+    base = psutil.Process().memory_info().rss
+    token = _RUN_RSS_BASELINE.set(base)
+    try:
+        yield base
+    finally:
+        _RUN_RSS_BASELINE.reset(token)
 
 
 def _import_nvml():
@@ -117,11 +218,14 @@ class Monitor:
         self._gpus, self._gpu_reason = self._open_gpus()
         self._rapl = _Rapl(self._rapl_root) if self.device == "cpu" else None
         self._proc.cpu_percent(None)  # prime: psutil's first call returns a meaningless 0.0
+        self._rss_baseline = _RUN_RSS_BASELINE.get()
+        self._alloc_start = None
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._alloc_start = torch.cuda.memory_allocated(self.device)
         for g in self._gpus:
             g.energy_start_mj = self._energy_counter(g)
         self._t0 = time.perf_counter()
@@ -168,6 +272,10 @@ class Monitor:
             s["cpu_pct"] = self._proc.cpu_percent(None)
         except psutil.Error as e:
             self._error("psutil", e)
+        if self._alloc_start is not None:  # torch's allocated bytes: a host-side counter, no synchronisation
+            import torch
+
+            s["torch_alloc_bytes"] = torch.cuda.memory_allocated(self.device)
         if self._rapl is not None and self._rapl.domains:
             try:
                 self._rapl.update()
@@ -260,12 +368,17 @@ class Monitor:
         t, rss = self._series("rss_bytes")
         out["rss_amu_gb"] = metrics.time_average(rss, t) / metrics.GB if rss else None
         out["rss_peak_gb"] = max(rss) / metrics.GB if rss else None
+        out.update(self._growth(t, rss))
         if self._gpus:
             out.update(self._summarise_gpus(wall))
         else:
-            out["amu_gb"] = out["rss_amu_gb"]
-            out["amu_frac"] = (metrics.time_average(rss, t) / psutil.virtual_memory().total) if rss else None
-            out["peak_mem_gb"] = out["rss_peak_gb"]
+            base = self._rss_baseline
+            out["amu_method"] = "process_rss" if base is None else "rss_above_run_start"
+            out["rss_baseline_gb"] = None if base is None else base / metrics.GB
+            used = [max(v - (base or 0), 0) for v in rss]
+            out["amu_gb"] = metrics.time_average(used, t) / metrics.GB if rss else None
+            out["amu_frac"] = (metrics.time_average(used, t) / psutil.virtual_memory().total) if rss else None
+            out["peak_mem_gb"] = max(used) / metrics.GB if rss else None
             out["gpu_util_pct"] = None
             if self._gpu_reason:
                 out["energy_reason"] = self._gpu_reason
@@ -278,6 +391,24 @@ class Monitor:
             out["aec_w"] = metrics.aec(out["energy_j"], wall)
         out["errors"] = list(self.errors)
         return out
+
+    def _growth(self, t_rss: list[float], rss: list[float]) -> dict[str, Any]:
+        """What the window added above its first sample: torch's allocated bytes on CUDA (the peak from torch's own
+        counter), RSS on CPU."""
+        if self._alloc_start is not None:
+            import torch
+
+            t, v = self._series("torch_alloc_bytes")
+            peak = torch.cuda.max_memory_allocated(self.device) - self._alloc_start
+            start = self._alloc_start
+        else:
+            t, v = t_rss, rss
+            start = v[0] if v else 0
+            peak = max(v) - start if v else None
+        if not v:
+            return {"amu_growth_gb": None, "peak_growth_gb": None}
+        return {"amu_growth_gb": max(metrics.time_average(v, t) - start, 0) / metrics.GB,
+                "peak_growth_gb": max(peak, 0) / metrics.GB}
 
     def _summarise_gpus(self, wall: float) -> dict[str, Any]:
         amu_gb, amu_frac, util, energy, methods, reasons, mem_max = [], [], [], [], set(), [], []
@@ -302,7 +433,7 @@ class Monitor:
                                            "energy_method": method}
         n = len(self._gpus)
         out: dict[str, Any] = {
-            "device_name": self._gpus[0].name, "n_gpus": n, "per_gpu": per_device,
+            "device_name": self._gpus[0].name, "n_gpus": n, "per_gpu": per_device, "amu_method": "nvml_memory_used",
             # AMU is per device (the paper's tables): the mean over the monitored GPUs.
             "amu_gb": sum(amu_gb) / len(amu_gb) if amu_gb else None,
             "amu_frac": sum(amu_frac) / len(amu_frac) if amu_frac else None,

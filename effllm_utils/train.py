@@ -269,6 +269,7 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         **metrics.latency(timed), "tokens_per_s": tokens / seconds, "tt": metrics.tt(tokens, n_params, seconds),
         "samples_per_s": cfg.batch_size * cfg.grad_accum * len(timed) / seconds,
         "flops_per_token": fpt, "amu_gb": telem["amu_gb"], "amu_frac": telem["amu_frac"],
+        "rss_amu_gb": telem["rss_amu_gb"],
         "peak_mem_gb": telem["peak_mem_gb"], "gpu_util_pct": telem["gpu_util_pct"], "aec_w": telem["aec_w"],
         "energy_j": telem["energy_j"], "j_per_token": telem["energy_j"] / tokens if telem["energy_j"] else None,
         "processes": world, "precision": "bf16" if use_bf16 else "fp32",
@@ -288,4 +289,5 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
                                       "train_loss": sum(curve[-5:]) / len(curve[-5:])},
             "artifacts": {"loss_curve": curve, "val_curve": val_curve, "step_s": step_times,
                           "energy_method": telem["energy_method"], "energy_reason": telem["energy_reason"],
+                          "amu_method": telem.get("amu_method"),
                           "telemetry_errors": telem["errors"], **notes}}

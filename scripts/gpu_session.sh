@@ -5,7 +5,7 @@
 #   scripts/gpu_session.sh [step ...]        (default: tests decode train)
 #
 # steps:
-#   tests     the CUDA-only tests (effllm's Triton kernels, GemLite int4, NSA FlexAttention gradients)
+#   tests     the CUDA-only tests (effllm's Triton kernels, GemLite int4, NSA FlexAttention gradients, CUDA memory telemetry)
 #   decode    batch-1 decode, Qwen2.5-1.5B shape: bf16 compiled + CUDA graph (cuBLAS and the Triton GEMV), int4
 #             through tinygemm and GemLite (effllm's Triton W4A16, measured slower, is left out: dtrace runs it)
 #   decode05  the same at the Qwen2.5-0.5B shape
@@ -57,7 +57,7 @@ for s in "${@:-tests decode train}"; do
       tests|decode|decode05|dtrace|hardware|study) wheels ;;
     esac
     case $s in
-      tests) step tests 360 "$py" -m pytest -q -rs tests/test_w4a16.py tests/test_models.py -k cuda ;;
+      tests) step tests 360 "$py" -m pytest -q -rs tests/test_w4a16.py tests/test_models.py tests/test_telemetry.py -k cuda ;;
       decode) step decode 540 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-1.5b \
                 --decode-variants static_compiled,int4_tinygemm,int4_gemlite ;;
       decode05) step decode05 480 "${bench[@]}" --mode decode --skip-eager --decode-shapes qwen2.5-0.5b \

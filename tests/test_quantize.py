@@ -116,6 +116,27 @@ def test_harness_times_every_token_and_measures_side_by_side():
         infer.measure({"a": a}, torch.zeros(1, 4, dtype=torch.long), cfg, "cpu")
 
 
+def test_harness_attributes_memory_to_each_resident_model():
+    """Both models are resident while each is measured, so the process's memory cannot tell them apart; with
+    attribute_memory each gets the bytes it holds plus what its requests add."""
+    from effllm_utils.telemetry import held_bytes
+
+    torch.manual_seed(0)
+    small = EffLLMForCausalLM(models.config("test")).eval()
+    big = EffLLMForCausalLM(models.config("test", hidden_size=256, intermediate_size=1024)).eval()
+    cfg = infer.InferConfig(prompt_len=8, new_tokens=4, batch_sizes=(1,), min_time_s=0.0, min_requests=2)
+    prompts = torch.randint(0, 128, (1, 8))
+    total = infer.measure({"small": small, "big": big}, prompts, cfg, "cpu")
+    assert {m["amu_method"] for m in total.values()} == {"telemetry_total"}
+    out = infer.measure({"small": small, "big": big}, prompts, cfg, "cpu", attribute_memory=True)
+    for name, model in (("small", small), ("big", big)):
+        m = out[name]
+        assert m["amu_method"] == "held_bytes_plus_request_growth"
+        assert m["held_gb"] == held_bytes(model) / 1e9
+        assert m["held_gb"] <= m["amu_gb"] <= m["peak_mem_gb"] and m["amu_gb"] < m["held_gb"] + 0.05
+    assert out["big"]["held_gb"] > 5 * out["small"]["held_gb"] and out["big"]["amu_gb"] > out["small"]["amu_gb"]
+
+
 TASK = """task: effllm_local_mc
 dataset_path: json
 dataset_kwargs:
@@ -177,6 +198,14 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
     ref = built["fp32"][0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
     assert torch.equal(decoders["fp32"].decoders[2].generate(ids, 6)[0], ref)
     assert decoders["fp32"].decoders[2].layers is decoders["fp32"].prepared.layers  # one fused copy per model
+    # what the decoder holds: the model, its fused q/k/v and gate/up copies, the static KV cache of batch 2
+    from effllm_utils.telemetry import held_bytes
+
+    fp32 = built["fp32"][0]
+    fused = sum(4 * sum(m.weight.numel() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                    layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj))
+                for layer in fp32.model.layers)
+    assert held_bytes(decoders["fp32"]) >= quantize.memory_bytes(fp32) + fused
     eager, _ = quantize.decode_paths(built, "eager", 15)
     assert all(eager[p] is built[p][0] for p in built)
     with pytest.raises(ValueError, match="unknown decode \\['fast'\\]; choose from eager, static"):
@@ -199,6 +228,11 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
     assert "quantized weights" in int8.artifacts["decode_note"]
     assert bf16.quality["ppl"] is None  # a Hub model: perplexity needs the suite's held-out split; tasks are the score
     assert bf16.metrics["decode_token_p50_s"] > 0 and set(bf16.metrics) >= {"it", "al_s", "prefill_s", "memory_bytes"}
+    for r in recs:  # each precision's own memory, not the process holding both
+        assert r.artifacts["amu_method"] == "held_bytes_plus_request_growth"
+        assert r.metrics["amu_gb"] >= r.metrics["held_gb"] > 0 and "amu_method" not in r.metrics
+    assert int8.metrics["held_gb"] == int8.metrics["memory_bytes"] / 1e9  # eager: the model itself
+    assert bf16.metrics["held_gb"] > bf16.metrics["memory_bytes"] / 1e9  # static: + fused copies and the KV cache
     assert list(quantize.table("gpu")["decode path"]) == ["static", "eager"]
     with pytest.raises(ValueError, match="unknown decode \\['graph'\\]; choose from eager, static"):
         quantize.run_study("gpu", Q | {"decode": "graph"})

@@ -4,6 +4,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import torch  # loaded before any run's baseline, as in a study (its import alone is ~0.2 GB of RSS)
 
 from effllm_utils.telemetry import Monitor
 
@@ -158,3 +159,116 @@ def test_bad_use_is_a_clear_error():
         Monitor(device="tpu")
     with pytest.raises(RuntimeError, match="before start"):
         Monitor(device="cpu").stop()
+
+
+# -- memory that belongs to a run -------------------------------------------------------------------------------
+
+def _touch(n_bytes):
+    return torch.ones(n_bytes // 4)  # written, so its pages are resident
+
+
+def test_cpu_window_in_a_run_counts_memory_above_the_runs_start(tmp_path):
+    from effllm_utils import telemetry
+
+    with telemetry.run_baseline() as base:
+        x = _touch(200_000_000)
+        with Monitor(period_s=0.02, device="cpu", rapl_root=tmp_path) as mon:
+            time.sleep(0.1)
+    s = mon.summary
+    assert s["amu_method"] == "rss_above_run_start" and s["rss_baseline_gb"] == pytest.approx(base / 1e9)
+    # the run's 200 MB tensor, not the process (Python, torch, pytest)
+    assert 0.19 < s["amu_gb"] < 0.3 and 0.19 < s["peak_mem_gb"] < 0.3
+    assert s["rss_amu_gb"] == pytest.approx(s["amu_gb"] + base / 1e9, rel=1e-6)
+    assert s["amu_frac"] == pytest.approx(s["amu_gb"] * 1e9 / telemetry.psutil.virtual_memory().total, rel=1e-6)
+    del x
+    with Monitor(period_s=0.02, device="cpu", rapl_root=tmp_path) as mon:  # outside a run: the process
+        time.sleep(0.05)
+    assert mon.summary["amu_method"] == "process_rss" and mon.summary["rss_baseline_gb"] is None
+    assert mon.summary["amu_gb"] == mon.summary["rss_amu_gb"]
+    assert telemetry._RUN_RSS_BASELINE.get() is None  # the block reset it
+
+
+def test_a_run_does_not_see_the_previous_runs_memory(tmp_path):
+    """Order independence: a large run, freed, then a small one; the small one reads its own size. Many small
+    allocations (heap memory glibc keeps after free, unlike a large mmap) are what release_memory trims."""
+    from effllm_utils import telemetry
+
+    def run(n_bytes, chunks):
+        with telemetry.run_baseline():
+            xs = [_touch(n_bytes // chunks) for _ in range(chunks)]
+            with Monitor(period_s=0.02, device="cpu", rapl_root=tmp_path) as mon:
+                time.sleep(0.06)
+            del xs
+        return mon.summary["amu_gb"]
+
+    big = run(300_000_000, 3000)  # 100 kB each: below glibc's mmap threshold once it has grown
+    small = run(40_000_000, 400)
+    assert big > 0.28 and 0.035 < small < 0.1
+
+
+def test_window_growth_is_what_the_window_added(tmp_path):
+    held = _touch(100_000_000)  # noqa: F841 - resident before the window: not growth
+    with Monitor(period_s=0.02, device="cpu", rapl_root=tmp_path) as mon:
+        time.sleep(0.03)
+        y = _touch(150_000_000)
+        time.sleep(0.1)
+        del y
+    s = mon.summary
+    assert 0.14 < s["peak_growth_gb"] < 0.2
+    assert 0 < s["amu_growth_gb"] < s["peak_growth_gb"]
+
+
+def test_held_bytes_counts_each_storage_once():
+    from effllm_utils.telemetry import held_bytes
+
+    emb = torch.nn.Embedding(1000, 64)
+    head = torch.nn.Linear(64, 1000, bias=False)
+    head.weight = emb.weight  # tied, as Qwen2.5-0.5B/1.5B are
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    model.register_buffer("scale", torch.ones(10, dtype=torch.float16))
+    assert held_bytes(model) == 1000 * 64 * 4 + 10 * 2
+    cache = {"k": [torch.zeros(4, 8)], "v": (torch.zeros(4, 8),), "view": emb.weight[:10]}  # the view: no new memory
+    assert held_bytes(model, cache) == held_bytes(model) + 2 * 4 * 8 * 4
+    assert held_bytes(object(), "text", 3) == 0  # other objects are not entered
+
+
+def test_held_bytes_of_a_torchao_int8_model_counts_its_inner_tensors():
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    from effllm_utils.telemetry import held_bytes
+
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False))
+    fp32 = held_bytes(model)
+    quantize_(model, Int8WeightOnlyConfig())
+    int8 = held_bytes(model)
+    assert fp32 == 256 * 512 * 4
+    assert 256 * 512 <= int8 < 256 * 512 * 1.1  # int8 data and per-row scales, not the fp32 weight
+
+
+def test_release_memory_trims_the_c_heap_on_linux():
+    import sys
+
+    from effllm_utils import telemetry
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("malloc_trim is glibc's")
+    assert telemetry.trim_heap() is True
+    telemetry.release_memory()  # and runs without CUDA initialised
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_window_growth_from_torchs_allocator():
+    from effllm_utils import telemetry
+
+    held = torch.ones(50_000_000, device="cuda")  # noqa: F841 - resident before the window: not growth
+    with telemetry.run_baseline():
+        with Monitor(period_s=0.02, device="cuda") as mon:
+            y = torch.ones(100_000_000, device="cuda")  # 400 MB
+            torch.cuda.synchronize()
+            time.sleep(0.1)
+            del y
+    s = mon.summary
+    assert 0.39 < s["peak_growth_gb"] < 0.45 and 0 < s["amu_growth_gb"] < s["peak_growth_gb"]
+    assert s["peak_mem_gb"] > 0.59  # torch's peak allocated: the 200 MB held and the 400 MB tensor
+    if s.get("amu_method") == "nvml_memory_used":  # NVML readable: AMU is the device's memory used
+        assert s["amu_gb"] > 0.6
