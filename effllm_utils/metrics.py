@@ -32,13 +32,12 @@ class Metric:
 METRICS: dict[str, Metric] = {m.key: m for m in [
     Metric("amu_gb", "GB", "lower", "Eq. 1",
            "Average memory utilisation: time-averaged memory in use per device (NVML device memory on GPU; on CPU "
-           "the process RSS above its level when the run began, the libraries' ~0.5 GB left out; with several "
-           "models resident, as in the quantization study, the model's own bytes plus what its requests add). The "
-           "paper's tables report GB, its Eq. 1 a fraction; both are kept."),
+           "the run's own: the bytes its model and optimizer state, or its decoder, hold plus what the timed work "
+           "adds above the window's start — not the process's RSS, mostly Python and libraries). The paper's tables "
+           "report GB, its Eq. 1 a fraction; both are kept."),
     Metric("amu_frac", "1", "lower", "Eq. 1", "amu_gb divided by the device's memory capacity."),
     Metric("peak_mem_gb", "GB", "lower", "—",
-           "Peak torch.cuda allocated memory on GPU, peak sampled RSS above the run's start on CPU (attributed as "
-           "amu_gb where several models are resident)."),
+           "Peak torch.cuda allocated memory on GPU; on CPU the held bytes plus the peak sampled growth, as amu_gb."),
     Metric("rss_amu_gb", "GB", "lower", "—",
            "Time-averaged RSS of the whole process (Python, libraries and every resident model): what the OS sees."),
     Metric("pcu", "1", "higher", "Eq. 2",

@@ -5,10 +5,11 @@
 
 `fn()` returns a dict with any of `metrics` (keys from effllm_utils.metrics.METRICS, units in the key), `quality`
 and `artifacts` (curves, per-sample lists). A record that exists with status "ok" is skipped (returned as loaded)
-unless `force`; a failed record is retried. `fn` runs inside `telemetry.run_baseline()`: the previous run's memory
-is released first (garbage, torch's CUDA cache, the C heap) and CPU memory is counted from the run's start. An exception in `fn` writes a record with status "failed" and the error
-(so a batch goes on); KeyboardInterrupt/SystemExit write nothing, and since every write is a temp file + rename, an
-interrupted run never leaves a half-written record: the next run resumes with what is missing.
+unless `force`; a failed record is retried. Before `fn` runs, the previous run's memory is released
+(`telemetry.release_memory`: garbage, torch's CUDA cache, the C heap). An exception in `fn` writes a record with
+status "failed" and the error (so a batch goes on); KeyboardInterrupt/SystemExit write nothing, and since every write
+is a temp file + rename, an interrupted run never leaves a half-written record: the next run resumes with what is
+missing.
 """
 from __future__ import annotations
 
@@ -275,8 +276,8 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
                     started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     t0 = time.perf_counter()
     try:
-        with telemetry.run_baseline():  # the previous run's memory released; CPU memory counted from here
-            result = fn() or {}
+        telemetry.release_memory()  # what the previous run left is not this run's memory
+        result = fn() or {}
         unknown = set(result) - {"metrics", "quality", "artifacts"}
         if unknown:
             raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "

@@ -13,24 +13,17 @@ CPU (psutil): process RSS and CPU percent. Energy from RAPL (/sys/class/powercap
 None and `energy_reason` says why — never a TDP guess presented as a measurement.
 
 Memory that belongs to a run, not to the process or to the run before it:
-- `release_memory()` hands freed memory back (Python's garbage, torch's CUDA cache, glibc's free heap pages), so the
-  next measurement does not see the previous run's leftovers (on a GPU, NVML counts torch's cached blocks as used).
-- inside `run_baseline()` (which `runs.execute` opens around every run) a CPU window's `amu_gb` / `peak_mem_gb` are
-  the RSS above the process's level when the run began (`amu_method` "rss_above_run_start"): a Python process with
-  torch and transformers holds ~0.5 GB before any model exists, which would otherwise swamp a small model's footprint
-  and compress every ratio towards 1. The process totals stay in `rss_amu_gb` / `rss_peak_gb`. A window outside a
-  run reports the process's RSS (`amu_method` "process_rss"). On a GPU `amu_gb` is NVML's device memory used, as in the
-  paper (it includes the CUDA context, ~0.5 GB, small beside GPU-scale runs).
+- `release_memory()` (which `runs.execute` calls before every run) hands freed memory back — Python's garbage, torch's
+  CUDA cache, glibc's free heap pages — so a measurement does not see the previous run's leftovers (on a GPU, NVML
+  counts torch's cached blocks as used).
 - `amu_growth_gb` / `peak_growth_gb`: what the window itself added above its first sample (torch's allocated bytes on
-  CUDA, RSS on CPU) — the transient memory of a request when several models are resident at once (`infer.measure`).
-
-A sample is taken synchronously when the window opens and when it closes, and every `period_s` in between; an NVML
-error in the middle of a window is recorded in `errors` and the window still closes and reports what it has.
+  CUDA, RSS on CPU). With `held_bytes(model, optimizer, ...)` — the memory those objects hold — a CPU run's own memory
+  is held bytes + growth: the process's RSS cannot say it, as a Python process with torch and transformers holds
+  ~0.5 GB before any model exists and grows by another ~0.25 GB of lazily imported code during its first run.
+  `train` and `infer.measure` report that on CPU; on a GPU `amu_gb` is NVML's device memory used, as in the paper.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import ctypes.util
 import gc
@@ -47,9 +40,6 @@ import psutil
 from . import metrics
 
 DEFAULT_PERIOD_S = 0.1
-
-# The process RSS when the current run began (set by `run_baseline`); None outside a run.
-_RUN_RSS_BASELINE: contextvars.ContextVar[int | None] = contextvars.ContextVar("effllm_run_rss", default=None)
 
 
 def _libc_malloc_trim():
@@ -84,7 +74,8 @@ def release_memory() -> None:
 
 
 def held_bytes(*objs: Any) -> int:
-    """Bytes of the distinct tensor storages the objects hold: a module's parameters and buffers; the tensors in the
+    """Bytes of the distinct tensor storages the objects hold: a module's parameters and buffers; an optimizer's
+    state; the tensors in the
     attributes of effllm's own objects (a decoder's fused weights and static KV cache), in dicts, lists and tuples;
     the inner tensors of quantized tensor subclasses (torchao). A storage shared by several tensors (tied embeddings,
     views) counts once, as it occupies memory once; other objects (compiled functions, tokenizers) are not entered."""
@@ -110,6 +101,8 @@ def held_bytes(*objs: Any) -> int:
         elif isinstance(o, torch.nn.Module):
             stack.extend(o.parameters())
             stack.extend(o.buffers())
+        elif isinstance(o, torch.optim.Optimizer):  # its state (AdamW's moments), not the parameters again
+            stack.extend(o.state.values())
         elif isinstance(o, dict):
             stack.extend(o.values())
         elif isinstance(o, (list, tuple)):
@@ -117,19 +110,6 @@ def held_bytes(*objs: Any) -> int:
         elif type(o).__module__.startswith("effllm_utils") and hasattr(o, "__dict__"):
             stack.extend(vars(o).values())
     return total
-
-
-@contextlib.contextmanager
-def run_baseline():
-    """Within the block, CPU windows report memory above the process's RSS at entry (after `release_memory`).
-    Yields that baseline in bytes."""
-    release_memory()
-    base = psutil.Process().memory_info().rss
-    token = _RUN_RSS_BASELINE.set(base)
-    try:
-        yield base
-    finally:
-        _RUN_RSS_BASELINE.reset(token)
 
 
 def _import_nvml():
@@ -218,7 +198,6 @@ class Monitor:
         self._gpus, self._gpu_reason = self._open_gpus()
         self._rapl = _Rapl(self._rapl_root) if self.device == "cpu" else None
         self._proc.cpu_percent(None)  # prime: psutil's first call returns a meaningless 0.0
-        self._rss_baseline = _RUN_RSS_BASELINE.get()
         self._alloc_start = None
         if self.device.startswith("cuda"):
             import torch
@@ -372,13 +351,10 @@ class Monitor:
         if self._gpus:
             out.update(self._summarise_gpus(wall))
         else:
-            base = self._rss_baseline
-            out["amu_method"] = "process_rss" if base is None else "rss_above_run_start"
-            out["rss_baseline_gb"] = None if base is None else base / metrics.GB
-            used = [max(v - (base or 0), 0) for v in rss]
-            out["amu_gb"] = metrics.time_average(used, t) / metrics.GB if rss else None
-            out["amu_frac"] = (metrics.time_average(used, t) / psutil.virtual_memory().total) if rss else None
-            out["peak_mem_gb"] = max(used) / metrics.GB if rss else None
+            out["amu_method"] = "process_rss"
+            out["amu_gb"] = out["rss_amu_gb"]
+            out["amu_frac"] = (metrics.time_average(rss, t) / psutil.virtual_memory().total) if rss else None
+            out["peak_mem_gb"] = out["rss_peak_gb"]
             out["gpu_util_pct"] = None
             if self._gpu_reason:
                 out["energy_reason"] = self._gpu_reason

@@ -8,7 +8,9 @@
 AdamW (fused on GPU), linear warm-up + cosine decay, gradient clipping and accumulation, bf16 autocast on GPU,
 optional torch.compile, periodic validation perplexity, a non-finite loss stops the run (`TrainingDiverged`, which
 runs.execute records as a failed run), safetensors checkpoints, and a telemetry Monitor around the timed steps
-(the first `skip_steps` — compilation, allocator warm-up — are excluded).
+(the first `skip_steps` — compilation, allocator warm-up — are excluded). Memory: on GPU NVML's device memory used;
+on CPU the run's own — the bytes the model and the optimizer state hold plus what the timed steps add above the
+window's start (`amu_method` "held_bytes_plus_window_growth"; the process's RSS is kept as `rss_amu_gb`).
 
 It runs unchanged under `torchrun` / `accelerate launch` with several processes: the global batch (batch_size x
 grad_accum x processes is NOT what is fixed — `batch_size` is the GLOBAL micro-batch) is split across ranks, so one
@@ -23,10 +25,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from . import metrics
-from .telemetry import Monitor
+from .telemetry import Monitor, held_bytes, trim_heap
 
 
 class TrainingDiverged(RuntimeError):
@@ -220,6 +223,8 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         if step == cfg.skip_steps:
             if pending is not None:
                 settle()
+            if not cuda:
+                trim_heap()  # free heap pages back to the OS, so the window's RSS growth is the steps' memory
             mon.start()
         t0 = time.perf_counter()
         total = torch.zeros((), device=device)
@@ -258,6 +263,11 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
     if pending is not None:
         settle()
     telem = mon.stop()
+    if not cuda:  # the run's own memory; RSS also holds the interpreter, libraries and lazily imported code
+        own = held_bytes(model, opt) / metrics.GB
+        telem.update(amu_gb=own + telem["amu_growth_gb"], peak_mem_gb=own + telem["peak_growth_gb"],
+                     amu_frac=(own + telem["amu_growth_gb"]) * metrics.GB / psutil.virtual_memory().total,
+                     held_gb=own, amu_method="held_bytes_plus_window_growth")
     timed = step_times[cfg.skip_steps:]
     val_loss = evaluate()
     val_curve.append((cfg.steps, val_loss))
@@ -269,7 +279,7 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         **metrics.latency(timed), "tokens_per_s": tokens / seconds, "tt": metrics.tt(tokens, n_params, seconds),
         "samples_per_s": cfg.batch_size * cfg.grad_accum * len(timed) / seconds,
         "flops_per_token": fpt, "amu_gb": telem["amu_gb"], "amu_frac": telem["amu_frac"],
-        "rss_amu_gb": telem["rss_amu_gb"],
+        "rss_amu_gb": telem["rss_amu_gb"], "held_gb": telem.get("held_gb"),
         "peak_mem_gb": telem["peak_mem_gb"], "gpu_util_pct": telem["gpu_util_pct"], "aec_w": telem["aec_w"],
         "energy_j": telem["energy_j"], "j_per_token": telem["energy_j"] / tokens if telem["energy_j"] else None,
         "processes": world, "precision": "bf16" if use_bf16 else "fp32",

@@ -2,7 +2,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from effllm_utils import runs
 
@@ -48,21 +47,13 @@ def test_failed_run_is_recorded_and_retried(outputs):
     assert rec.status == "failed" and "unknown section(s) ['metric']" in rec.error
 
 
-def test_a_run_measures_cpu_memory_from_its_own_start(outputs):
-    """fn runs inside telemetry.run_baseline: a CPU Monitor in it counts the run's memory, not the process's."""
+def test_the_previous_runs_memory_is_released_before_a_run(outputs, monkeypatch):
     from effllm_utils import telemetry
 
-    def fn():
-        x = torch.ones(25_000_000)  # 100 MB
-        with telemetry.Monitor(period_s=0.02, device="cpu") as mon:
-            x.add_(1)
-        return {"metrics": {"amu_gb": mon.summary["amu_gb"], "base": telemetry._RUN_RSS_BASELINE.get()},
-                "artifacts": {"amu_method": mon.summary["amu_method"]}}
-
-    rec = runs.execute("hardware", "mem", "tiny", {}, fn, verbose=False)
-    assert rec.artifacts["amu_method"] == "rss_above_run_start" and rec.metrics["base"] > 0
-    assert 0.09 < rec.metrics["amu_gb"] < 0.2
-    assert telemetry._RUN_RSS_BASELINE.get() is None
+    events = []
+    monkeypatch.setattr(telemetry, "release_memory", lambda: events.append("release"))
+    runs.execute("hardware", "mem", "tiny", {}, lambda: events.append("fn") or {}, verbose=False)
+    assert events == ["release", "fn"]
 
 
 def test_interrupt_writes_nothing(outputs):

@@ -71,6 +71,27 @@ def test_training_lowers_the_loss_and_reports_metrics(tmp_path):
     assert "pcu_warning" not in r["artifacts"]
 
 
+def test_cpu_memory_is_the_runs_own_and_does_not_depend_on_order():
+    """On CPU a run's AMU is what its model and AdamW state hold plus what its steps add, not the process's RSS:
+    two identical runs read the same (the first in a process no longer pays for lazily loaded code), and a model
+    with four times the parameters reads more by about its weights and moments."""
+    def run(**dims):
+        torch.manual_seed(0)
+        model = models.EffLLMForCausalLM(models.config("test", **dims))
+        r = train(model, IDS[:6000], IDS[6000:], TrainConfig(steps=8, batch_size=8, seq_len=32, eval_every=100,
+                                                             eval_batches=1, telemetry_period_s=0.02))
+        return model.num_parameters(), r["metrics"], r["artifacts"]
+
+    n, first, art = run()
+    _, second, _ = run()
+    n_big, big, _ = run(hidden_size=128, intermediate_size=256)
+    assert art["amu_method"] == "held_bytes_plus_window_growth"
+    assert first["held_gb"] == pytest.approx(3 * 4 * n / 1e9, rel=0.02)  # fp32 weights + AdamW's two moments
+    assert first["held_gb"] <= first["amu_gb"] <= first["peak_mem_gb"] < first["rss_amu_gb"]
+    assert second["amu_gb"] == pytest.approx(first["amu_gb"], rel=0.25, abs=0.005)
+    assert big["held_gb"] - first["held_gb"] == pytest.approx(12 * (n_big - n) / 1e9, rel=0.02)
+
+
 def test_pcu_above_one_is_flagged():
     """A peak below what the run achieved (a hardware study measured in a slow spell) is named in the record."""
     model = models.EffLLMForCausalLM(models.config("test"))
