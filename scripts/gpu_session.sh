@@ -16,6 +16,9 @@
 #             inductor's autotune cache makes a second call on the same warm host quick) — compare with `train`'s
 #             fused-loss row. With the plain loss, autotuning the 2.5 G-element head GEMM crashed (illegal address).
 #   trace     the dense training step at that shape under the profiler (kernel table)
+#   levers    the two cheap MFU levers not yet measured at that shape: 4 micro-batches per optimizer step (AdamW's
+#             ~3.4 ms amortised further; 2 gave 40.3%), and one 32 x 1024 micro-batch with the fused chunked loss
+#             (larger GEMMs; the chunked loss keeps the logits out of memory; may not fit: the log says so)
 #   hardware  the hardware study on the gpu profile (matmul peak, copy bandwidth, idle power) through papermill
 #   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
 #             GPU host without the Hub has them)
@@ -68,6 +71,10 @@ for s in "${@:-tests decode train}"; do
                 --decode-variants triton_gemv,int4 ;;
       tuned) step tuned 540 "${bench[@]}" --shape gpu_large --cases effllm_dense_ce_compiled --steps 14 --skip 6 \
                --compile-mode max-autotune-no-cudagraphs ;;
+      levers) step levers_accum4 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --grad-accum 4 \
+                --steps 10 --skip 4
+              step levers_batch32 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_ce_compiled --batch 32 \
+                --steps 14 --skip 6 ;;
       trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
       hardware) step hardware 300 "$py" -m effllm_utils.reproduce --profile gpu --only hardware
         tar czf "$out/gpu_hardware.tgz" outputs/gpu/runs/hardware outputs/gpu/figures outputs/gpu/tables 2>/dev/null ;;
@@ -75,7 +82,7 @@ for s in "${@:-tests decode train}"; do
         step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
           --set tokenizer=embedded --set steps=100 --set eval_every=1000
         tar czf "$out/gpu_attention.tgz" --exclude=outputs/gpu/checkpoints outputs/gpu 2>/dev/null ;;
-      *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned trace hardware study" >&2; exit 2 ;;
+      *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned levers trace hardware study" >&2; exit 2 ;;
     esac
   done
 done
