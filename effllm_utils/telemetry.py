@@ -93,6 +93,12 @@ def held_bytes(*objs: Any) -> int:
                 names, _ = o.__tensor_flatten__()
                 stack.extend(getattr(o, n) for n in names)
                 continue
+            if o.layout != torch.strided:  # sparse: its index and value tensors
+                stack.extend((o._indices(), o._values()) if o.layout == torch.sparse_coo else
+                             (o.crow_indices(), o.col_indices(), o.values()) if o.layout == torch.sparse_csr else ())
+                continue
+            if o.is_meta:  # no memory behind it
+                continue
             st = o.untyped_storage()
             key = (o.device, st.data_ptr())
             if key not in storages:

@@ -240,6 +240,11 @@ def test_held_bytes_counts_each_storage_once():
     cache = {"k": [torch.zeros(4, 8)], "v": (torch.zeros(4, 8),), "view": emb.weight[:10]}  # the view: no new memory
     assert held_bytes(model, cache) == held_bytes(model) + 2 * 4 * 8 * 4
     assert held_bytes(object(), "text", 3) == 0  # other objects are not entered
+    assert held_bytes(torch.empty(1000, device="meta")) == 0
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 0]]), torch.tensor([1.0, 2.0]), (2, 2),
+                                     check_invariants=True).coalesce()
+    assert held_bytes(sparse) == 2 * 2 * 8 + 2 * 4  # int64 indices [2, nnz] and float32 values [nnz]
+    assert held_bytes(sparse.to_sparse_csr()) >= 3 * 8 + 2 * 8 + 2 * 4  # row pointers, columns, values
 
 
 def test_held_bytes_of_a_torchao_int8_model_counts_its_inner_tensors():
