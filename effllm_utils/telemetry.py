@@ -12,6 +12,9 @@ the start. The window is CUDA-synchronised at both ends, so it covers the queued
 CPU (psutil): process RSS and CPU percent. Energy from RAPL (/sys/class/powercap) when readable; otherwise energy is
 None and `energy_reason` says why — never a TDP guess presented as a measurement.
 
+A sample is taken synchronously when the window opens and when it closes, and every `period_s` in between; an NVML
+error in the middle of a window is recorded in `errors` and the window still closes and reports what it has.
+
 Memory that belongs to a run, not to the process or to the run before it:
 - `release_memory()` (which `runs.execute` calls before every run) hands freed memory back — Python's garbage, torch's
   CUDA cache, glibc's free heap pages — so a measurement does not see the previous run's leftovers (on a GPU, NVML
@@ -75,10 +78,10 @@ def release_memory() -> None:
 
 def held_bytes(*objs: Any) -> int:
     """Bytes of the distinct tensor storages the objects hold: a module's parameters and buffers; an optimizer's
-    state; the tensors in the
-    attributes of effllm's own objects (a decoder's fused weights and static KV cache), in dicts, lists and tuples;
-    the inner tensors of quantized tensor subclasses (torchao). A storage shared by several tensors (tied embeddings,
-    views) counts once, as it occupies memory once; other objects (compiled functions, tokenizers) are not entered."""
+    state; the tensors in the attributes of effllm's own objects (a decoder's fused weights and static KV cache), in
+    dicts, lists and tuples; the inner tensors of quantized tensor subclasses (torchao) and of sparse tensors. A
+    storage shared by several tensors (tied embeddings, views) counts once, as it occupies memory once; meta tensors
+    count nothing; other objects (compiled functions, tokenizers) are not entered."""
     import torch
 
     seen, storages, total = set(), set(), 0
