@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -287,7 +288,7 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
         rec.artifacts = dict(result.get("artifacts", {}))
     except Exception as e:  # noqa: BLE001 - a failed run is recorded and the batch goes on
         rec.status = "failed"
-        rec.error = f"{type(e).__name__}: {e}"
+        rec.error = out_of_memory_message(e, study, profile) or f"{type(e).__name__}: {e}"
         rec.artifacts = {"traceback": traceback.format_exc(limit=20)}
         if verbose:
             print(f"[failed] {run_id}: {rec.error}")
@@ -296,6 +297,29 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
     if verbose and rec.status == "ok":
         print(f"[ok] {run_id} ({rec.duration_s:.1f} s)")
     return rec
+
+
+_CPU_ALLOC = re.compile(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes")
+
+
+def out_of_memory_message(exc: BaseException, study: str, profile: str) -> str | None:
+    """One line for a run that ran out of memory (torch's CUDA OutOfMemoryError, its CPU allocator's failure, or
+    MemoryError): where, how much it asked for, and what to change; None for any other error."""
+    import torch
+
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError):
+        where = "the GPU"
+        detail = ". ".join(text.split(". ")[:3]).split("\n")[0].rstrip(".")  # "CUDA out of memory. Tried to ..."
+    elif isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _CPU_ALLOC.search(text)):
+        where = "the CPU"
+        m = _CPU_ALLOC.search(text)
+        detail = f"tried to allocate {int(m.group(1)) / 2**30:,.2f} GiB" if m else (text or "MemoryError")
+    else:
+        return None
+    return (f"out of memory on {where} ({detail}): lower batch_size or seq_len in params/{profile}/{study}.yaml "
+            f"(or --set; grad_accum keeps the global batch), choose a smaller scale or model, or run on a device "
+            f"with more memory")
 
 
 def ok_record(profile: str, study: str, technique: str, params: dict[str, Any], scale: str = "") -> RunRecord | None:

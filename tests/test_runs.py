@@ -56,6 +56,28 @@ def test_the_previous_runs_memory_is_released_before_a_run(outputs, monkeypatch)
     assert events == ["release", "fn"]
 
 
+def test_out_of_memory_is_one_line_saying_what_to_change(outputs):
+    import torch
+
+    def gpu_oom():
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.20 GiB "
+            "is free. Including non-PyTorch memory, this process has 77.9 GiB memory in use. If reserved but "
+            "unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+    rec = runs.execute("hardware", "oom_gpu", "tiny", {}, gpu_oom, verbose=False)
+    assert rec.status == "failed" and "\n" not in rec.error
+    assert rec.error.startswith("out of memory on the GPU (CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has "
+                                "a total capacity of 79.19 GiB of which 1.20 GiB is free): lower batch_size or "
+                                "seq_len in params/tiny/hardware.yaml")
+    rec = runs.execute("hardware", "oom_cpu", "tiny", {}, lambda: torch.empty(2**50, dtype=torch.uint8), verbose=False)
+    assert rec.status == "failed" and rec.error.startswith(
+        "out of memory on the CPU (tried to allocate 1,048,576.00 GiB): lower batch_size or seq_len")
+    rec = runs.execute("hardware", "oom_py", "tiny", {}, lambda: (_ for _ in ()).throw(MemoryError()), verbose=False)
+    assert rec.error.startswith("out of memory on the CPU (MemoryError)")
+    assert runs.out_of_memory_message(RuntimeError("shape mismatch"), "attention", "tiny") is None
+
+
 def test_interrupt_writes_nothing(outputs):
     def interrupted():
         raise KeyboardInterrupt
