@@ -80,8 +80,12 @@ def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int,
         outcome = Outcome(study, "failed", time.perf_counter() - t0, detail, str(final))
     except Exception as e:  # noqa: BLE001 - kernel death, timeout, bad notebook: report and go on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        outcome = Outcome(study, "failed", time.perf_counter() - t0, f"{type(e).__name__}: {first}"[:500],
-                          str(final))
+        detail = f"{type(e).__name__}: {first}"[:500]
+        if type(e).__name__ == "DeadKernelError":  # killed from outside: on Linux most often the OOM killer
+            detail = (f"the notebook's kernel died ({detail}), most often the out-of-memory killer (see `dmesg | "
+                      f"grep -i oom`): lower batch_size or seq_len in params/{profile}/{study}.yaml (or --set); "
+                      f"the records written before it are kept and the same command resumes")
+        outcome = Outcome(study, "failed", time.perf_counter() - t0, detail, str(final))
     if partial.exists():
         partial.replace(final)  # the executed notebook, failed cells included, for inspection
     return outcome

@@ -24,6 +24,9 @@ def measure(name):
 runs.execute(STUDY, "first", profile, P, lambda: measure("first"), force=force)
 if fail or os.environ.get("EFFLLM_TEST_FAIL") == STUDY:
     raise ValueError("boom in the study")
+if os.environ.get("EFFLLM_TEST_DIE") == STUDY:  # as the out-of-memory killer would
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
 time.sleep(sleep_s)
 runs.execute(STUDY, "second", profile, P, lambda: measure("second"), force=force)'''
 
@@ -83,6 +86,17 @@ def test_batch_goes_on_after_a_failure_and_resumes(root, outputs, capsys, monkey
     # --force re-runs everything of the selected study
     assert reproduce.main(["--profile", "tiny", "--root", str(root), "--only", "hardware", "--force"]) == 0
     assert counter(root)[-2:] == ["first", "second"] and len(counter(root)) == 8
+
+
+def test_a_killed_kernel_is_one_line_pointing_at_memory(root, outputs, capsys, monkeypatch):
+    make_study(root, "attention")
+    make_study(root, "moe")
+    monkeypatch.setenv("EFFLLM_TEST_DIE", "attention")
+    assert reproduce.main(["--profile", "tiny", "--root", str(root)]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("attention"))
+    assert "failed" in line and "the notebook's kernel died (DeadKernelError" in line
+    assert "out-of-memory killer" in line and "params/tiny/attention.yaml" in line
+    assert counter(root) == ["first", "first", "second"]  # attention's first record kept; moe ran after it
 
 
 def test_cli_errors_and_dry_run(root, capsys):
