@@ -34,9 +34,11 @@ def _naive(hidden_states, dt, A, B, C, D, z, delta_bias, delta_softplus):
     return (torch.stack(ys, -1) + hidden_states * D[:, None]) * torch.nn.functional.silu(z)
 
 
-def test_selective_scan_matches_the_recurrence_in_float64():
+@pytest.mark.parametrize("chunk", [1, 4, 16])  # a state per position; 3 chunks, the last partial; one chunk
+def test_selective_scan_matches_the_recurrence_in_float64(chunk):
+    """Also across the chunks whose states the backward recomputes from the one kept per chunk."""
     x = _inputs()
-    ref, ours = _naive(**x), mamba_scan.selective_scan(**x)
+    ref, ours = _naive(**x), mamba_scan.selective_scan(**x, chunk=chunk)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     w = torch.randn_like(ref)
     g_ref, g_ours = _grads(ref, x, w), _grads(ours, x, w)
