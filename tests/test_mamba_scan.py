@@ -46,6 +46,11 @@ def test_selective_scan_matches_the_recurrence_in_float64(chunk):
         torch.testing.assert_close(g_ours[k], g_ref[k], rtol=1e-10, atol=1e-10, msg=lambda m: f"d/d{k}: {m}")
 
 
+def test_selective_scan_refuses_an_empty_chunk():
+    with pytest.raises(ValueError, match="chunk must be a positive number of positions, got 0"):
+        mamba_scan.selective_scan(**_inputs(), chunk=0)
+
+
 @pytest.mark.parametrize("use_mambapy", [False, True])
 def test_selective_scan_matches_transformers_outputs_and_gradients(use_mambapy):
     """Against the library in float32 (its scan casts B and the inputs to float32 whatever their dtype)."""

@@ -75,7 +75,7 @@ class _SelectiveScan(torch.autograd.Function):
             bounds[:, c] = h
             h = bounds[:, c]
         ctx.save_for_backward(u, A, bounds, dt_l, dtu, B_l, C_l)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.spans = chunk, list(zip(starts, ends))
         return y.transpose(1, 2)
 
     @staticmethod
@@ -83,9 +83,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, A, bounds, dt_l, dtu, B_l, C_l = ctx.saved_tensors
         b, L, d = dt_l.shape
         n = A.shape[1]
-        chunk = ctx.chunk
-        starts = list(range(0, L, chunk))
-        ends = starts[1:] + [L]
+        chunk, spans = ctx.chunk, ctx.spans
         gy_l = gy.to(u.dtype).transpose(1, 2).contiguous()  # [b, L, d]
         gC = u.new_empty(b, L, n)
         gB = u.new_empty(b, L, n)
@@ -95,8 +93,8 @@ class _SelectiveScan(torch.autograd.Function):
         H = u.new_empty(b, min(chunk, L), d, n)  # one chunk's states, recomputed
         G = torch.empty_like(H)  # their adjoints: G_t = gy_t C_t + exp(dt_{t+1} A) G_{t+1}
         g_next = a_next = None  # the adjoint and decay at the position after the chunk
-        for c in range(len(starts) - 1, -1, -1):
-            s, e = starts[c], ends[c]
+        for c in range(len(spans) - 1, -1, -1):
+            s, e = spans[c]
             k = e - s
             h0 = bounds[:, c - 1] if c > 0 else u.new_zeros(b, d, n)
             _SelectiveScan._states(h0, dt_l, dtu, B_l, A, s, e, H)
@@ -130,7 +128,10 @@ def selective_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tenso
                    **_) -> torch.Tensor:
     """`transformers.models.mamba.modeling_mamba.mamba_selective_scan`'s contract (without `return_last_state`):
     hidden_states, dt, z: [batch, d, length]; A: [d, n]; B, C: [batch, n, length]; D, delta_bias: [d]. The scan runs
-    in float32 (float64 for float64 inputs); the output has the input's dtype."""
+    in float32 (float64 for float64 inputs); the output has the input's dtype. `chunk`: positions whose states the
+    backward recomputes from the one state it keeps per chunk."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be a positive number of positions, got {chunk}")
     dtype = hidden_states.dtype
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
