@@ -151,7 +151,9 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
     seq_len, batch = spec.get("pretrain_seq_len", P["seq_len"]), spec.get("pretrain_batch_size", P["batch_size"])
     key = {k: spec[k] for k in ("dims", "pretrain_steps", "pretrain_lr")} | {"vocab": P["vocab_size"],
                                                                             "seq_len": seq_len, "batch_size": batch}
-    ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"{name}-{_hash(key)}"  # shared by peft and quantization
+    # keyed by the recipe, not the model's name: every study and name with the same recipe (the peft, quantization
+    # and vlm studies' tiny models) shares one pretrained checkpoint
+    ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"suite-{_hash(key)}"
     if not (ckpt / "model.safetensors").is_file():  # pretrain once; every method and dataset reuses it
         seed_everything(0)
         model, fpt, _ = build_model(spec["dims"], len(tok), {}, seq_len)

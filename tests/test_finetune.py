@@ -129,6 +129,23 @@ def test_study_end_to_end_with_cached_base_model(outputs):
         finetune.run_study("tiny", params | {"methods": ["adalora"]})
 
 
+def test_one_pretrained_base_per_recipe_whatever_the_models_name(outputs, monkeypatch):
+    dims = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": 64}
+    spec = {"source": "suite", "dims": dims, "pretrain_steps": 3, "pretrain_lr": 0.003}
+    params = dict(vocab_size=512, seq_len=32, batch_size=2, eval_batches=1)
+    _, _, a = finetune.load_base("tiny", "tiny-base", spec, params, "cpu")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the same recipe was pretrained twice")
+
+    monkeypatch.setattr("effllm_utils.train.train", no_training)
+    _, _, b = finetune.load_base("tiny", "tiny-vlm", spec, params, "cpu")  # another study's name, the same recipe
+    assert a["checkpoint"] == b["checkpoint"] and a["pretrain"] == b["pretrain"]
+    with pytest.raises(AssertionError, match="pretrained twice"):  # a different recipe is a different checkpoint
+        finetune.load_base("tiny", "tiny-base", spec | {"pretrain_steps": 4}, params, "cpu")
+
+
 def test_hub_model_offline_is_a_failed_record_with_one_clear_line(outputs, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     params = P | dict(device="auto", methods=["lora"], datasets=["openo1_sft"], vocab_size=512, hub_examples=10,
