@@ -1,5 +1,6 @@
 """The backbone against transformers' reference implementations, cached decoding, generate, save/load, peft."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -148,6 +149,24 @@ def test_bad_configs_are_clear_errors():
     m = EffLLMForCausalLM(models.config("test", position="learned"))
     with pytest.raises(ValueError, match="beyond max_position_embeddings 128"):
         m(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_sinusoidal_table_keeps_vaswanis_ratio_of_position_to_token_content():
+    torch.manual_seed(0)
+    m = EffLLMForCausalLM(models.config("test", position="sinusoidal", hidden_size=128)).model
+    table = m.sinusoidal
+    assert table[0, 1] == pytest.approx(m.config.initializer_range)  # cos(0) scaled, sin(0) = 0
+    assert table[5, 0] == pytest.approx(math.sin(5) * m.config.initializer_range, rel=1e-5)
+    # Vaswani et al.: token embeddings of std 1 (after the sqrt(d_model) scale) + a table of RMS 1/sqrt(2)
+    ratio = (table.pow(2).mean().sqrt() / m.embed_tokens.weight.std()).item()
+    assert ratio == pytest.approx(2 ** -0.5, rel=0.05)
+    seen = []  # what reaches the first layer: the token embedding plus the scaled table's row of each position
+    m.layers[0].register_forward_pre_hook(lambda mod, args, kwargs: seen.append(args[0] if args else
+                                                                               kwargs["hidden_states"]), with_kwargs=True)
+    x = torch.randint(0, m.config.vocab_size, (1, 8))
+    with torch.no_grad():
+        m(x)
+        assert torch.allclose(seen[0], m.embed_tokens(x) + table[:8])
 
 
 def _nsa_pair(window, selected, device="cpu"):

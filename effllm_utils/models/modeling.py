@@ -20,7 +20,12 @@ Attention variants (config.attention)
 
 Position encodings (config.position)
   rope        rotary embedding on q/k (Su et al.), theta = rope_theta.
-  sinusoidal  fixed sin/cos absolute embedding added to the token embedding (Vaswani et al. 2017).
+  sinusoidal  fixed sin/cos absolute embedding added to the token embedding (Vaswani et al. 2017), times
+              initializer_range. Vaswani et al. add the [-1, 1] table to token embeddings of std 1 (initialised at
+              d_model^-0.5, multiplied by sqrt(d_model)); here token embeddings start at std initializer_range (0.02),
+              so the bare table would outweigh them ~35 to 1 in the residual stream. Scaling the table keeps
+              Vaswani's ratio of position to content and the other variants' input scale (the learned table starts
+              at that std too). The tiny study is sensitive to this scale (README, positional encodings).
   learned     a trained absolute position embedding (GPT-2 style), max_position_embeddings rows.
   relative    T5's bucketed relative position bias (Raffel et al. 2020): a learned scalar per (head, bucket) added
               to the attention logits, computed once and shared by all layers. We use T5's scheme because it is the
@@ -450,8 +455,8 @@ class EffLLMModel(EffLLMPreTrainedModel):
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size) \
             if c.position == "learned" else None
         if c.position == "sinusoidal":
-            self.register_buffer("sinusoidal", sinusoidal_table(c.max_position_embeddings, c.hidden_size),
-                                 persistent=False)
+            self.register_buffer("sinusoidal", sinusoidal_table(c.max_position_embeddings, c.hidden_size)
+                                 * c.initializer_range, persistent=False)  # see the module docstring
         self.relative_bias = nn.Embedding(c.relative_num_buckets, c.num_attention_heads) \
             if c.position == "relative" else None
         self.post_init()
