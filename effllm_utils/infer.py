@@ -27,7 +27,7 @@ import torch
 
 from . import metrics
 from .runtime import synchronize
-from .telemetry import Monitor, held_bytes, trim_heap
+from .telemetry import Monitor, held_bytes, own_memory, trim_heap
 
 
 @dataclasses.dataclass
@@ -187,9 +187,8 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
         e2e = metrics.latency(a["e2e"])
         mem = {"amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"], "amu_method": "telemetry_total"}
         if attribute_memory:
-            own = held_bytes(models[n]) / metrics.GB
-            mem = {"amu_gb": own + a["growth_x_wall"] / a["wall"], "peak_mem_gb": own + a["peak_growth"],
-                   "held_gb": own, "amu_method": "held_bytes_plus_request_growth"}
+            mem = own_memory(held_bytes(models[n]), a["growth_x_wall"] / a["wall"], a["peak_growth"],
+                             "held_bytes_plus_request_growth")
         out[n] = {"prefill_s": float(np.mean(a["prefill"])), "decode_token_s": tok["al_s"],
                   "decode_token_p50_s": tok["al_p50_s"], "decode_token_p90_s": tok["al_p90_s"],
                   "al_s": e2e["al_s"], "al_p50_s": e2e["al_p50_s"], "al_p90_s": e2e["al_p90_s"],

@@ -58,6 +58,7 @@ def select(only: str | None, root: Path) -> list[str]:
 def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None,
               overrides: dict | None = None) -> Outcome:
     import papermill
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     t0 = time.perf_counter()
@@ -81,7 +82,7 @@ def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int,
     except Exception as e:  # noqa: BLE001 - kernel death, timeout, bad notebook: report and go on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         detail = f"{type(e).__name__}: {first}"[:500]
-        if type(e).__name__ == "DeadKernelError":  # killed from outside: on Linux most often the OOM killer
+        if isinstance(e, DeadKernelError):  # killed from outside: on Linux most often the OOM killer
             detail = (f"the notebook's kernel died ({detail}), most often the out-of-memory killer (see `dmesg | "
                       f"grep -i oom`): lower batch_size or seq_len in params/{profile}/{study}.yaml (or --set); "
                       f"the records written before it are kept and the same command resumes")

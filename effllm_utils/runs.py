@@ -308,12 +308,12 @@ def out_of_memory_message(exc: BaseException, study: str, profile: str) -> str |
     import torch
 
     text = str(exc)
+    m = _CPU_ALLOC.search(text) if isinstance(exc, RuntimeError) else None
     if isinstance(exc, torch.OutOfMemoryError):
         where = "the GPU"
         detail = ". ".join(text.split(". ")[:3]).split("\n")[0].rstrip(".")  # "CUDA out of memory. Tried to ..."
-    elif isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _CPU_ALLOC.search(text)):
+    elif isinstance(exc, MemoryError) or m:
         where = "the CPU"
-        m = _CPU_ALLOC.search(text)
         detail = f"tried to allocate {int(m.group(1)) / 2**30:,.2f} GiB" if m else (text or "MemoryError")
     else:
         return None

@@ -121,6 +121,15 @@ def held_bytes(*objs: Any) -> int:
     return total
 
 
+def own_memory(held: int, growth_gb: float, peak_growth_gb: float, method: str) -> dict[str, Any]:
+    """A run's own memory from the bytes its objects hold (`held_bytes`) and what its timed work added above the
+    window's start (a Monitor's `amu_growth_gb` / `peak_growth_gb`): amu_gb, amu_frac, peak_mem_gb, held_gb and
+    `amu_method` (how it was attributed)."""
+    amu = held / metrics.GB + growth_gb
+    return {"amu_gb": amu, "amu_frac": amu * metrics.GB / psutil.virtual_memory().total,
+            "peak_mem_gb": held / metrics.GB + peak_growth_gb, "held_gb": held / metrics.GB, "amu_method": method}
+
+
 def _import_nvml():
     import pynvml  # nvidia-ml-py
 

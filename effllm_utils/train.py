@@ -25,11 +25,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 
 from . import metrics
-from .telemetry import Monitor, held_bytes, trim_heap
+from .telemetry import Monitor, held_bytes, own_memory, trim_heap
 
 
 class TrainingDiverged(RuntimeError):
@@ -264,10 +263,8 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         settle()
     telem = mon.stop()
     if not cuda:  # the run's own memory; RSS also holds the interpreter, libraries and lazily imported code
-        own = held_bytes(model, opt) / metrics.GB
-        telem.update(amu_gb=own + telem["amu_growth_gb"], peak_mem_gb=own + telem["peak_growth_gb"],
-                     amu_frac=(own + telem["amu_growth_gb"]) * metrics.GB / psutil.virtual_memory().total,
-                     held_gb=own, amu_method="held_bytes_plus_window_growth")
+        telem.update(own_memory(held_bytes(model, opt), telem["amu_growth_gb"], telem["peak_growth_gb"],
+                                "held_bytes_plus_window_growth"))
     timed = step_times[cfg.skip_steps:]
     val_loss = evaluate()
     val_curve.append((cfg.steps, val_loss))

@@ -161,8 +161,8 @@ def test_sinusoidal_table_keeps_vaswanis_ratio_of_position_to_token_content():
     ratio = (table.pow(2).mean().sqrt() / m.embed_tokens.weight.std()).item()
     assert ratio == pytest.approx(2 ** -0.5, rel=0.05)
     seen = []  # what reaches the first layer: the token embedding plus the scaled table's row of each position
-    m.layers[0].register_forward_pre_hook(lambda mod, args, kwargs: seen.append(args[0] if args else
-                                                                               kwargs["hidden_states"]), with_kwargs=True)
+    m.layers[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
     x = torch.randint(0, m.config.vocab_size, (1, 8))
     with torch.no_grad():
         m(x)

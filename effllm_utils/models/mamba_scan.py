@@ -13,9 +13,9 @@ position by position on [batch, d_inner, d_state] tiles that stay in cache, keep
 backward — which recomputes a chunk's states from it, as mamba_ssm's CUDA kernel recomputes rather than stores — and
 has a hand-written backward (a reverse scan of the state adjoint; the reductions over channels, states and positions
 are batched matmuls). Chunking cut the attention_free study's Mamba AMU from 0.35 to 0.25 GB at the same speed
-(2026-11-23, 3,411 vs 3,315 tokens/s, within the VM's drift). It is checked against the library's implementation (outputs and every
-gradient, float64) in tests/test_models.py; one forward + backward of a tiny-profile layer measured 0.11-0.18 s
-against 0.67-0.81 s for the parallel scan (5-7x).
+(2026-11-23, 3,411 vs 3,315 tokens/s, within the VM's drift). It is checked against the library's implementation
+(outputs and every gradient, float64) in tests/test_models.py; one forward + backward of a tiny-profile layer
+measured 0.11-0.18 s against 0.67-0.81 s for the parallel scan (5-7x).
 
 `install()` routes `transformers`' Mamba scan on CPU tensors through it; every other call (CUDA, where
 `mamba_ssm` or the library's own path decides; the cached prefill that returns the last state; tracing under
@@ -75,7 +75,7 @@ class _SelectiveScan(torch.autograd.Function):
             bounds[:, c] = h
             h = bounds[:, c]
         ctx.save_for_backward(u, A, bounds, dt_l, dtu, B_l, C_l)
-        ctx.chunk, ctx.spans = chunk, list(zip(starts, ends))
+        ctx.spans = list(zip(starts, ends))
         return y.transpose(1, 2)
 
     @staticmethod
@@ -83,14 +83,14 @@ class _SelectiveScan(torch.autograd.Function):
         u, A, bounds, dt_l, dtu, B_l, C_l = ctx.saved_tensors
         b, L, d = dt_l.shape
         n = A.shape[1]
-        chunk, spans = ctx.chunk, ctx.spans
+        spans = ctx.spans
         gy_l = gy.to(u.dtype).transpose(1, 2).contiguous()  # [b, L, d]
         gC = u.new_empty(b, L, n)
         gB = u.new_empty(b, L, n)
         g_dtu = u.new_empty(b, L, d)
         g_decay = u.new_zeros(b, L, d)  # d loss / d dt through exp(dt A)
         gA_b = u.new_zeros(b, d, n)
-        H = u.new_empty(b, min(chunk, L), d, n)  # one chunk's states, recomputed
+        H = u.new_empty(b, spans[0][1], d, n)  # one chunk's states (the first chunk is the longest), recomputed
         G = torch.empty_like(H)  # their adjoints: G_t = gy_t C_t + exp(dt_{t+1} A) G_{t+1}
         g_next = a_next = None  # the adjoint and decay at the position after the chunk
         for c in range(len(spans) - 1, -1, -1):
