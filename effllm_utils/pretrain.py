@@ -3,9 +3,13 @@
 All five share one shape: for every scale and technique, build a model, pretrain it with `train.train` under
 telemetry, store a record; then draw the paper's table and a radar chart from the records. A technique is a name
 and a dict of backbone config overrides, e.g. `{"mla": {"attention": "mla"}}`; two special keys:
-  baseline: "mamba" | "rwkv" | "pythia"   a transformers model matched to the backbone's parameter count
+  baseline: "mamba" | "rwkv" | "pythia"   a transformers model matched to the backbone's parameter count; the
+                                          technique's other keys are fields of that model's config
+                                          (`{"baseline": "pythia", "use_parallel_residual": false}`)
   match_params: true                      re-solve hidden_size so the total parameter count matches the scale's
                                           base config (the depth/width study varies depth at fixed size)
+Every key is checked against the config it sets before the first run trains (`check_specs`): a misspelt key is an
+error naming the closest valid one, not a silently default model.
 """
 from __future__ import annotations
 
@@ -58,7 +62,32 @@ def token_data(P: dict[str, Any], tok):
 def _base_config(scale_dims: dict[str, Any], vocab_size: int, overrides: dict[str, Any]):
     from . import models
 
-    return models.EffLLMConfig(**({"vocab_size": vocab_size} | scale_dims | overrides))
+    fields = {"vocab_size": vocab_size} | scale_dims | overrides
+    models.config_fields_check(fields)
+    return models.EffLLMConfig(**fields)
+
+
+def check_specs(P: dict[str, Any]) -> None:
+    """Every scale and technique of a study's params names real config fields and values, checked before the first
+    run trains: a typo in the last technique would otherwise fail (or, unchecked, train the default) hours in."""
+    from . import models
+    from .models.baselines import check_overrides
+
+    for scale, dims in P["scales"].items():
+        models.config_fields_check(dims, f"scales[{scale!r}]")
+        for technique, spec in P["techniques"].items():
+            spec = dict(spec)
+            where, matched = f"techniques[{technique!r}]", spec.pop("match_params", False)
+            if "baseline" in spec:
+                check_overrides(spec.pop("baseline"), spec, where)
+                continue
+            models.config_fields_check(spec, where)
+            if matched:  # the width is solved per run; the spec's values are checked at that width
+                continue
+            try:
+                _base_config(dims, P.get("vocab_size", 4096), spec)
+            except ValueError as e:
+                raise ValueError(f"{where} at scale {scale!r}: {e}") from None
 
 
 def non_embedding_params(cfg) -> int:
@@ -98,7 +127,7 @@ def build_model(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any
     if family is not None:
         backbone = models.EffLLMForCausalLM(_base_config(scale_dims, vocab_size, {}))
         n_layers = scale_dims.get("num_hidden_layers", backbone.config.num_hidden_layers)
-        model = build_baseline(family, backbone.num_parameters(), n_layers, vocab_size, context)
+        model = build_baseline(family, backbone.num_parameters(), n_layers, vocab_size, context, overrides=spec)
         return model, None, None
     if spec.pop("match_params", False):
         spec = match_hidden_size(scale_dims, vocab_size, spec)
@@ -124,6 +153,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     """Pretrain every (scale, technique) of a study and store one record each (existing ones are skipped)."""
     from .train import TrainConfig, train
 
+    check_specs(P)
     device = resolve_device(profile, P["device"])
     records = []
     for scale, dims in P["scales"].items():

@@ -27,6 +27,9 @@ from . import PROFILES, STUDIES, outputs_dir, repo_root
 from .params import ParamsError, notebook_path, parse_overrides, study_params, with_overrides
 from .runs import atomic_write_text
 
+# studies whose `techniques`/`scales` are model configs (pretrain.check_specs), checked by --dry-run
+MODEL_SPEC_STUDIES = ("attention", "positional_encoding", "moe", "attention_free", "depth_width", "lvm")
+
 
 @dataclass
 class Outcome:
@@ -137,8 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         for s in studies:
             try:
                 values = with_overrides(s, study_params(s, args.profile, root), overrides, root)
+                if s in MODEL_SPEC_STUDIES:  # technique and scale keys are config fields: checked, not just typed
+                    from .pretrain import check_specs
+
+                    check_specs(values)
                 print(f"{s}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
-            except ParamsError as e:
+            except (ParamsError, ValueError) as e:
                 bad += 1
                 print(f"{s}: error: {e}")
         return 1 if bad else 0

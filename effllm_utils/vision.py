@@ -424,9 +424,10 @@ def _pretrain_params(P: dict, dims: dict, spec: dict, device: str) -> dict:
 def run_lvm(profile: str, P: dict, force: bool = False) -> list:
     """Pretrain a DiT per (scale, technique) on the study's images, sample, and record FID (digits-FID on the
     digits) with the efficiency metrics (the trained DiTs are kept under checkpoints/dit/ for the fine-tuning part)."""
-    from . import runs
+    from . import pretrain, runs
     from .runtime import resolve_device
 
+    pretrain.check_specs(P)  # a typo in a technique stops here, not after the first DiTs trained
     device = resolve_device(profile, P["device"])
     imgs = study_images(P)  # the dataset loads (or stops with one line) before anything trains
     records = []

@@ -34,6 +34,46 @@ def test_build_model_backbone_and_baseline():
         pretrain.build_model(DIMS, 512, {"attention": "flash"}, context=32)
 
 
+def test_baseline_overrides_reach_the_transformers_config_and_the_width_search():
+    backbone, _, _ = pretrain.build_model(DIMS, 512, {}, context=32)
+    par, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "pythia"}, context=32)
+    full_rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
+    seq, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "pythia", "use_parallel_residual": False,
+                                                "rope_parameters": full_rope}, context=32)
+    assert par.config.use_parallel_residual and par.config.rope_parameters["partial_rotary_factor"] == 0.25
+    assert not seq.config.use_parallel_residual and seq.config.rope_parameters["partial_rotary_factor"] == 1.0
+    wide, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "rwkv", "intermediate_size": 8}, context=32)
+    rwkv, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "rwkv"}, context=32)
+    assert wide.config.intermediate_size == 8 and wide.config.hidden_size > rwkv.config.hidden_size  # re-matched
+    assert abs(wide.num_parameters() - backbone.num_parameters()) <= 0.1 * backbone.num_parameters()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"atention": "mla"}, r"techniques\['bad'\]: unknown config key 'atention' \(did you mean 'attention'\?\)"),
+    ({"attention": "flash"}, r"techniques\['bad'\] at scale 'micro': unknown attention 'flash'"),
+    ({"baseline": "pythia", "use_paralel_residual": False},
+     r"techniques\['bad'\]: GPTNeoXConfig has no 'use_paralel_residual' \(did you mean 'use_parallel_residual'\?\)"),
+    ({"baseline": "mamba", "hidden_size": 64}, r"hidden_size of the mamba baseline is set by matching"),
+    ({"baseline": "lstm"}, r"unknown baseline family 'lstm'"),
+])
+def test_a_bad_technique_stops_the_study_before_any_run_trains(outputs, spec, message):
+    params = P | {"techniques": {"gqa": {}, "bad": spec}}
+    with pytest.raises(ValueError, match=message):
+        pretrain.run_study("attention", "tiny", params)
+    assert not (outputs / "tiny" / "runs").exists() or not any((outputs / "tiny" / "runs").rglob("*.json"))
+
+
+def test_a_typo_in_a_scale_or_a_named_config_is_an_error():
+    from effllm_utils import models
+
+    with pytest.raises(ValueError, match=r"scales\['micro'\]: unknown config key 'hiden_size' \(did you mean "
+                                         r"'hidden_size'\?\)"):
+        pretrain.check_specs(P | {"scales": {"micro": DIMS | {"hiden_size": 64}}, "techniques": {"gqa": {}}})
+    with pytest.raises(ValueError, match=r"models.config\('tiny'\): unknown config key 'possition'"):
+        models.config("tiny", possition="none")
+    assert models.config("tiny", position="none").position == "none"
+
+
 def test_run_study_records_tables_figures_and_skips(outputs):
     params = P | {"techniques": {"gqa": {"attention": "gqa"}, "nsa": {"attention": "nsa"},
                                  "rwkv": {"baseline": "rwkv"}, "mamba": {"baseline": "mamba"}}}

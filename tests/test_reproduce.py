@@ -157,3 +157,17 @@ def test_kill_leaves_no_half_written_record_and_the_next_run_resumes(root, outpu
     nb.write_text(nb.read_text().replace("time.sleep(sleep_s)", "pass"))
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
     assert counter(root) == ["first", "second"]  # the first record was not measured again
+
+
+def test_dry_run_checks_technique_keys_against_the_model_config(capsys, monkeypatch):
+    """The real attention study's params with a misspelt technique key: the dry run names it, nothing runs."""
+    repo = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("EFFLLM_ROOT", repo)  # main() sets it from --root; restored after the test
+    args = ["--root", repo, "--only", "attention,attention_free", "--dry-run"]
+    assert reproduce.main(args) == 0
+    capsys.readouterr()
+    bad = '{"mla": {"atention": "mla"}, "pythia": {"baseline": "pythia", "parallel_residual": false}}'
+    assert reproduce.main([*args, "--set", f"techniques={bad}"]) == 1
+    out = capsys.readouterr().out
+    assert "attention: error: techniques['mla']: unknown config key 'atention' (did you mean 'attention'?)" in out
+    assert "attention_free: error: techniques['mla']: unknown config key 'atention'" in out

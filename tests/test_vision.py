@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from effllm_utils import data, finetune, models, vision
+from effllm_utils import data, finetune, models, runs, vision
 from effllm_utils.models.modeling import MLAttention, MoE, NSAttention
 from effllm_utils.train import TrainConfig, train
 
@@ -80,6 +80,9 @@ def test_lvm_study_end_to_end(outputs):
     with pytest.raises(ValueError, match=r"unknown lvm dataset \['imagenet_256'\]; choose from digits, cifar10, "
                                          r"imagefolder"):
         vision.run_lvm("tiny", P | {"dataset": "imagenet_256"})
+    with pytest.raises(ValueError, match=r"techniques\['moe4'\]: unknown config key 'num_experts'"):
+        vision.run_lvm("tiny", P | {"techniques": {"moe4": {"ffn": "moe", "num_experts": 4}}}, force=True)
+    assert len(runs.load_runs("tiny", "lvm")) == 2  # nothing ran, nothing was recorded
 
 
 def _image_folder(root, classes=3, per_class=12, size=12):

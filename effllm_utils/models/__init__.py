@@ -1,7 +1,7 @@
 """The effllm backbone (registered with transformers' Auto classes) and the attention-free baselines."""
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import ATTENTIONS, FFNS, POSITIONS, EffLLMConfig
+from .config import ATTENTIONS, FFNS, POSITIONS, EffLLMConfig, config_fields_check
 from .modeling import EffLLMForCausalLM, EffLLMModel
 
 AutoConfig.register("effllm", EffLLMConfig, exist_ok=True)
@@ -23,8 +23,9 @@ def config(name: str = "tiny", **overrides) -> EffLLMConfig:
     """A named config with fields overridden (`config("tiny", attention="mla")`)."""
     if name not in NAMED_CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {', '.join(NAMED_CONFIGS)}")
+    config_fields_check(overrides, f"models.config({name!r})")
     return EffLLMConfig(**(NAMED_CONFIGS[name] | overrides))
 
 
 __all__ = ["ATTENTIONS", "FFNS", "POSITIONS", "EffLLMConfig", "EffLLMForCausalLM", "EffLLMModel", "config",
-           "NAMED_CONFIGS"]
+           "config_fields_check", "NAMED_CONFIGS"]

@@ -6,6 +6,9 @@ their weights load into this model unchanged (the parity tests do exactly that).
 """
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from transformers import PretrainedConfig
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "nsa")
@@ -98,3 +101,17 @@ class EffLLMConfig(PretrainedConfig):
             qk_nope_head_dim=self.qk_nope_head_dim, qk_rope_head_dim=self.qk_rope_head_dim,
             v_head_dim=self.v_head_dim, nsa_block=self.nsa_block_size, nsa_selected=self.nsa_num_selected,
             nsa_window=self.nsa_window)
+
+
+def config_fields_check(fields, where: str = "EffLLMConfig") -> None:
+    """Raise ValueError naming any key of `fields` that is not an EffLLMConfig argument (with the closest valid
+    name). EffLLMConfig itself takes unknown keys (`transformers` passes its own when loading a checkpoint), so a
+    typo in a study's params (`atention: mla`) would otherwise train the default model under the wrong name."""
+    valid = [n for n, p in inspect.signature(EffLLMConfig.__init__).parameters.items()
+             if n != "self" and p.kind is not p.VAR_KEYWORD]
+    unknown = [k for k in fields if k not in valid]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else "")
+                 for k in unknown]
+        raise ValueError(f"{where}: unknown config key{'s' * (len(unknown) > 1)} {', '.join(hints)}; valid keys are "
+                         f"the EffLLMConfig arguments: {', '.join(valid)}")
