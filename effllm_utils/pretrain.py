@@ -203,12 +203,22 @@ def table(profile: str, study: str, records: list | None = None):
 
 
 def write_table(df, profile: str, name: str) -> list[Path]:
-    """CSV, Markdown and LaTeX under outputs/<profile>/tables/, written atomically."""
+    """CSV, Markdown and LaTeX under outputs/<profile>/tables/, written atomically. Markdown cells escape `|` (a
+    claim's evidence joins metrics with it) and LaTeX escapes `_`, `%`, `&` ... (technique names, "MFU (%)"), so both
+    render as tables; a value not measured is blank in Markdown and -- in LaTeX."""
+    import pandas as pd
+
     out = outputs_dir(profile) / "tables"
     paths = [out / f"{name}.csv", out / f"{name}.md", out / f"{name}.tex"]
+
+    def pipe(v):
+        return v.replace("|", r"\|") if isinstance(v, str) else v
+
+    md = df.map(pipe).rename(columns=pipe).astype(object)
+    md = md.where(md.map(lambda v: not (v is None or (isinstance(v, float) and pd.isna(v)))), None)
     runs.atomic_write_text(paths[0], df.to_csv(index=False))
-    runs.atomic_write_text(paths[1], df.to_markdown(index=False, floatfmt=".4g") + "\n")
-    runs.atomic_write_text(paths[2], df.to_latex(index=False, float_format="%.4g"))
+    runs.atomic_write_text(paths[1], md.to_markdown(index=False, floatfmt=".4g", missingval="") + "\n")
+    runs.atomic_write_text(paths[2], df.to_latex(index=False, float_format="%.4g", escape=True, na_rep="--"))
     return paths
 
 

@@ -122,3 +122,16 @@ def test_baselines_match_the_tiny_backbone_within_ten_percent(family):
     model = build_baseline(family, target, n_layers=4, vocab_size=4096, context=512)
     assert abs(model.num_parameters() - target) <= 0.1 * target
     assert model.config.num_hidden_layers == 4
+
+
+def test_tables_escape_what_would_break_markdown_and_latex(outputs):
+    import pandas as pd
+
+    df = pd.DataFrame({"technique": ["moe_8x", "gqa"], "MFU (%)": [41.5, float("nan")],
+                       "evidence": ["ppl: a 1 | amu: a 2", "x"], "AEC (W)": [None, None]})
+    csv, md, tex = (p.read_text() for p in pretrain.write_table(df, "tiny", "t"))
+    rows = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(rows) == 4 and {line.replace(r"\|", "").count("|") for line in rows} == {5}  # 4 columns per row
+    assert r"ppl: a 1 \| amu: a 2" in md and "nan" not in md.lower()
+    assert r"moe\_8x" in tex and r"MFU (\%)" in tex and "--" in tex and "NaN" not in tex
+    assert "moe_8x,41.5,ppl: a 1 | amu: a 2" in csv  # the CSV keeps the values as they are
