@@ -253,6 +253,9 @@ COLUMNS = {"scale": "model", "param.dataset": "dataset", "technique": "method", 
            "loss": "eval loss", "trainable_params": "trainable params", "amu_gb": "AMU (GB)",
            "peak_mem_gb": "peak mem (GB)", "pcu": "PCU", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)",
            "aec_w": "AEC (W)", "energy_j": "energy (J)", "efficiency_score": "efficiency score"}
+# table column -> record key for the fine-tuning radar charts (peft and vlm)
+RADAR_COLUMNS = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
+                 "AEC (W)": "aec_w", "PCU": "pcu"}
 SCORE_KEYS = ("amu_gb", "pcu", "al_s", "st", "aec_w")
 
 
@@ -300,8 +303,7 @@ def figures(profile: str, study: str = "peft") -> list:
         plotting.bar(ax1, methods, list(sub["efficiency score"]), "efficiency score (1 = best)", value_fmt="{:.2f}")
         ax1.set_title(f"{model} / {dataset}")
         ax2 = fig.add_subplot(1, 3, 2, projection="polar")
-        keys = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
-                "AEC (W)": "aec_w", "PCU": "pcu"}
+        keys = RADAR_COLUMNS
         rows = {m: {keys[c]: float(r[c]) for c in keys if c in sub and pd.notna(r[c])} for m, (_, r) in
                 zip(methods, sub.iterrows())}
         present = [k for k in keys.values() if all(k in rows[m] for m in methods)]

@@ -238,7 +238,7 @@ def figures(profile: str, study: str) -> list[Path]:
         rs = [r for r in recs if r.scale == scale]
         rows = {r.technique: {**r.metrics, **r.quality} for r in rs}
         keys = [k for k in RADAR_METRICS if all(rows[t].get(k) is not None for t in rows)]
-        left_out = [k for k in RADAR_METRICS if k not in keys]
+        left_out = [plotting.METRIC_LABELS.get(k, k) for k in RADAR_METRICS if k not in keys]
         fig = plt.figure(figsize=(10, 4), layout="constrained")
         ax = fig.add_subplot(1, 2, 1, projection="polar")
         plotting.radar(ax, rows, keys)

@@ -328,8 +328,7 @@ def figures(profile: str, study: str = "vlm") -> list:
         return []
     paths = write_table(t, profile, "vlm")
     plotting.use_style()
-    keys = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
-            "AEC (W)": "aec_w", "PCU": "pcu"}
+    keys = finetune.RADAR_COLUMNS
     for model, sub in t.groupby("model", sort=False):
         fig = plt.figure(figsize=(10, 3.8), layout="constrained")
         ax1 = fig.add_subplot(1, 2, 1)

@@ -48,3 +48,6 @@ def test_radar_normalises_each_metric(outputs):
     plotting.radar(ax, table, ["amu_gb", "al_s"])
     lines = {l.get_label(): l.get_ydata() for l in ax.get_lines()}
     assert np.allclose(lines["mha"][:2], [0.1, 1.0]) and np.allclose(lines["mqa"][:2], [1.0, 0.1])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["AMU", "AL"]  # the paper's names, not record keys
+    plotting.radar(ax, table, ["amu_gb", "al_s"], labels=["memory", "latency"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["memory", "latency"]
