@@ -198,6 +198,11 @@ def repeats(recs: list[runs.RunRecord]) -> dict[str, list[runs.RunRecord]]:
     return out
 
 
+def _named(claim: dict) -> set[str]:
+    """The techniques a claim's tests compare."""
+    return {n for t in claim["tests"] for n in [*t.get("among", []), t.get("technique"), t.get("a"), t.get("b")] if n}
+
+
 def _when(claim: dict, recs: list[runs.RunRecord]) -> str | None:
     """The reason a claim cannot be tested on these records, or None."""
     when = claim.get("when") or {}
@@ -230,7 +235,11 @@ def evaluate(profile: str, claims: list[dict] | None = None, margin: float = 0.0
         if not recs:
             rows.append(base | {"group": "", "verdict": UNTESTABLE, "evidence": f"no {c['study']} records yet"})
             continue
-        for group, grecs in _groups(recs).items():
+        groups = _groups(recs)
+        # a group that ran none of the claim's techniques (the DiT fine-tuning methods for a DiT attention claim) is
+        # not a test of it; all groups stay when none did, so the row says what is missing
+        groups = {g: rs for g, rs in groups.items() if {r.technique for r in rs} & _named(c)} or groups
+        for group, grecs in groups.items():
             reason = _when(c, grecs)
             if reason:
                 rows.append(base | {"group": group, "verdict": UNTESTABLE, "evidence": reason})

@@ -80,3 +80,30 @@ def test_evaluate_on_records(outputs):
     assert df.loc["nsa_lowest_power", "verdict"] == UNTESTABLE
     assert df.loc["bf16_beats_fp16_hopper", "evidence"] == "no quantization records yet"
     assert set(df["verdict"]) <= {REPRODUCED, CONTRADICTED, INCONCLUSIVE, UNTESTABLE}
+
+
+
+def _lvm(runs_: tuple) -> None:
+    for tech, scale, fid in runs_:
+        runs.execute("lvm", tech, "tiny", {"seed": 0}, lambda fid=fid: {"quality": {"fid": fid}}, scale=scale,
+                     verbose=False)
+
+
+def test_a_group_without_the_claims_techniques_is_not_a_row(outputs):
+    """The lvm study holds DiT pretraining (scale tiny) and DiT fine-tuning (scale tiny-ft) records: a claim about
+    attention variants is tested on the first only."""
+    _lvm((("mha", "tiny", 30.0), ("mqa", "tiny", 20.0), ("gqa", "tiny", 21.0), ("lora", "tiny-ft", 25.0),
+          ("full", "tiny-ft", 24.0)))
+    df = claims.evaluate("tiny")
+    rows = df[df["id"] == "dit_gqa_mqa_beat_mha_fid"]
+    assert list(rows["group"]) == ["tiny"] and list(rows["verdict"]) == [REPRODUCED]
+    moe = df[df["id"] == "dit_moe_better_fid"]  # mha ran, moe did not: the pretraining group says what is missing
+    assert list(moe["group"]) == ["tiny"] and "needs moe and mha" in moe["evidence"].iloc[0]
+
+
+def test_with_none_of_the_claims_techniques_every_group_says_so(outputs):
+    _lvm((("lora", "tiny-ft", 25.0), ("full", "tiny-ft", 24.0)))
+    rows = claims.evaluate("tiny")
+    rows = rows[rows["id"] == "dit_gqa_mqa_beat_mha_fid"]
+    assert list(rows["group"]) == ["tiny-ft"] and rows["verdict"].iloc[0] == UNTESTABLE
+    assert "needs mqa and mha" in rows["evidence"].iloc[0]
