@@ -280,7 +280,7 @@ def harness_bench(args) -> int:
     out = infer.measure({"eager": hf, fast.path: fast}, prompts, cfg, args.device)
     print(f"{name}, {str(dtype).removeprefix('torch.')}, prompt {prompt}, {new} new tokens, infer.measure:")
     for k, m in out.items():
-        print(f"  {k:<22} decode p50 {m['decode_token_p50_s'] * 1e3:7.2f} ms/token   p90 "
+        print(f"  {k:<22} batch {m['latency_batch']}: decode p50 {m['decode_token_p50_s'] * 1e3:7.2f} ms/token   p90 "
               f"{m['decode_token_p90_s'] * 1e3:7.2f}   prefill {m['prefill_s'] * 1e3:7.2f} ms   IT by batch "
               + ", ".join(f"{b}: {v:,.0f} tok/s" for b, v in m["it_by_batch"].items()), flush=True)
     return 0
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device.startswith("cuda")
     args.shape = args.shape or ("gpu" if cuda else "tiny")
     args.batch, args.seq = args.batch or (16 if cuda else 8), args.seq or (1024 if cuda else 128)
-    args.steps, args.skip = args.steps or (30 if cuda else 8), args.skip if args.skip is not None else (10 if cuda else 3)
+    args.steps = args.steps or (30 if cuda else 8)
+    args.skip = args.skip if args.skip is not None else (10 if cuda else 3)
     if cuda and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no GPU; run `make bench` on a GPU host or pass --device cpu",
               file=sys.stderr)

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -141,7 +140,8 @@ def run_test(test: dict, values: dict[str, Value | None], margin: float) -> tupl
         better = [t for t, v in others.items() if v > 0]
         if better:
             return CONTRADICTED, evidence + f"; better: {', '.join(better)}"
-        return INCONCLUSIVE, evidence + "; within the uncertainty of: " + ", ".join(t for t, v in others.items() if v == 0)
+        tied = ", ".join(t for t, v in others.items() if v == 0)
+        return INCONCLUSIVE, evidence + "; within the uncertainty of: " + tied
     a, b = test["a"], test["b"]
     if a not in values or b not in values:
         return UNTESTABLE, f"needs {a} and {b} (ran: {sorted(values)})"

@@ -74,7 +74,8 @@ def dialogue_pairs(split: str, max_chars: int = 400) -> list[tuple[str, str]]:
             if len(lines) >= 2 and (m := _SPEAKER.match(lines[0].strip())):
                 speech = "\n".join(ln.strip() for ln in lines[1:])
                 if len(speech) > max_chars:
-                    speech = speech[:speech.rfind("\n", 0, max_chars)] if "\n" in speech[:max_chars] else speech[:max_chars]
+                    head = speech[:max_chars]
+                    speech = speech[:speech.rfind("\n", 0, max_chars)] if "\n" in head else head
                 speeches.append((m.group(1).strip(), speech))
             else:
                 speeches.append(None)  # a scene heading or stage direction breaks the exchange

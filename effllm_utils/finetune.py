@@ -57,7 +57,8 @@ def check_targets(model, targets: list[str] | str) -> None:
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The stack of transformer blocks of a causal LM (effllm, Qwen2, Llama, Mistral, GPT-NeoX, ...), of a LLaVA-style
-    model's language model, of a DiT, or of a diffusers SD3 or Wan transformer (wrapped as diffusion.FlowMatchingModel)."""
+    model's language model, of a DiT, or of a diffusers SD3 or Wan transformer (wrapped as
+    diffusion.FlowMatchingModel)."""
     for path in ("model.layers", "gpt_neox.layers", "transformer.h", "model.decoder.layers",
                  "model.language_model.layers", "blocks", "transformer.transformer_blocks",
                  "transformer.blocks"):

@@ -7,6 +7,9 @@ Greedy decoding with the model's KV cache, one forward per token; the device is 
 its timestamp taken, so decode latencies are measured, not derived by subtraction. Warm-up requests are excluded;
 each (technique, batch size) is repeated until both `min_time_s` of measured requests and `min_requests` are reached;
 the order of techniques rotates every round, so drift (thermal, a noisy neighbour) does not favour one.
+Latencies (prefill, per-token decode mean/p50/p90, request AL) are those of the smallest batch size in the sweep
+(`latency_batch`, 1 by default: the latency regime), each batch size's in `latency_by_batch`; IT is the best
+throughput over the sweep (`it_by_batch`). Pooling the batch sizes would mix two populations in one percentile.
 Telemetry: a Monitor window around each request, accumulated per technique; `attribute_memory` gives each of several
 resident models its own memory (see `measure`).
 
@@ -141,7 +144,7 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
         raise ValueError(f"prompts must be at least [{max(cfg.batch_sizes)}, {cfg.prompt_len}], "
                          f"got {tuple(prompts.shape)}")
     names = list(models)
-    acc = {n: {"prefill": [], "token": [], "e2e": [], "it": {}, "wall": 0.0, "energy": 0.0, "energy_ok": True,
+    acc = {n: {"prefill": {}, "token": {}, "e2e": {}, "it": {}, "wall": 0.0, "energy": 0.0, "energy_ok": True,
                "amu_x_wall": 0.0, "peak": 0.0, "growth_x_wall": 0.0, "peak_growth": 0.0, "rss_x_wall": 0.0,
                "tokens": 0, "reason": None} for n in names}
     cpu = not device.startswith("cuda")
@@ -161,9 +164,9 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
                 with Monitor(period_s=cfg.telemetry_period_s, device=device) as mon:
                     r = timed_request(models[n], ids, cfg.new_tokens, device)
                 a, s = acc[n], mon.summary
-                a["prefill"].append(r["prefill_s"])
-                a["token"] += r["token_s"]
-                a["e2e"].append(r["e2e_s"])
+                a["prefill"].setdefault(b, []).append(r["prefill_s"])
+                a["token"].setdefault(b, []).extend(r["token_s"])
+                a["e2e"].setdefault(b, []).append(r["e2e_s"])
                 a["wall"] += s["wall_s"]
                 a["amu_x_wall"] += (s["amu_gb"] or 0.0) * s["wall_s"]
                 a["peak"] = max(a["peak"], s["peak_mem_gb"] or 0.0)
@@ -183,23 +186,28 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
             acc[n]["it"][b] = done[n]["tokens"] / done[n]["time"]
     out = {}
     for n, a in acc.items():
-        tok = metrics.latency(a["token"])
-        e2e = metrics.latency(a["e2e"])
+        by_batch = {str(b): _latencies(a["prefill"][b], a["token"][b], a["e2e"][b]) for b in cfg.batch_sizes}
         mem = {"amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"], "amu_method": "telemetry_total"}
         if attribute_memory:
             mem = own_memory(held_bytes(models[n]), a["growth_x_wall"] / a["wall"], a["peak_growth"],
                              "held_bytes_plus_request_growth")
-        out[n] = {"prefill_s": float(np.mean(a["prefill"])), "decode_token_s": tok["al_s"],
-                  "decode_token_p50_s": tok["al_p50_s"], "decode_token_p90_s": tok["al_p90_s"],
-                  "al_s": e2e["al_s"], "al_p50_s": e2e["al_p50_s"], "al_p90_s": e2e["al_p90_s"],
+        out[n] = {**by_batch[str(min(cfg.batch_sizes))], "latency_batch": min(cfg.batch_sizes),
+                  "latency_by_batch": by_batch,
                   "it": max(a["it"].values()), "it_by_batch": {str(b): v for b, v in a["it"].items()},
                   **mem, "amu_growth_gb": a["growth_x_wall"] / a["wall"], "peak_growth_gb": a["peak_growth"],
                   "rss_amu_gb": a["rss_x_wall"] / a["wall"],
                   "energy_j": a["energy"] if a["energy_ok"] else None,
                   "aec_w": a["energy"] / a["wall"] if a["energy_ok"] else None,
                   "j_per_token": a["energy"] / a["tokens"] if a["energy_ok"] else None,
-                  "requests": len(a["e2e"]), "energy_reason": a["reason"]}
+                  "requests": sum(len(v) for v in a["e2e"].values()), "energy_reason": a["reason"]}
     return out
+
+
+def _latencies(prefill: list[float], token: list[float], e2e: list[float]) -> dict[str, float]:
+    tok, req = metrics.latency(token), metrics.latency(e2e)
+    return {"prefill_s": float(np.mean(prefill)), "decode_token_s": tok["al_s"], "decode_token_p50_s": tok["al_p50_s"],
+            "decode_token_p90_s": tok["al_p90_s"], "al_s": req["al_s"], "al_p50_s": req["al_p50_s"],
+            "al_p90_s": req["al_p90_s"], "requests": len(e2e)}
 
 
 @torch.no_grad()

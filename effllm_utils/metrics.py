@@ -71,7 +71,8 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     Metric("flops_per_token", "FLOP/token", None, "—", "Analytic forward FLOPs per token."),
     Metric("params", "1", None, "—", "Parameter count."),
     # hardware calibration (the `hardware` study)
-    Metric("matmul_tflops", "TFLOP/s", "higher", "—", "Measured dense matmul throughput (2 n^3 FLOPs per n x n GEMM)."),
+    Metric("matmul_tflops", "TFLOP/s", "higher", "—",
+           "Measured dense matmul throughput (2 n^3 FLOPs per n x n GEMM)."),
     Metric("mem_bw_gbs", "GB/s", "higher", "—", "Measured device memory copy bandwidth (bytes read + written)."),
     Metric("idle_power_w", "W", "lower", "—", "Average power of the idle device over a window."),
     Metric("telemetry_overhead_pct", "%", "lower", "—", "Step-time increase with the Monitor sampling vs without."),

@@ -198,7 +198,8 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
     for name, spec in P["models"].items():
         keyed = {p: {k: v for k, v in P.items() if k != "precisions"} | {"model": spec, "device": device}
                  for p in P["precisions"]}
-        pending = [p for p in P["precisions"] if force or runs.ok_record(profile, "quantization", p, keyed[p], name) is None]
+        pending = [p for p in P["precisions"]
+                   if force or runs.ok_record(profile, "quantization", p, keyed[p], name) is None]
         results: dict[str, dict] = {}
         if pending:
             seed_everything(P["seed"])
@@ -221,11 +222,14 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                 scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
                     if P["tasks"] else {}
                 results[p] = {"metrics": {**{k: v for k, v in measured[p].items()
-                                             if k not in ("energy_reason", "it_by_batch", "amu_method")},
+                                             if k not in ("energy_reason", "it_by_batch", "amu_method",
+                                                          "latency_by_batch")},
                                           "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
                                           "nominal_bits": NOMINAL_BITS[p]},
                               "quality": {"ppl": ppl, **scores},
-                              "artifacts": {"it_by_batch": measured[p]["it_by_batch"], "checkpoint": info["path"],
+                              "artifacts": {"it_by_batch": measured[p]["it_by_batch"],
+                                            "latency_by_batch": measured[p]["latency_by_batch"],
+                                            "checkpoint": info["path"],
                                             "reload_max_abs_diff": info["reload_max_abs_diff"],
                                             "energy_reason": measured[p]["energy_reason"],
                                             "amu_method": measured[p]["amu_method"],
@@ -300,11 +304,12 @@ def _add_mcr(results: dict[str, dict]) -> None:
 
 # -- tables and figures (records only) ---------------------------------------------------------------------------
 
-COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)",
-           "it": "IT (tokens/s)", "al_s": "AL (s/request)", "prefill_s": "prefill (s)",
+COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "AMU (GB)",
+           "peak_mem_gb": "peak mem (GB)", "it": "IT (tokens/s)", "al_s": "AL (s/request)", "prefill_s": "prefill (s)",
            "decode_token_p50_s": "decode p50 (s/token)", "decode_token_p90_s": "decode p90 (s/token)",
-           "aec_w": "AEC (W)", "j_per_token": "J/token", "disk_bytes": "bytes on disk", "memory_bytes": "bytes in memory",
-           "mcr": "MCR", "mcr_measured": "MCR (measured bytes)", "decode": "decode path"}
+           "latency_batch": "latency at batch", "aec_w": "AEC (W)", "j_per_token": "J/token",
+           "disk_bytes": "bytes on disk", "memory_bytes": "bytes in memory", "mcr": "MCR",
+           "mcr_measured": "MCR (measured bytes)", "decode": "decode path"}
 
 
 def table(profile: str):

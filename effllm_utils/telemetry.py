@@ -20,9 +20,9 @@ Memory that belongs to a run, not to the process or to the run before it:
   CUDA cache, glibc's free heap pages — so a measurement does not see the previous run's leftovers (on a GPU, NVML
   counts torch's cached blocks as used).
 - `amu_growth_gb` / `peak_growth_gb`: what the window itself added above its first sample (torch's allocated bytes on
-  CUDA, RSS on CPU). With `held_bytes(model, optimizer, ...)` — the memory those objects hold — a CPU run's own memory
-  is held bytes + growth: the process's RSS cannot say it, as a Python process with torch and transformers holds
-  ~0.5 GB before any model exists and grows by another ~0.25 GB of lazily imported code during its first run.
+  CUDA, RSS on CPU). With `held_bytes(model, optimizer, ...)` — the memory those objects hold — a CPU run's own
+  memory is held bytes + growth: the process's RSS cannot say it, as a Python process with torch and transformers
+  holds ~0.5 GB before any model exists and grows by another ~0.25 GB of lazily imported code during its first run.
   `train` and `infer.measure` report that on CPU; on a GPU `amu_gb` is NVML's device memory used, as in the paper.
 """
 from __future__ import annotations

@@ -181,8 +181,8 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
         losses = []
         with torch.no_grad():
             for b in range(cfg.eval_batches):
-                batch = val_data.batch(picks[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank * local:(rank + 1) * local],
-                                       device)
+                window = picks[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                batch = val_data.batch(window[rank * local:(rank + 1) * local], device)
                 with autocast:
                     losses.append(step_fn(**batch, use_cache=False).loss.float())
         model.train()

@@ -163,8 +163,8 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
             (tmp / "align.json").write_text(json.dumps(result["quality"]))
     model.model.multi_modal_projector.load_state_dict(load_file(str(path / "projector.safetensors")))
     model.requires_grad_(True)
-    return model.cpu(), tok, {"source": "suite", "base": base_info, "encoder_accuracy": enc_acc, "n_image_tokens": n_img,
-                              "alignment": json.loads((path / "align.json").read_text())}
+    return model.cpu(), tok, {"source": "suite", "base": base_info, "encoder_accuracy": enc_acc,
+                              "n_image_tokens": n_img, "alignment": json.loads((path / "align.json").read_text())}
 
 
 def hub_vlm(source: str, profile: str):
@@ -175,7 +175,8 @@ def hub_vlm(source: str, profile: str):
         proc = AutoProcessor.from_pretrained(source)
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32)
     except OSError as e:
-        raise ModelUnavailable(f"vision-language model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+        why = str(e).splitlines()[0][:160]
+        raise ModelUnavailable(f"vision-language model {source!r} could not be loaded ({why}); "
                                f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None
     return model, proc
 
@@ -198,7 +199,8 @@ def hub_examples(split: str, proc, seq_len: int, seed: int = 0) -> tuple[dict, d
         prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
         enc = proc(text=prompt + answer(d, s) + (tok.eos_token or ""), images=pil, return_tensors="pt")
         if enc["pixel_values"].ndim != 4 or enc["pixel_values"].shape[0] != 1:
-            raise ValueError(f"{type(proc).__name__} packs image patches into shape {tuple(enc['pixel_values'].shape)}; "
+            shape = tuple(enc["pixel_values"].shape)
+            raise ValueError(f"{type(proc).__name__} packs image patches into shape {shape}; "
                              f"only LLaVA-1.5-style processors (one [C, H, W] image per example) are supported")
         n_prompt = len(proc(text=prompt, images=pil, return_tensors="pt")["input_ids"][0])
         ids = enc["input_ids"][0][:seq_len]

@@ -50,4 +50,5 @@ def test_gpu_session_script_parses_and_refuses_unknown_steps(tmp_path):
     r = subprocess.run(["bash", str(script), "nosuchstep"], capture_output=True, text=True, cwd=REPO,
                        env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2
-    assert "unknown step nosuchstep; steps: tests decode decode05 dtrace train tuned levers trace hardware study" in r.stderr
+    steps = "tests decode decode05 dtrace train tuned levers trace hardware study"
+    assert f"unknown step nosuchstep; steps: {steps}" in r.stderr

@@ -112,6 +112,12 @@ def test_harness_times_every_token_and_measures_side_by_side():
         assert m["requests"] >= 4 and set(m["it_by_batch"]) == {"1", "2"} and m["it"] > 0
         assert m["decode_token_p90_s"] >= m["decode_token_p50_s"] > 0 and m["amu_gb"] > 0
         assert m["energy_j"] is None or m["j_per_token"] > 0
+        # the headline latencies are batch 1's (not pooled with batch 2's); each batch size's are kept
+        assert m["latency_batch"] == 1 and set(m["latency_by_batch"]) == {"1", "2"}
+        one, two = m["latency_by_batch"]["1"], m["latency_by_batch"]["2"]
+        assert all(m[k] == one[k] for k in one if k != "requests")
+        assert m["requests"] == one["requests"] + two["requests"]
+        assert one["requests"] >= 2 and two["requests"] >= 2 and one["decode_token_p50_s"] != two["decode_token_p50_s"]
     with pytest.raises(ValueError, match="prompts must be at least"):
         infer.measure({"a": a}, torch.zeros(1, 4, dtype=torch.long), cfg, "cpu")
 

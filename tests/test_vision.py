@@ -147,7 +147,8 @@ def test_lvm_peft_on_the_dit(outputs):
              finetune_lr_full=1e-3, finetune_lr_adapter=3e-3, rank=4, alpha=8, target_modules=["q_proj", "v_proj"],
              freeze_fraction=0.5, loraplus_lr_ratio=16.0, pissa_init="pissa")
     recs = vision.run_lvm_finetune("tiny", P)  # no pretraining record yet: the base DiT is trained and cached
-    assert [(r.technique, r.scale, r.status) for r in recs] == [("freeze", "micro-ft", "ok"), ("lora", "micro-ft", "ok")]
+    assert [(r.technique, r.scale, r.status) for r in recs] == [("freeze", "micro-ft", "ok"),
+                                                                ("lora", "micro-ft", "ok")]
     freeze, lora = recs
     assert freeze.quality["fid_before"] == lora.quality["fid_before"] > 0  # the same base on the same new domain
     assert freeze.artifacts["method_info"] == {"frozen_layers": 1, "total_layers": 2}

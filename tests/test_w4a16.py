@@ -34,7 +34,8 @@ def test_kernel_choice_errors():
     with pytest.raises(ValueError, match="int4 kernel must be one of"):
         decode.int4_kernel("marlin", "cpu")
     assert decode.int4_kernel("tinygemm", "cpu") == "tinygemm"
-    with pytest.raises(ValueError, match="GemLite's int4 kernels need a CUDA GPU of compute capability >= 8.0 and the gemlite"):
+    with pytest.raises(ValueError,
+                       match="GemLite's int4 kernels need a CUDA GPU of compute capability >= 8.0 and the gemlite"):
         decode.int4_kernel("gemlite", "cpu")
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).eval()
     with pytest.raises(ValueError, match="dense kernel must be one of"):
