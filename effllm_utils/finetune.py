@@ -117,6 +117,46 @@ def apply_method(model, method: str, P: dict[str, Any], task_type: str | None = 
     return model, optimizer, info
 
 
+def frozen_head_floor(model, labels: torch.Tensor, steps: int = 400, restarts: int = 3, seed: int = 0):
+    """(floor, reason): the lowest mean NLL of the target tokens in `labels` (-100 = no loss) that any method which
+    keeps the final RMSNorm and the output head frozen (LoRA and its variants) can reach, whatever the layers below
+    compute; None with the reason where the model's final norm is not an RMSNorm.
+
+    The head sees g * x / rms(x): a vector of norm sqrt(d) in the norm's frame. For each target token t the best such
+    vector is found by gradient ascent on log softmax(W (g * x))[t] over the sphere (the first start is W[t] * g, the
+    others random; the best of `restarts`), so the estimate can only err high. A weakly trained head (the tiny suite
+    base) caps some tokens' probability well below 1 — adapters then plateau at this floor — while a large
+    pretrained head gives ~0."""
+    head = model.get_output_embeddings()
+    norm = getattr(model.get_decoder(), "norm", None)
+    if head is None or norm is None or getattr(norm, "bias", None) is not None or norm.weight.ndim != 1:
+        return None, "the final norm is not an RMSNorm (weight only) followed by the output head"
+    W, g = head.weight.detach().float(), norm.weight.detach().float().to(head.weight.device)
+    target = labels[..., 1:][labels[..., 1:] != -100].to(W.device)
+    ids, counts = torch.unique(target, return_counts=True)
+    if not len(ids):
+        return None, "no target tokens"
+    d, gen = W.shape[1], torch.Generator().manual_seed(seed)
+
+    def nll(h: torch.Tensor) -> torch.Tensor:
+        x = h / h.norm(dim=1, keepdim=True) * d ** 0.5
+        return -torch.log_softmax((g * x) @ W.T, -1).gather(1, ids[:, None])[:, 0]
+
+    best = torch.full((len(ids),), float("inf"), device=W.device)
+    with torch.enable_grad():
+        for r in range(restarts):
+            start = W[ids] * g if r == 0 else torch.randn(len(ids), d, generator=gen).to(W.device)
+            h = start.clone().requires_grad_(True)
+            opt = torch.optim.Adam([h], lr=0.05)
+            for _ in range(steps):
+                opt.zero_grad()
+                nll(h).sum().backward()
+                opt.step()
+            with torch.no_grad():
+                best = torch.minimum(best, nll(h))
+    return float((best * counts).sum() / counts.sum()), None
+
+
 def finetune_flops_per_token(n_params: int, n_trainable: int, backward_params: int) -> float:
     """Forward 2N + activation gradients through the `backward_params` that lie above the first trainable weight
     (2 x backward_params) + weight gradients of the trainable ones (2 x n_trainable). Full fine-tuning gives 6N."""

@@ -253,7 +253,7 @@ def _language_targets(targets: list[str]) -> str:
 
 
 def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
-    from .finetune import METHODS, apply_method, method_lr
+    from .finetune import LORA_METHODS, METHODS, apply_method, method_lr
     from .train import TrainConfig
 
     device = resolve_device(profile, P["device"])
@@ -275,6 +275,8 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                     (tr, _), (va, va_info) = (hub_examples(s, proc, P["seq_len"], P["seed"])
                                               for s in ("train", "validation"))
                 n_params = sum(p.numel() for p in base.parameters())
+                floor, why = finetune.frozen_head_floor(base, va["labels"]) if method in LORA_METHODS \
+                    else (None, f"{method} trains the head")
                 adapter_p = P | {"target_modules": _language_targets(P["target_modules"])}
                 model, optimizer, info = apply_method(base, method, adapter_p, task_type=None,
                                                       modules_to_save=["multi_modal_projector"])
@@ -286,6 +288,9 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                 result = finetune.train_method(model, method, n_params, optimizer, tr, va, cfg, profile, device,
                                                P["precision"])
                 result["quality"]["digit_acc"] = digit_accuracy(model, va, va_info, tok, device, P["accuracy_images"])
+                result["quality"]["frozen_head_floor"] = floor  # the eval loss no head-frozen method can go below
+                if why:
+                    result["artifacts"]["frozen_head_floor_reason"] = why
                 result["artifacts"].update(method_info=info, base=base_info, model=name)
                 return result
 
@@ -307,7 +312,8 @@ def table(profile: str):
     order = {m: i for i, m in enumerate(METHODS)}
     recs.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
     df = pd.DataFrame([{
-        "model": r.scale, "method": r.technique, "eval loss": r.quality["loss"], "digit acc": r.quality["digit_acc"],
+        "model": r.scale, "method": r.technique, "eval loss": r.quality["loss"],
+        "frozen-head floor": r.quality.get("frozen_head_floor"), "digit acc": r.quality["digit_acc"],
         "trainable params": r.metrics["trainable_params"], "AMU (GB)": r.metrics["amu_gb"],
         "AL (s/iter)": r.metrics["al_s"], "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"],
         "PCU": r.metrics.get("pcu"), **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in recs])

@@ -154,3 +154,45 @@ def test_hub_model_offline_is_a_failed_record_with_one_clear_line(outputs, monke
                       compile=False, seed=0)
     rec = finetune.run_study("tiny", params)[0]
     assert rec.status == "failed" and rec.error.startswith("ModelUnavailable: model 'Qwen/Qwen2.5-0.5B' could not")
+
+
+def _head_model(W, g, bias=False):
+    """A stand-in causal LM: output head W [vocab, d] after a final RMSNorm with weight g (a LayerNorm, with its
+    bias, if asked)."""
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(len(g)) if bias else torch.nn.RMSNorm(len(g))
+            self.norm.weight.data = g.clone()
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder, self.head = Decoder(), torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+            self.head.weight.data = W.clone()
+
+        def get_decoder(self):
+            return self.decoder
+
+        def get_output_embeddings(self):
+            return self.head
+
+    return LM()
+
+
+def test_frozen_head_floor_matches_the_closed_form():
+    """Three unit rows 120 degrees apart in 2-D, g = 1: the best normalised input for token 0 is its own row at norm
+    sqrt(2), so the lowest NLL is log(1 + 2 exp(-1.5 sqrt(2))); scaling g by 10 drives it to ~0."""
+    import math
+
+    from effllm_utils.finetune import frozen_head_floor
+
+    ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
+    W = torch.stack([ang.cos(), ang.sin()], 1)
+    labels = torch.tensor([[-100, 0, 0, 1, -100]])  # tokens 0, 0, 1 carry the loss (position 0 is never predicted)
+    exact = math.log(1 + 2 * math.exp(-1.5 * math.sqrt(2)))
+    floor, why = frozen_head_floor(_head_model(W, torch.ones(2)), labels)
+    assert why is None and floor == pytest.approx(exact, abs=1e-4)  # all three tokens are symmetric
+    assert frozen_head_floor(_head_model(W, 10 * torch.ones(2)), labels)[0] < 1e-6
+    assert frozen_head_floor(_head_model(W, torch.ones(2), bias=True), labels) == \
+        (None, "the final norm is not an RMSNorm (weight only) followed by the output head")

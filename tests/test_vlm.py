@@ -70,7 +70,11 @@ def test_vlm_study_end_to_end(outputs):
     full, lora = recs
     assert 0.0 <= full.quality["digit_acc"] <= 1.0 and full.quality["loss"] > 0
     assert lora.metrics["trainable_params"] < full.metrics["trainable_params"] < full.metrics["base_params"]
+    assert full.quality["frozen_head_floor"] is None and full.artifacts["frozen_head_floor_reason"] == \
+        "full trains the head"
+    assert 0.0 < lora.quality["frozen_head_floor"] < lora.quality["loss"]  # a bound the adapter cannot go below
     t = vlm.table("tiny")
+    assert t["frozen-head floor"].isna().tolist() == [True, False]
     assert list(t["method"]) == ["full", "lora"] and t["efficiency score"].between(0, 1).all()
     assert {"vlm.csv", "vlm_micro.png"} <= {p.name for p in vlm.figures("tiny")}
 
