@@ -127,9 +127,13 @@ def pareto_front(x: Sequence[float], y: Sequence[float], x_better: str = "lower"
 def pareto(ax, labels: Sequence[str], x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str,
            x_better: str = "lower", y_better: str = "lower"):
     """Scatter coloured by technique with the Pareto front drawn through the non-dominated points."""
-    for t, xi, yi in zip(labels, x, y):
+    xs, ys = np.asarray(x, float), np.asarray(y, float)
+    span = [max(np.ptp(v[np.isfinite(v)]) if np.isfinite(v).any() else 0.0, 1e-12) for v in (xs, ys)]
+    for i, (t, xi, yi) in enumerate(zip(labels, xs, ys)):
         ax.scatter([xi], [yi], color=technique_color(t), s=36, zorder=3)
-        ax.annotate(t, (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        # labels of points that (nearly) coincide are stacked downwards instead of printed over each other
+        near = sum(abs(xi - xs[j]) < 0.03 * span[0] and abs(yi - ys[j]) < 0.03 * span[1] for j in range(i))
+        ax.annotate(t, (xi, yi), textcoords="offset points", xytext=(4, 3 - 9 * near), fontsize=7)
     front = pareto_front(x, y, x_better, y_better)
     ax.plot([x[i] for i in front], [y[i] for i in front], color="0.4", lw=1, ls="--", zorder=2, label="Pareto front")
     ax.set_xlabel(xlabel)

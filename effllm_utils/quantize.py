@@ -340,7 +340,9 @@ def figures(profile: str, study: str = "quantization") -> list:
     for model, sub in t.groupby("model", sort=False):
         ps = list(sub["precision"])
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained")
-        plotting.bar(axes[0], ps, list(sub["AL (s/request)"]), "AL (s/request)")
+        batch = sub["latency at batch"].dropna().unique() if "latency at batch" in sub else []
+        plotting.bar(axes[0], ps, list(sub["AL (s/request)"]),
+                     f"AL (s/request, batch {int(batch[0])})" if len(batch) == 1 else "AL (s/request)")
         plotting.bar(axes[1], ps, list(sub["IT (tokens/s)"]), "IT (tokens/s)", value_fmt="{:.0f}")
         plotting.bar(axes[2], ps, list(sub["bytes on disk"] / 1e6), "MB on disk", value_fmt="{:.2f}")
         plotting.pareto(axes[3], ps, list(sub["bytes on disk"] / 1e6), list(sub["PPL"]), "MB on disk", "PPL")

@@ -41,6 +41,15 @@ def test_pareto_front():
     assert plotting.pareto_front([1, 2], [1, 2], y_better="higher") == [0, 1]
 
 
+def test_pareto_labels_of_coinciding_points_do_not_overlap():
+    fig, ax = plt.subplots()
+    # the tiny quantization table's points: fp16 and bf16 coincide at this scale of the axes
+    plotting.pareto(ax, ["fp32", "fp16", "bf16", "int4_rtn"], [7.16, 3.58, 3.58, 2.56], [89.381, 89.379, 89.377, 89.56],
+                    "MB", "PPL")
+    offsets = {a.get_text(): tuple(map(int, a.xyann)) for a in ax.texts}
+    assert offsets == {"fp32": (4, 3), "fp16": (4, 3), "bf16": (4, -6), "int4_rtn": (4, 3)}
+
+
 def test_radar_normalises_each_metric(outputs):
     fig = plt.figure()
     ax = fig.add_subplot(projection="polar")

@@ -239,7 +239,10 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
         assert r.metrics["amu_gb"] >= r.metrics["held_gb"] > 0 and "amu_method" not in r.metrics
     assert int8.metrics["held_gb"] == int8.metrics["memory_bytes"] / 1e9  # eager: the model itself
     assert bf16.metrics["held_gb"] > bf16.metrics["memory_bytes"] / 1e9  # static: + fused copies and the KV cache
-    assert list(quantize.table("gpu")["decode path"]) == ["static", "eager"]
+    t = quantize.table("gpu")
+    assert list(t["decode path"]) == ["static", "eager"] and list(t["latency at batch"]) == [1, 1]
+    assert {p.name for p in quantize.figures("gpu")} >= {"quantization.csv", "quantization_local-qwen2.png"}
+    assert bf16.artifacts["latency_by_batch"].keys() == {"1", "2"} and "latency_by_batch" not in bf16.metrics
     with pytest.raises(ValueError, match="unknown decode \\['graph'\\]; choose from eager, static"):
         quantize.run_study("gpu", Q | {"decode": "graph"})
 
