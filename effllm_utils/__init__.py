@@ -47,6 +47,20 @@ def check_choices(values, allowed, what: str) -> list:
     return list(values)
 
 
+def check_keys(keys, valid, where: str, what: str = "key") -> None:
+    """Every key must be in `valid`; otherwise one ValueError naming the unknown ones, each with its closest valid
+    name. For dicts that configs would take silently (a misspelt key trains the default under the wrong name)."""
+    import difflib
+
+    valid = list(valid)
+    unknown = [k for k in keys if k not in valid]
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else "")
+                 for k in unknown]
+        listed = f"; valid: {', '.join(valid)}" if len(valid) <= 50 else ""
+        raise ValueError(f"{where}: unknown {what}{'s' * (len(unknown) > 1)} {', '.join(hints)}{listed}")
+
+
 def check_study(study: str) -> str:
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")

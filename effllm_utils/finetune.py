@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import check_choices, data, metrics, outputs_dir, runs
+from . import check_choices, check_keys, data, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 
 METHODS = ("full", "freeze", "lora", "lora_plus", "rslora", "dora", "pissa")
@@ -169,6 +169,38 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
+SUITE_KEYS = ("source", "dims", "pretrain_steps", "pretrain_lr", "pretrain_seq_len", "pretrain_batch_size")
+VLM_SUITE_KEYS = ("encoder", "encoder_steps", "encoder_lr", "align_steps", "align_lr")
+
+
+def check_model_specs(models: dict[str, Any], vlm: bool = False) -> None:
+    """Every entry of a study's `models` names real keys, before the first run: a suite model (`source: suite`)
+    its pretraining recipe (and, for the vlm study, its encoder and alignment), a Hub model only its `source`. A
+    misspelt key (`pretrain_stpes`) would otherwise be ignored or fail deep in a run."""
+    from .models import config_fields_check
+
+    for name, spec in models.items():
+        where = f"models[{name!r}]"
+        if not isinstance(spec, dict) or "source" not in spec:
+            raise ValueError(f"{where}: needs a 'source' (suite, a Hub id or a local path), got {spec!r}")
+        if spec["source"] != "suite":
+            check_keys(spec, ("source",), where, "Hub-model key")
+            continue
+        required = SUITE_KEYS[:4] + (SUITE_KEYS[4:] + VLM_SUITE_KEYS if vlm else ())
+        check_keys(spec, SUITE_KEYS + (VLM_SUITE_KEYS if vlm else ()), where, "suite-model key")
+        if missing := [k for k in required if k not in spec]:
+            raise ValueError(f"{where}: a suite model needs {', '.join(missing)}")
+        config_fields_check(spec["dims"], f"{where}['dims']")
+        if vlm:
+            import inspect
+
+            from transformers import CLIPVisionConfig
+
+            check_keys(spec["encoder"], [n for n in inspect.signature(CLIPVisionConfig.__init__).parameters
+                                         if n not in ("self", "kwargs", "image_size", "num_channels")],
+                       f"{where}['encoder']", "CLIPVisionConfig field")
+
+
 def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
     """(model, tokenizer, info) for one entry of P['models']."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -262,8 +294,9 @@ def train_method(model, method: str, n_params: int, optimizer, train_data, val_d
 def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
     from .train import TrainConfig
 
-    device = resolve_device(profile, P["device"])
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
+    check_model_specs(P["models"])
+    device = resolve_device(profile, P["device"])
     records = []
     for model_name, spec in P["models"].items():
         for dataset in P["datasets"]:

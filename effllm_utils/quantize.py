@@ -189,10 +189,12 @@ def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, 
 
 def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
     """Build every precision of every model, measure them side by side, store one record per precision."""
+    from .finetune import check_model_specs
     from .infer import InferConfig, measure, perplexity
 
-    device = resolve_device(profile, P["device"])
     check_choices(P["precisions"], PRECISIONS, "precision(s)")
+    check_model_specs(P["models"])
+    device = resolve_device(profile, P["device"])
     check_choices([P["decode"]], DECODE_CHOICES, "decode")
     records = []
     for name, spec in P["models"].items():

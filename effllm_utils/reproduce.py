@@ -29,6 +29,7 @@ from .runs import atomic_write_text
 
 # studies whose `techniques`/`scales` are model configs (pretrain.check_specs), checked by --dry-run
 MODEL_SPEC_STUDIES = ("attention", "positional_encoding", "moe", "attention_free", "depth_width", "lvm")
+MODELS_STUDIES = ("peft", "quantization", "vlm")  # `models` specs (finetune.check_model_specs)
 
 
 @dataclass
@@ -144,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
                     from .pretrain import check_specs
 
                     check_specs(values)
+                if s in MODELS_STUDIES:  # and so are the fine-tuning and quantization studies' model specs
+                    from .finetune import check_model_specs
+
+                    check_model_specs(values["models"], vlm=s == "vlm")
                 print(f"{s}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
             except (ParamsError, ValueError) as e:
                 bad += 1

@@ -256,8 +256,9 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
     from .finetune import LORA_METHODS, METHODS, apply_method, method_lr
     from .train import TrainConfig
 
-    device = resolve_device(profile, P["device"])
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
+    finetune.check_model_specs(P["models"], vlm=True)
+    device = resolve_device(profile, P["device"])
     records = []
     for name, spec in P["models"].items():
         run_params = {k: P[k] for k in P if k not in ("methods", "models")} | {"model": spec, "device": device}

@@ -196,3 +196,37 @@ def test_frozen_head_floor_matches_the_closed_form():
     assert frozen_head_floor(_head_model(W, 10 * torch.ones(2)), labels)[0] < 1e-6
     assert frozen_head_floor(_head_model(W, torch.ones(2), bias=True), labels) == \
         (None, "the final norm is not an RMSNorm (weight only) followed by the output head")
+
+
+@pytest.mark.parametrize("spec, vlm, message", [
+    ({"source": "suite", "dims": {}, "pretrain_stpes": 3, "pretrain_lr": 0.01}, False,
+     r"models\['m'\]: unknown suite-model key 'pretrain_stpes' \(did you mean 'pretrain_steps'\?\)"),
+    ({"source": "suite", "dims": {}, "pretrain_lr": 0.01}, False, r"models\['m'\]: a suite model needs pretrain_steps"),
+    ({"source": "suite", "dims": {"hiden_size": 64}, "pretrain_steps": 3, "pretrain_lr": 0.01}, False,
+     r"models\['m'\]\['dims'\]: unknown config key 'hiden_size'"),
+    ({"source": "Qwen/Qwen2.5-0.5B", "pretrain_steps": 3}, False,
+     r"models\['m'\]: unknown Hub-model key 'pretrain_steps'"),
+    ({"dims": {}}, False, r"models\['m'\]: needs a 'source'"),
+    ({"source": "suite", "dims": {}, "pretrain_steps": 3, "pretrain_lr": 0.01}, True,
+     r"a suite model needs pretrain_seq_len, pretrain_batch_size, encoder, encoder_steps"),
+    ({"source": "suite", "dims": {}, "pretrain_steps": 3, "pretrain_lr": 0.01, "pretrain_seq_len": 32,
+      "pretrain_batch_size": 4, "encoder": {"hiden_size": 32}, "encoder_steps": 3, "encoder_lr": 0.01,
+      "align_steps": 3, "align_lr": 0.01}, True,
+     r"models\['m'\]\['encoder'\]: unknown CLIPVisionConfig field 'hiden_size' \(did you mean 'hidden_size'\?\)"),
+])
+def test_model_specs_are_checked_before_any_run(outputs, spec, vlm, message):
+    with pytest.raises(ValueError, match=message):
+        finetune.check_model_specs({"m": spec}, vlm=vlm)
+
+
+def test_the_shipped_model_specs_pass_and_a_bad_one_stops_the_study(outputs):
+    from effllm_utils import params, quantize
+
+    for profile in ("tiny", "gpu", "paper"):
+        for study in ("peft", "quantization", "vlm"):
+            finetune.check_model_specs(params.study_params(study, profile)["models"], vlm=study == "vlm")
+    P = params.study_params("quantization", "tiny")
+    bad = {"tiny-base": P["models"]["tiny-base"] | {"pretrain_step": 5}}
+    with pytest.raises(ValueError, match="unknown suite-model key 'pretrain_step'"):
+        quantize.run_study("tiny", P | {"models": bad})
+    assert not (outputs / "tiny" / "checkpoints").exists()  # nothing was pretrained

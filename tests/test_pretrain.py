@@ -52,7 +52,8 @@ def test_baseline_overrides_reach_the_transformers_config_and_the_width_search()
     ({"atention": "mla"}, r"techniques\['bad'\]: unknown config key 'atention' \(did you mean 'attention'\?\)"),
     ({"attention": "flash"}, r"techniques\['bad'\] at scale 'micro': unknown attention 'flash'"),
     ({"baseline": "pythia", "use_paralel_residual": False},
-     r"techniques\['bad'\]: GPTNeoXConfig has no 'use_paralel_residual' \(did you mean 'use_parallel_residual'\?\)"),
+     r"techniques\['bad'\]: unknown GPTNeoXConfig field 'use_paralel_residual' \(did you mean "
+     r"'use_parallel_residual'\?\)"),
     ({"baseline": "mamba", "hidden_size": 64}, r"hidden_size of the mamba baseline is set by matching"),
     ({"baseline": "lstm"}, r"unknown baseline family 'lstm'"),
 ])

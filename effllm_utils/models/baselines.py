@@ -6,12 +6,13 @@ the total parameter count closest to the target. `build_baseline` checks the mat
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 
 import torch
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,
                           RwkvForCausalLM)
+
+from .. import check_keys
 
 FAMILIES = ("mamba", "rwkv", "pythia")
 
@@ -48,10 +49,7 @@ def check_overrides(family: str, overrides: dict, where: str = "baseline") -> No
     if fixed := [k for k in overrides if k in SEARCHED]:
         raise ValueError(f"{where}: {', '.join(fixed)} of the {family} baseline is set by matching the backbone's "
                          f"vocabulary, depth and parameter count; change the scale instead")
-    if unknown := [k for k in overrides if k not in valid]:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else "")
-                 for k in unknown]
-        raise ValueError(f"{where}: {_CONFIGS[family].__name__} has no {', '.join(hints)}")
+    check_keys(overrides, valid, where, f"{_CONFIGS[family].__name__} field")
 
 
 _CLASSES = {"mamba": MambaForCausalLM, "rwkv": RwkvForCausalLM, "pythia": GPTNeoXForCausalLM}

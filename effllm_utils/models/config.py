@@ -6,7 +6,6 @@ their weights load into this model unchanged (the parity tests do exactly that).
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 
 from transformers import PretrainedConfig
@@ -103,15 +102,12 @@ class EffLLMConfig(PretrainedConfig):
             nsa_window=self.nsa_window)
 
 
+
 def config_fields_check(fields, where: str = "EffLLMConfig") -> None:
     """Raise ValueError naming any key of `fields` that is not an EffLLMConfig argument (with the closest valid
     name). EffLLMConfig itself takes unknown keys (`transformers` passes its own when loading a checkpoint), so a
     typo in a study's params (`atention: mla`) would otherwise train the default model under the wrong name."""
-    valid = [n for n, p in inspect.signature(EffLLMConfig.__init__).parameters.items()
-             if n != "self" and p.kind is not p.VAR_KEYWORD]
-    unknown = [k for k in fields if k not in valid]
-    if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, valid, 1)) else "")
-                 for k in unknown]
-        raise ValueError(f"{where}: unknown config key{'s' * (len(unknown) > 1)} {', '.join(hints)}; valid keys are "
-                         f"the EffLLMConfig arguments: {', '.join(valid)}")
+    from .. import check_keys
+
+    check_keys(fields, [n for n, p in inspect.signature(EffLLMConfig.__init__).parameters.items()
+                        if n != "self" and p.kind is not p.VAR_KEYWORD], where, "config key")
