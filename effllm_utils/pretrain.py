@@ -79,6 +79,9 @@ def check_specs(P: dict[str, Any]) -> None:
             spec = dict(spec)
             where, matched = f"techniques[{technique!r}]", spec.pop("match_params", False)
             if "baseline" in spec:
+                if matched:
+                    raise ValueError(f"{where}: match_params does not apply to a baseline (its width is always "
+                                     f"matched to the backbone's parameter count); remove it")
                 check_overrides(spec.pop("baseline"), spec, where)
                 continue
             models.config_fields_check(spec, where)

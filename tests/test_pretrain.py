@@ -56,6 +56,7 @@ def test_baseline_overrides_reach_the_transformers_config_and_the_width_search()
      r"'use_parallel_residual'\?\)"),
     ({"baseline": "mamba", "hidden_size": 64}, r"hidden_size of the mamba baseline is set by matching"),
     ({"baseline": "lstm"}, r"unknown baseline family 'lstm'"),
+    ({"baseline": "rwkv", "match_params": True}, r"match_params does not apply to a baseline"),
 ])
 def test_a_bad_technique_stops_the_study_before_any_run_trains(outputs, spec, message):
     params = P | {"techniques": {"gqa": {}, "bad": spec}}
