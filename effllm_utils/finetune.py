@@ -117,7 +117,8 @@ def apply_method(model, method: str, P: dict[str, Any], task_type: str | None = 
     return model, optimizer, info
 
 
-def frozen_head_floor(model, labels: torch.Tensor, steps: int = 400, restarts: int = 3, seed: int = 0):
+def frozen_head_floor(model, labels: torch.Tensor, steps: int = 400, restarts: int = 3, seed: int = 0,
+                      device: str | None = None):
     """(floor, reason): the lowest mean NLL of the target tokens in `labels` (-100 = no loss) that any method which
     keeps the final RMSNorm and the output head frozen (LoRA and its variants) can reach, whatever the layers below
     compute; None with the reason where the model's final norm is not an RMSNorm.
@@ -131,7 +132,8 @@ def frozen_head_floor(model, labels: torch.Tensor, steps: int = 400, restarts: i
     norm = getattr(model.get_decoder(), "norm", None)
     if head is None or norm is None or getattr(norm, "bias", None) is not None or norm.weight.ndim != 1:
         return None, "the final norm is not an RMSNorm (weight only) followed by the output head"
-    W, g = head.weight.detach().float(), norm.weight.detach().float().to(head.weight.device)
+    dev = device or head.weight.device  # the search runs there (a 7B head on a GPU: seconds)
+    W, g = head.weight.detach().to(dev, torch.float32), norm.weight.detach().to(dev, torch.float32)
     target = labels[..., 1:][labels[..., 1:] != -100].to(W.device)
     ids, counts = torch.unique(target, return_counts=True)
     if not len(ids):

@@ -259,7 +259,7 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
     finetune.check_model_specs(P["models"], vlm=True)
     device = resolve_device(profile, P["device"])
-    records = []
+    records, floors = [], {}
     for name, spec in P["models"].items():
         run_params = {k: P[k] for k in P if k not in ("methods", "models")} | {"model": spec, "device": device}
         for method in P["methods"]:
@@ -276,8 +276,9 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
                     (tr, _), (va, va_info) = (hub_examples(s, proc, P["seq_len"], P["seed"])
                                               for s in ("train", "validation"))
                 n_params = sum(p.numel() for p in base.parameters())
-                floor, why = finetune.frozen_head_floor(base, va["labels"]) if method in LORA_METHODS \
-                    else (None, f"{method} trains the head")
+                if method in LORA_METHODS and name not in floors:  # once per model: the head is the base's
+                    floors[name] = finetune.frozen_head_floor(base, va["labels"], device=device)
+                floor, why = floors[name] if method in LORA_METHODS else (None, f"{method} trains the head")
                 adapter_p = P | {"target_modules": _language_targets(P["target_modules"])}
                 model, optimizer, info = apply_method(base, method, adapter_p, task_type=None,
                                                       modules_to_save=["multi_modal_projector"])
