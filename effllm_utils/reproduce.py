@@ -10,6 +10,10 @@ the summary table ends the run, and the exit status is 1 if any study failed. Re
 notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) resumes where it stopped.
 `--set KEY=VALUE` overrides one parameter of every selected study for this run (checked against each notebook's
 declaration); the records keep the params they ran with, so an override is never mistaken for the file's run.
+`--submit slurm` runs each study as a Slurm job through submitit (`--slurm-partition`, `--slurm-gpus`, ...; job logs
+under outputs/<profile>/jobs/), `--submit local` the same as local processes; paper_figures starts after the others.
+
+    python -m effllm_utils.reproduce --profile paper --submit slurm --slurm-partition gpu --slurm-gpus 8
 """
 from __future__ import annotations
 
@@ -96,6 +100,55 @@ def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int,
     return outcome
 
 
+def job_parameters(args) -> dict:
+    """submitit parameters for one study's job: Slurm resources from the --slurm-* options (a GPU per job on the
+    gpu/paper profiles unless --slurm-gpus says otherwise); the local executor takes the same timeout and GPUs."""
+    gpus = args.slurm_gpus if args.slurm_gpus is not None else (0 if args.profile == "tiny" else 1)
+    params = {"timeout_min": args.slurm_time, "cpus_per_task": args.slurm_cpus, "name": f"effllm-{args.profile}"}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.slurm_mem_gb:
+        params["mem_gb"] = args.slurm_mem_gb
+    if args.slurm_partition:
+        params["slurm_partition"] = args.slurm_partition
+    return params
+
+
+def submit(studies: list[str], args, root: Path, overrides: dict) -> list[Outcome]:
+    """Each study as one job through submitit (`--submit slurm`: sbatch on a Slurm cluster; `local`: a process
+    here), all at once except paper_figures, which draws from every record and so starts when the others ended.
+    Returns their outcomes in study order, as the sequential runner does; job logs under outputs/<profile>/jobs/."""
+    try:
+        import submitit
+    except ImportError:
+        raise ValueError("--submit needs submitit (pip install submitit); or run without --submit") from None
+    folder = outputs_dir(args.profile) / "jobs"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
+    executor.update_parameters(**job_parameters(args))
+
+    def launch(group: list[str]) -> dict:
+        jobs = {s: executor.submit(run_study, s, args.profile, root, args.force, args.timeout, args.kernel,
+                                   overrides) for s in group}
+        for s, job in jobs.items():
+            print(f"submitted {s}: job {job.job_id} ({args.submit}; log {folder})", file=sys.stderr, flush=True)
+        return jobs
+
+    def wait(jobs: dict) -> dict[str, Outcome]:
+        done = {}
+        for s, job in jobs.items():
+            try:
+                done[s] = job.result()
+            except Exception as e:  # noqa: BLE001 - the job itself died (Slurm timeout, node failure, ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                done[s] = Outcome(s, "failed", 0.0, f"job {job.job_id}: {first}"[:500])
+        return done
+
+    last = [s for s in studies if s == "paper_figures"]
+    outcomes = wait(launch([s for s in studies if s not in last]))
+    outcomes |= wait(launch(last)) if last else {}
+    return [outcomes[s] for s in studies]
+
+
 def _table(outcomes: list[Outcome]) -> str:
     rows = [("study", "status", "time", "detail")] + [(o.study, o.status, f"{o.seconds:.1f}s", o.detail)
                                                       for o in outcomes]
@@ -118,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=None, help="effllm checkout holding notebooks/ and params/")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a parameter of the selected studies for this run (VALUE as YAML); repeatable")
+    ap.add_argument("--submit", choices=("slurm", "local"), default=None,
+                    help="run each study as a job through submitit, on a Slurm cluster or as local processes "
+                         "(paper_figures after the others); waits and prints the same table")
+    ap.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs")
+    ap.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job (default: 1, or 0 on tiny)")
+    ap.add_argument("--slurm-cpus", type=int, default=16, help="CPUs per job")
+    ap.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per job in GB (default: Slurm's)")
+    ap.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per job in minutes")
     args = ap.parse_args(argv)
     if args.root:
         os.environ["EFFLLM_ROOT"] = str(args.root.resolve())  # kernels inherit it
@@ -160,16 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     outcomes: list[Outcome] = []
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    where = "while waiting for the jobs (submitted jobs go on)"
     try:
-        bar = tqdm(studies, desc=f"reproduce[{args.profile}]", unit="study", file=sys.stderr)
-        for s in bar:
-            bar.set_postfix_str(s)
-            o = run_study(s, args.profile, root, args.force, args.timeout, args.kernel, overrides)
-            outcomes.append(o)
-            if o.status != "ok":
-                tqdm.write(f"FAILED {s}: {o.detail}", file=sys.stderr)
+        if args.submit:
+            outcomes = submit(studies, args, root, overrides)
+        else:
+            bar = tqdm(studies, desc=f"reproduce[{args.profile}]", unit="study", file=sys.stderr)
+            for s in bar:
+                where = f"during {s!r}"
+                bar.set_postfix_str(s)
+                o = run_study(s, args.profile, root, args.force, args.timeout, args.kernel, overrides)
+                outcomes.append(o)
+                if o.status != "ok":
+                    tqdm.write(f"FAILED {s}: {o.detail}", file=sys.stderr)
+    except ValueError as e:  # --submit without submitit
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted during {s!r}: finished records are kept and nothing half-written remains; "
+        print(f"\ninterrupted {where}: finished records are kept and nothing half-written remains; "
               f"run the same command again to resume", file=sys.stderr)
         return 130
     summary = {"profile": args.profile, "started_at": started, "force": args.force,

@@ -171,3 +171,33 @@ def test_dry_run_checks_technique_keys_against_the_model_config(capsys, monkeypa
     out = capsys.readouterr().out
     assert "attention: error: techniques['mla']: unknown config key 'atention' (did you mean 'attention'?)" in out
     assert "attention_free: error: techniques['mla']: unknown config key 'atention'" in out
+
+
+def test_submit_local_runs_each_study_as_a_job_and_prints_the_table(root, outputs, capsys):
+    """--submit local: submitit's local executor, the same path as --submit slurm without a cluster; paper_figures
+    (here a fixture study of that name) starts after the others."""
+    make_study(root, "hardware")
+    make_study(root, "attention", "fail: true\n")
+    make_study(root, "paper_figures")
+    assert reproduce.main(["--root", str(root), "--submit", "local", "--slurm-time", "10"]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split()[:2] for line in out.splitlines() if line.split()[:1] in (["hardware"], ["attention"],
+                                                                                   ["paper_figures"])] == \
+        [["hardware", "ok"], ["attention", "failed"], ["paper_figures", "ok"]]
+    assert "cell [" in out and "ValueError: boom in the study" in out
+    assert err.count("submitted ") == 3 and (outputs / "tiny" / "jobs").is_dir()
+    assert sorted(counter(root)) == ["first", "first", "first", "second", "second"]
+    summary = json.loads((outputs / "tiny" / "reproduce_summary.json").read_text())
+    assert [s["status"] for s in summary["studies"]] == ["ok", "failed", "ok"]
+
+
+def test_job_parameters_follow_the_profile_and_options():
+    import argparse
+
+    args = argparse.Namespace(profile="paper", slurm_gpus=None, slurm_time=600, slurm_cpus=32, slurm_mem_gb=256,
+                              slurm_partition="h100")
+    assert reproduce.job_parameters(args) == {"timeout_min": 600, "cpus_per_task": 32, "name": "effllm-paper",
+                                              "gpus_per_node": 1, "mem_gb": 256, "slurm_partition": "h100"}
+    tiny = reproduce.job_parameters(argparse.Namespace(**{**vars(args), "profile": "tiny", "slurm_mem_gb": None,
+                                                          "slurm_partition": None}))
+    assert "gpus_per_node" not in tiny and "mem_gb" not in tiny and "slurm_partition" not in tiny
