@@ -166,11 +166,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def atomic_dir(path: Path):
     """Build a folder (a checkpoint) under a temporary name and rename it into place only when complete:
-    `with atomic_dir(ckpt) as tmp: model.save_pretrained(tmp)`. A crash leaves no half-written `path`."""
+    `with atomic_dir(ckpt) as tmp: model.save_pretrained(tmp)`. A crash leaves no half-written `path`. The
+    temporary name is unique (mkdtemp), so jobs on several hosts sharing the outputs folder (reproduce --submit)
+    cannot write into each other's; the first to finish is kept."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
     try:
         yield tmp
         if path.exists():  # another process finished first: keep theirs

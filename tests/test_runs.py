@@ -139,6 +139,9 @@ def test_atomic_dir_publishes_only_complete_folders(tmp_path):
     with runs.atomic_dir(target) as tmp:
         (tmp / "model.safetensors").write_text("whole")
     assert (target / "model.safetensors").read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with runs.atomic_dir(target) as tmp:  # a second writer of the same checkpoint (another job): the first is kept
+        (tmp / "model.safetensors").write_text("second")
+    assert (target / "model.safetensors").read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def _record(study, technique, started, seed=0, scale="s", **params):
