@@ -47,6 +47,15 @@ def check_choices(values, allowed, what: str) -> list:
     return list(values)
 
 
+def config_args(cls, exclude=()) -> list[str]:
+    """The named arguments of a config class's constructor (`**kwargs` and `exclude` left out): what a params dict
+    may set on it."""
+    import inspect
+
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != "self" and p.kind is not p.VAR_KEYWORD and n not in exclude]
+
+
 def check_keys(keys, valid, where: str, what: str = "key") -> None:
     """Every key must be in `valid`; otherwise one ValueError naming the unknown ones, each with its closest valid
     name. For dicts that configs would take silently (a misspelt key trains the default under the wrong name)."""

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import check_choices, check_keys, data, metrics, outputs_dir, runs
+from . import check_choices, check_keys, config_args, data, metrics, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 
 METHODS = ("full", "freeze", "lora", "lora_plus", "rslora", "dora", "pissa")
@@ -171,8 +171,10 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
 
 
-SUITE_KEYS = ("source", "dims", "pretrain_steps", "pretrain_lr", "pretrain_seq_len", "pretrain_batch_size")
-VLM_SUITE_KEYS = ("encoder", "encoder_steps", "encoder_lr", "align_steps", "align_lr")
+SUITE_REQUIRED = ("source", "dims", "pretrain_steps", "pretrain_lr")
+SUITE_OPTIONAL = ("pretrain_seq_len", "pretrain_batch_size")  # the study's seq_len and batch_size by default
+VLM_SUITE_KEYS = ("pretrain_seq_len", "pretrain_batch_size", "encoder", "encoder_steps", "encoder_lr",
+                  "align_steps", "align_lr")  # all required for the vlm study's suite model
 
 
 def check_model_specs(models: dict[str, Any], vlm: bool = False) -> None:
@@ -188,19 +190,16 @@ def check_model_specs(models: dict[str, Any], vlm: bool = False) -> None:
         if spec["source"] != "suite":
             check_keys(spec, ("source",), where, "Hub-model key")
             continue
-        required = SUITE_KEYS[:4] + (SUITE_KEYS[4:] + VLM_SUITE_KEYS if vlm else ())
-        check_keys(spec, SUITE_KEYS + (VLM_SUITE_KEYS if vlm else ()), where, "suite-model key")
+        required = SUITE_REQUIRED + (VLM_SUITE_KEYS if vlm else ())
+        check_keys(spec, required if vlm else SUITE_REQUIRED + SUITE_OPTIONAL, where, "suite-model key")
         if missing := [k for k in required if k not in spec]:
             raise ValueError(f"{where}: a suite model needs {', '.join(missing)}")
         config_fields_check(spec["dims"], f"{where}['dims']")
         if vlm:
-            import inspect
-
             from transformers import CLIPVisionConfig
 
-            check_keys(spec["encoder"], [n for n in inspect.signature(CLIPVisionConfig.__init__).parameters
-                                         if n not in ("self", "kwargs", "image_size", "num_channels")],
-                       f"{where}['encoder']", "CLIPVisionConfig field")
+            check_keys(spec["encoder"], config_args(CLIPVisionConfig, ("image_size", "num_channels")),
+                       f"{where}['encoder']", "CLIPVisionConfig field")  # the digits fix those two
 
 
 def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):

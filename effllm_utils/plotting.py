@@ -41,10 +41,10 @@ def technique_color(technique: str) -> str:
     return PALETTE[int(hashlib.sha256(technique.encode()).hexdigest(), 16) % len(PALETTE)]
 
 
-# Output settings that make files reproducible and fonts editable, applied at save time whatever the style.
 # the paper's names for the radar axes (record keys -> labels)
 METRIC_LABELS = {"ppl": "PPL", "loss": "loss", "fid": "FID", "amu_gb": "AMU", "al_s": "AL", "tt": "TT", "st": "ST",
                  "aec_w": "AEC", "pcu": "PCU", "it": "IT", "mcr": "MCR"}
+# Output settings that make files reproducible and fonts editable, applied at save time whatever the style.
 _SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path", "svg.hashsalt": "effllm"}
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import signal
@@ -118,10 +119,8 @@ def submit(studies: list[str], args, root: Path, overrides: dict) -> list[Outcom
     """Each study as one job through submitit (`--submit slurm`: sbatch on a Slurm cluster; `local`: a process
     here), all at once except paper_figures, which draws from every record and so starts when the others ended.
     Returns their outcomes in study order, as the sequential runner does; job logs under outputs/<profile>/jobs/."""
-    try:
-        import submitit
-    except ImportError:
-        raise ValueError("--submit needs submitit (pip install submitit); or run without --submit") from None
+    import submitit  # main() checked it imports before anything ran
+
     folder = outputs_dir(args.profile) / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
     executor.update_parameters(**job_parameters(args))
@@ -190,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         for st in studies:  # every override must be a parameter of every selected study, before anything runs
             with_overrides(st, {}, overrides, root)
+        if args.submit and importlib.util.find_spec("submitit") is None:
+            raise ValueError("--submit needs submitit (pip install submitit); or run without --submit")
     except (ValueError, ParamsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -234,9 +235,6 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes.append(o)
                 if o.status != "ok":
                     tqdm.write(f"FAILED {s}: {o.detail}", file=sys.stderr)
-    except ValueError as e:  # --submit without submitit
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted {where}: finished records are kept and nothing half-written remains; "
               f"run the same command again to resume", file=sys.stderr)

@@ -6,13 +6,11 @@ the total parameter count closest to the target. `build_baseline` checks the mat
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,
                           RwkvForCausalLM)
 
-from .. import check_keys
+from .. import check_keys, config_args
 
 FAMILIES = ("mamba", "rwkv", "pythia")
 
@@ -44,8 +42,7 @@ SEARCHED = ("vocab_size", "hidden_size", "num_hidden_layers")  # set by the matc
 def check_overrides(family: str, overrides: dict, where: str = "baseline") -> None:
     """Raise ValueError for an override a `family` config does not have (with the closest name), or one the
     parameter match sets. `transformers` configs take unknown keys silently, so a typo would train the default."""
-    valid = sorted(set(_config(family, 64, 1, 64, 32).to_dict())
-                   | set(inspect.signature(_CONFIGS[family].__init__).parameters) - {"self", "kwargs"})
+    valid = sorted(set(_config(family, 64, 1, 64, 32).to_dict()) | set(config_args(_CONFIGS[family])))
     if fixed := [k for k in overrides if k in SEARCHED]:
         raise ValueError(f"{where}: {', '.join(fixed)} of the {family} baseline is set by matching the backbone's "
                          f"vocabulary, depth and parameter count; change the scale instead")

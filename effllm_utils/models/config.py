@@ -6,8 +6,6 @@ their weights load into this model unchanged (the parity tests do exactly that).
 """
 from __future__ import annotations
 
-import inspect
-
 from transformers import PretrainedConfig
 
 ATTENTIONS = ("mha", "gqa", "mqa", "mla", "nsa")
@@ -102,12 +100,10 @@ class EffLLMConfig(PretrainedConfig):
             nsa_window=self.nsa_window)
 
 
-
 def config_fields_check(fields, where: str = "EffLLMConfig") -> None:
     """Raise ValueError naming any key of `fields` that is not an EffLLMConfig argument (with the closest valid
     name). EffLLMConfig itself takes unknown keys (`transformers` passes its own when loading a checkpoint), so a
     typo in a study's params (`atention: mla`) would otherwise train the default model under the wrong name."""
-    from .. import check_keys
+    from .. import check_keys, config_args
 
-    check_keys(fields, [n for n, p in inspect.signature(EffLLMConfig.__init__).parameters.items()
-                        if n != "self" and p.kind is not p.VAR_KEYWORD], where, "config key")
+    check_keys(fields, config_args(EffLLMConfig), where, "config key")
