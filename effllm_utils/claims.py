@@ -185,16 +185,11 @@ def _groups(recs: list[runs.RunRecord]) -> dict[str, list[runs.RunRecord]]:
 
 
 def repeats(recs: list[runs.RunRecord]) -> dict[str, list[runs.RunRecord]]:
-    """{technique: its repeated runs}: the records whose params equal (seed aside) those of the technique's newest
-    record — older records of other settings are not repeats."""
-    def key(r):
-        return runs.params_hash({k: v for k, v in r.params.items() if k != "seed"})
-
+    """{technique: its repeated runs} within one group: the records `runs.current` keeps (those whose params equal,
+    seed aside, the technique's newest record's) — older records of other settings are not repeats."""
     out: dict[str, list] = {}
-    for r in sorted(recs, key=lambda r: r.started_at or "", reverse=True):
-        group = out.setdefault(r.technique, [])
-        if not group or key(r) == key(group[0]):
-            group.append(r)
+    for r in runs.current(recs):
+        out.setdefault(r.technique, []).append(r)
     return out
 
 

@@ -324,14 +324,27 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
 
 # -- tables and figures (records only) ---------------------------------------------------------------------------
 
-COLUMNS = {"scale": "model", "param.dataset": "dataset", "technique": "method", "train_loss": "train loss",
-           "loss": "eval loss", "trainable_params": "trainable params", "amu_gb": "AMU (GB)",
-           "peak_mem_gb": "peak mem (GB)", "pcu": "PCU", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)",
-           "aec_w": "AEC (W)", "energy_j": "energy (J)", "efficiency_score": "efficiency score"}
+COLUMNS = {"scale": "model", "param.dataset": "dataset", "technique": "method", "runs": "runs",
+           "train_loss": "train loss", "loss": "eval loss", "loss_se": "eval loss s.e.",
+           "trainable_params": "trainable params", "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)", "pcu": "PCU",
+           "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)", "energy_j": "energy (J)",
+           "efficiency_score": "efficiency score"}
 # table column -> record key for the fine-tuning radar charts (peft and vlm)
 RADAR_COLUMNS = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
                  "AEC (W)": "aec_w", "PCU": "pcu"}
 SCORE_KEYS = ("amu_gb", "pcu", "al_s", "st", "aec_w")
+
+
+def with_efficiency_score(df, by: list[str] | str):
+    """`df` (one row per record, record keys as columns) with `efficiency_score` computed within each group of `by`
+    over SCORE_KEYS (`metrics.efficiency_score`; a key no record holds counts as not measured). The peft, vlm and
+    lvm fine-tuning tables."""
+    df = df.reindex(columns=list(dict.fromkeys([*df.columns, *SCORE_KEYS])))
+    df["efficiency_score"] = float("nan")
+    for _, idx in df.groupby(by).groups.items():
+        sub = df.loc[idx]
+        df.loc[idx, "efficiency_score"] = metrics.efficiency_score({k: sub[k].astype(float) for k in SCORE_KEYS})
+    return df
 
 
 def table(profile: str):
@@ -339,18 +352,12 @@ def table(profile: str):
     (model, dataset) group over the metrics measured there (metrics.efficiency_score)."""
     import pandas as pd
 
-    df = runs.load_runs(profile, "peft", status="ok", current_only=True)
-    if df.empty:
+    recs = runs.load_summary(profile, "peft")  # repeats (other seeds) averaged
+    if not recs:
         return pd.DataFrame(columns=list(COLUMNS.values()))
-    df = df.copy()
+    df = pd.DataFrame(runs.table_rows(recs, ("loss",)))
     df["param.dataset"] = df["param.dataset"].astype(str)
-    for key in SCORE_KEYS:
-        if key not in df:
-            df[key] = float("nan")
-    df["efficiency_score"] = float("nan")
-    for _, idx in df.groupby(["scale", "param.dataset"]).groups.items():
-        sub = df.loc[idx]
-        df.loc[idx, "efficiency_score"] = metrics.efficiency_score({k: sub[k].astype(float) for k in SCORE_KEYS})
+    df = with_efficiency_score(df, ["scale", "param.dataset"])
     order = {m: i for i, m in enumerate(METHODS)}
     df = df.sort_values(["scale", "param.dataset", "technique"], key=lambda s: s.map(order) if s.name == "technique"
                         else s)

@@ -25,7 +25,8 @@ TRAIN_KEYS = ("steps", "batch_size", "grad_accum", "seq_len", "lr", "warmup_step
 SPECIAL_KEYS = ("baseline", "match_params")
 RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
 TABLE_COLUMNS = {  # record column -> table header (units in the header, as in the paper's tables)
-    "technique": "technique", "scale": "scale", "params": "params", "ppl": "PPL", "amu_gb": "AMU (GB)",
+    "technique": "technique", "scale": "scale", "runs": "runs", "params": "params", "ppl": "PPL", "ppl_se": "PPL s.e.",
+    "amu_gb": "AMU (GB)",
     "al_s": "AL (s/iter)", "tt": "TT (tokens/param/s)", "tokens_per_s": "tokens/s", "aec_w": "AEC (W)",
     "pcu": "PCU", "mfu_pct": "MFU (%)", "flops_per_token": "FLOPs/token", "kv_bytes_per_token": "KV bytes/token",
 }
@@ -193,14 +194,15 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 # -- tables and figures (from records only) -----------------------------------------------------------------------
 
 def table(profile: str, study: str, records: list | None = None):
-    """The study's table as a DataFrame, one row per current ok record (`runs.load_current`, or `records` already
-    loaded), paper-style headers."""
+    """The study's table as a DataFrame, one row per experiment (`runs.load_summary`, or `records` already
+    summarised), paper-style headers; with repeats (other seeds) the values are means and `runs` and `PPL s.e.`
+    say over how many and how far apart."""
     import pandas as pd
 
-    recs = runs.load_current(profile, study) if records is None else records
+    recs = runs.load_summary(profile, study) if records is None else records
     if not recs:
         return pd.DataFrame(columns=list(TABLE_COLUMNS.values()))
-    df = pd.DataFrame([r.flat() for r in recs])
+    df = pd.DataFrame(runs.table_rows(recs, ("ppl",)))
     cols = [c for c in TABLE_COLUMNS if c in df]
     return df[cols].rename(columns=TABLE_COLUMNS).sort_values(["scale", "technique"]).reset_index(drop=True)
 
@@ -232,7 +234,7 @@ def figures(profile: str, study: str) -> list[Path]:
 
     from . import plotting
 
-    recs = runs.load_current(profile, study)
+    recs = runs.load_summary(profile, study)
     if not recs:
         return []
     paths = write_table(table(profile, study, recs), profile, study)
@@ -249,9 +251,9 @@ def figures(profile: str, study: str) -> list[Path]:
                                                        if left_out else ""), fontsize=9)
         ax2 = fig.add_subplot(1, 2, 2)
         for r in rs:
-            curve = r.artifacts["loss_curve"]
-            ax2.plot(np.arange(1, len(curve) + 1), curve, color=plotting.technique_color(r.technique),
-                     label=f"{r.technique} (val ppl {r.quality['ppl']:.1f})")
+            curve, n = r.artifacts["loss_curve"], r.artifacts.get("repeats", {}).get("n", 1)
+            label = f"{r.technique} (val ppl {r.quality['ppl']:.1f}" + (f", mean of {n} runs)" if n > 1 else ")")
+            ax2.plot(np.arange(1, len(curve) + 1), curve, color=plotting.technique_color(r.technique), label=label)
         ax2.set(xlabel="step", ylabel="train loss (nats/token)", title="loss curves")
         ax2.legend(fontsize=7)
         paths += plotting.savefig(fig, f"{study}_{scale}", profile)

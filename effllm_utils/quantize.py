@@ -306,22 +306,23 @@ def _add_mcr(results: dict[str, dict]) -> None:
 
 # -- tables and figures (records only) ---------------------------------------------------------------------------
 
-COLUMNS = {"scale": "model", "technique": "precision", "ppl": "PPL", "amu_gb": "AMU (GB)",
-           "peak_mem_gb": "peak mem (GB)", "it": "IT (tokens/s)", "al_s": "AL (s/request)", "prefill_s": "prefill (s)",
-           "decode_token_p50_s": "decode p50 (s/token)", "decode_token_p90_s": "decode p90 (s/token)",
-           "latency_batch": "latency at batch", "aec_w": "AEC (W)", "j_per_token": "J/token",
-           "disk_bytes": "bytes on disk", "memory_bytes": "bytes in memory", "mcr": "MCR",
+COLUMNS = {"scale": "model", "technique": "precision", "runs": "runs", "ppl": "PPL", "ppl_se": "PPL s.e.",
+           "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)", "it": "IT (tokens/s)", "it_se": "IT s.e.",
+           "al_s": "AL (s/request)", "prefill_s": "prefill (s)", "decode_token_p50_s": "decode p50 (s/token)",
+           "decode_token_p90_s": "decode p90 (s/token)", "latency_batch": "latency at batch", "aec_w": "AEC (W)",
+           "j_per_token": "J/token", "disk_bytes": "bytes on disk", "memory_bytes": "bytes in memory", "mcr": "MCR",
            "mcr_measured": "MCR (measured bytes)", "decode": "decode path"}
 
 
 def table(profile: str):
     import pandas as pd
 
-    recs = runs.load_current(profile, "quantization")  # read once
+    recs = runs.load_summary(profile, "quantization")  # read once; repeats (other seeds) averaged
     if not recs:
         return pd.DataFrame(columns=list(COLUMNS.values()))
     order = {p: i for i, p in enumerate(PRECISIONS)}
-    df = pd.DataFrame([r.flat() | {"decode": r.artifacts.get("decode_path", "eager")} for r in recs])
+    df = pd.DataFrame([row | {"decode": r.artifacts.get("decode_path", "eager")}
+                       for r, row in zip(recs, runs.table_rows(recs, ("ppl", "it")))])
     df = df.sort_values(["scale", "technique"], key=lambda s: s.map(order) if s.name == "technique" else s)
     return df[[c for c in COLUMNS if c in df]].rename(columns=COLUMNS).reset_index(drop=True)
 

@@ -82,7 +82,7 @@ def comparison(profile: str, study: str):
     """Our measurement beside the paper's, one row per technique we ran (first scale / dataset group of each)."""
     import pandas as pd
 
-    recs = [r for r in runs.load_current(profile, study) if not r.scale.endswith("-ft")]
+    recs = [r for r in runs.load_summary(profile, study) if not r.scale.endswith("-ft")]  # repeats averaged
     if not recs or study not in PAPER_ROWS:
         return pd.DataFrame()
     paper, what = paper_values(study)
@@ -127,7 +127,7 @@ def pareto_fronts(profile: str) -> list[Path]:
 
     panels = []
     for study, q in QUALITY.items():
-        recs = [r for r in runs.load_current(profile, study) if r.quality.get(q) is not None
+        recs = [r for r in runs.load_summary(profile, study) if r.quality.get(q) is not None
                 and not r.scale.endswith("-ft")]
         if len({r.scale for r in recs}) > 1 or study == "peft":  # one group per panel: the first
             first = (recs[0].scale, recs[0].params.get("dataset")) if recs else None

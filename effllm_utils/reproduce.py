@@ -10,6 +10,9 @@ the summary table ends the run, and the exit status is 1 if any study failed. Re
 notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) resumes where it stopped.
 `--set KEY=VALUE` overrides one parameter of every selected study for this run (checked against each notebook's
 declaration); the records keep the params they ran with, so an override is never mistaken for the file's run.
+`--seeds 0,1,2` runs each study that has a `seed` parameter once per seed (its executed notebooks
+`<study>.seed<S>.ipynb`): the repeats a study's tables average, with their standard error, and the claims check
+weighs; hardware and paper_figures run once, paper_figures last.
 `--submit slurm` runs each study as a Slurm job through submitit (`--slurm-partition`, `--slurm-gpus`, ...; job logs
 under outputs/<profile>/jobs/), `--submit local` the same as local processes; paper_figures starts after the others.
 
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import PROFILES, STUDIES, outputs_dir, repo_root
-from .params import ParamsError, notebook_path, parse_overrides, study_params, with_overrides
+from .params import ParamsError, notebook_parameters, notebook_path, parse_overrides, study_params, with_overrides
 from .runs import atomic_write_text
 
 # studies whose `techniques`/`scales` are model configs (pretrain.check_specs), checked by --dry-run
@@ -65,29 +68,32 @@ def select(only: str | None, root: Path) -> list[str]:
 
 
 def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None,
-              overrides: dict | None = None) -> Outcome:
+              overrides: dict | None = None, name: str | None = None) -> Outcome:
+    """Execute one study's notebook with its params (and `overrides`) into outputs/<profile>/notebooks/<name>.ipynb
+    (`name`: the study by default; a row of the summary table)."""
     import papermill
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
     t0 = time.perf_counter()
+    name = name or study
     try:
         values = with_overrides(study, study_params(study, profile, root), overrides or {}, root)
     except ParamsError as e:
-        return Outcome(study, "failed", 0.0, f"params: {e}")
+        return Outcome(name, "failed", 0.0, f"params: {e}")
     out_dir = outputs_dir(profile) / "notebooks"
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{study}.ipynb"
-    partial = out_dir / f".{study}.partial.ipynb"
+    final = out_dir / f"{name}.ipynb"
+    partial = out_dir / f".{name}.partial.ipynb"
     try:
         papermill.execute_notebook(
             str(notebook_path(study, root)), str(partial), parameters={**values, "profile": profile, "force": force},
             kernel_name=kernel, execution_timeout=timeout_s, progress_bar=False, log_output=False, cwd=str(root))
-        outcome = Outcome(study, "ok", time.perf_counter() - t0, "", str(final))
+        outcome = Outcome(name, "ok", time.perf_counter() - t0, "", str(final))
     except PapermillExecutionError as e:
         # exec_count is the In [n] label of the executed notebook (which includes papermill's injected cell)
         detail = f"cell [{e.exec_count}]: {e.ename}: {e.evalue}".strip()
-        outcome = Outcome(study, "failed", time.perf_counter() - t0, detail, str(final))
+        outcome = Outcome(name, "failed", time.perf_counter() - t0, detail, str(final))
     except Exception as e:  # noqa: BLE001 - kernel death, timeout, bad notebook: report and go on
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         detail = f"{type(e).__name__}: {first}"[:500]
@@ -95,10 +101,45 @@ def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int,
             detail = (f"the notebook's kernel died ({detail}), most often the out-of-memory killer (see `dmesg | "
                       f"grep -i oom`): lower batch_size or seq_len in params/{profile}/{study}.yaml (or --set); "
                       f"the records written before it are kept and the same command resumes")
-        outcome = Outcome(study, "failed", time.perf_counter() - t0, detail, str(final))
+        outcome = Outcome(name, "failed", time.perf_counter() - t0, detail, str(final))
     if partial.exists():
         partial.replace(final)  # the executed notebook, failed cells included, for inspection
     return outcome
+
+
+@dataclass
+class Task:
+    """One notebook execution of a batch: a study, its overrides (--set, and the seed under --seeds) and its name."""
+    study: str
+    overrides: dict
+    name: str
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    """--seeds "0,1,2" -> [0, 1, 2]; integers, no repeats."""
+    if not text:
+        return []
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2, not {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct integers, e.g. 0,1,2, not {text!r}")
+    return seeds
+
+
+def plan(studies: list[str], overrides: dict, seeds: list[int], root: Path) -> list[Task]:
+    """The notebook executions in order: each study once, or once per seed where `seeds` are given and the study has
+    a `seed` parameter (hardware and paper_figures have none)."""
+    if seeds and "seed" in overrides:
+        raise ValueError("give the seed either with --seeds or with --set seed=..., not both")
+    tasks = []
+    for s in studies:
+        if seeds and "seed" in notebook_parameters(notebook_path(s, root)):
+            tasks += [Task(s, overrides | {"seed": seed}, f"{s}.seed{seed}") for seed in seeds]
+        else:
+            tasks.append(Task(s, overrides, s))
+    return tasks
 
 
 def job_parameters(args) -> dict:
@@ -115,21 +156,22 @@ def job_parameters(args) -> dict:
     return params
 
 
-def submit(studies: list[str], args, root: Path, overrides: dict) -> list[Outcome]:
-    """Each study as one job through submitit (`--submit slurm`: sbatch on a Slurm cluster; `local`: a process
-    here), all at once except paper_figures, which draws from every record and so starts when the others ended.
-    Returns their outcomes in study order, as the sequential runner does; job logs under outputs/<profile>/jobs/."""
+def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
+    """Each task (a study, or a study and seed) as one job through submitit (`--submit slurm`: sbatch on a Slurm
+    cluster; `local`: a process here), all at once except paper_figures, which draws from every record and so starts
+    when the others ended. Returns their outcomes in task order, as the sequential runner does; job logs under
+    outputs/<profile>/jobs/."""
     import submitit  # main() checked it imports before anything ran
 
     folder = outputs_dir(args.profile) / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
     executor.update_parameters(**job_parameters(args))
 
-    def launch(group: list[str]) -> dict:
-        jobs = {s: executor.submit(run_study, s, args.profile, root, args.force, args.timeout, args.kernel,
-                                   overrides) for s in group}
-        for s, job in jobs.items():
-            print(f"submitted {s}: job {job.job_id} ({args.submit}; log {folder})", file=sys.stderr, flush=True)
+    def launch(group: list[Task]) -> dict:
+        jobs = {t.name: executor.submit(run_study, t.study, args.profile, root, args.force, args.timeout, args.kernel,
+                                        t.overrides, t.name) for t in group}
+        for name, job in jobs.items():
+            print(f"submitted {name}: job {job.job_id} ({args.submit}; log {folder})", file=sys.stderr, flush=True)
         return jobs
 
     def wait(jobs: dict) -> dict[str, Outcome]:
@@ -142,10 +184,10 @@ def submit(studies: list[str], args, root: Path, overrides: dict) -> list[Outcom
                 done[s] = Outcome(s, "failed", 0.0, f"job {job.job_id}: {first}"[:500])
         return done
 
-    last = [s for s in studies if s == "paper_figures"]
-    outcomes = wait(launch([s for s in studies if s not in last]))
+    last = [t for t in tasks if t.study == "paper_figures"]
+    outcomes = wait(launch([t for t in tasks if t not in last]))
     outcomes |= wait(launch(last)) if last else {}
-    return [outcomes[s] for s in studies]
+    return [outcomes[t.name] for t in tasks]
 
 
 def _table(outcomes: list[Outcome]) -> str:
@@ -170,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=None, help="effllm checkout holding notebooks/ and params/")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a parameter of the selected studies for this run (VALUE as YAML); repeatable")
+    ap.add_argument("--seeds", default=None, metavar="S,S,...",
+                    help="run each study that has a seed parameter once per seed (repeats: tables show their mean "
+                         "and standard error)")
     ap.add_argument("--submit", choices=("slurm", "local"), default=None,
                     help="run each study as a job through submitit, on a Slurm cluster or as local processes "
                          "(paper_figures after the others); waits and prints the same table")
@@ -189,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         for st in studies:  # every override must be a parameter of every selected study, before anything runs
             with_overrides(st, {}, overrides, root)
+        tasks = plan(studies, overrides, parse_seeds(args.seeds), root)
         if args.submit and importlib.util.find_spec("submitit") is None:
             raise ValueError("--submit needs submitit (pip install submitit); or run without --submit")
     except (ValueError, ParamsError) as e:
@@ -200,9 +246,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         bad = 0
-        for s in studies:
+        for t in tasks:
+            s = t.study
             try:
-                values = with_overrides(s, study_params(s, args.profile, root), overrides, root)
+                values = with_overrides(s, study_params(s, args.profile, root), t.overrides, root)
                 if s in MODEL_SPEC_STUDIES:  # technique and scale keys are config fields: checked, not just typed
                     from .pretrain import check_specs
 
@@ -211,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                     from .finetune import check_model_specs
 
                     check_model_specs(values["models"], vlm=s == "vlm")
-                print(f"{s}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
+                print(f"{t.name}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
             except (ParamsError, ValueError) as e:
                 bad += 1
-                print(f"{s}: error: {e}")
+                print(f"{t.name}: error: {e}")
         return 1 if bad else 0
 
     from tqdm.auto import tqdm
@@ -225,16 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     where = "while waiting for the jobs (submitted jobs go on)"
     try:
         if args.submit:
-            outcomes = submit(studies, args, root, overrides)
+            outcomes = submit(tasks, args, root)
         else:
-            bar = tqdm(studies, desc=f"reproduce[{args.profile}]", unit="study", file=sys.stderr)
-            for s in bar:
-                where = f"during {s!r}"
-                bar.set_postfix_str(s)
-                o = run_study(s, args.profile, root, args.force, args.timeout, args.kernel, overrides)
+            bar = tqdm(tasks, desc=f"reproduce[{args.profile}]", unit="run", file=sys.stderr)
+            for t in bar:
+                where = f"during {t.name!r}"
+                bar.set_postfix_str(t.name)
+                o = run_study(t.study, args.profile, root, args.force, args.timeout, args.kernel, t.overrides, t.name)
                 outcomes.append(o)
                 if o.status != "ok":
-                    tqdm.write(f"FAILED {s}: {o.detail}", file=sys.stderr)
+                    tqdm.write(f"FAILED {t.name}: {o.detail}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"\ninterrupted {where}: finished records are kept and nothing half-written remains; "
               f"run the same command again to resume", file=sys.stderr)

@@ -362,13 +362,6 @@ def _newest(records: list[RunRecord]) -> dict[tuple, RunRecord]:
     return newest
 
 
-def latest(records: list[RunRecord]) -> list[RunRecord]:
-    """The newest record of each `experiment` alone, in the order first seen: one row per technique (the lvm and vlm
-    tables; older records and seed repeats stay on disk). `current` keeps the repeats."""
-    newest = _newest(records)
-    return [r for r in records if newest[experiment(r)] is r]
-
-
 def settings(r: RunRecord) -> str:
     """A hash of a record's params with the seed left out: records with equal settings are repeats of one experiment."""
     return params_hash({k: v for k, v in r.params.items() if k != "seed"})
@@ -390,6 +383,75 @@ def current(records: list[RunRecord]) -> list[RunRecord]:
 def load_current(profile: str, study: str) -> list[RunRecord]:
     """The ok records of a study that `current` keeps."""
     return current([r for r in load_records(profile, study) if r.status == "ok"])
+
+
+def mean_repeats(records: list[RunRecord]) -> list[RunRecord]:
+    """One record per `experiment` of `current(records)`, in the order first seen: a single run as it is; repeats
+    (the same settings, other seeds) as a copy of the newest whose numeric metrics and quality are the means over
+    the runs that measured them, whose loss curve is the mean of equal-length curves, and whose
+    `artifacts["repeats"]` holds {n, seeds, run_ids, se: {key: standard error of the mean}}. Tables and figures
+    draw from these, so a repeated experiment is one row (and one radar trace), not one per seed. The copies are
+    for display: they are never written."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in current(records):
+        groups.setdefault(experiment(r), []).append(r)
+    return [rs[0] if len(rs) == 1 else _mean_record(rs) for rs in groups.values()]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _mean_record(rs: list[RunRecord]) -> RunRecord:
+    import statistics
+
+    newest = max(rs, key=lambda r: r.started_at or "")
+    out = dataclasses.replace(newest, metrics=dict(newest.metrics), quality=dict(newest.quality),
+                              artifacts=dict(newest.artifacts))
+    se: dict[str, float] = {}
+    for section in ("metrics", "quality"):
+        merged = getattr(out, section)
+        for k in dict.fromkeys(k for r in rs for k in getattr(r, section)):
+            given = [getattr(r, section)[k] for r in rs if getattr(r, section).get(k) is not None]
+            if not given or not all(_number(v) for v in given) or len(set(given)) == 1:
+                continue  # text, lists, not measured, or the same in every run (sizes): the newest run's value
+            merged[k] = statistics.fmean(given)
+            if len(given) > 1:
+                se[k] = statistics.stdev(given) / math.sqrt(len(given))
+    curves = [r.artifacts.get("loss_curve") for r in rs]
+    if all(isinstance(c, list) and c and len(c) == len(curves[0]) for c in curves):
+        out.artifacts["loss_curve"] = [statistics.fmean(step) for step in zip(*curves)]
+    out.artifacts["repeats"] = {"n": len(rs), "seeds": [r.params.get("seed") for r in rs],
+                                "run_ids": [r.run_id for r in rs], "se": se}
+    return out
+
+
+def load_summary(profile: str, study: str) -> list[RunRecord]:
+    """What a study's tables and figures show: its current ok records with repeats averaged (`mean_repeats`)."""
+    return mean_repeats(load_current(profile, study))
+
+
+def table_rows(records: list[RunRecord], se_keys: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """`flat()` rows of (`mean_repeats`) records; where any row is a mean over repeats, every row also gets `runs`
+    (1 for a single run) and `<key>_se` for each of `se_keys` (the standard error over the repeats; None for one
+    run). Without repeats the rows are plain `flat()` rows, so a table gains these columns only when it has them."""
+    repeated = any("repeats" in r.artifacts for r in records)
+    rows = []
+    for r in records:
+        row = r.flat()
+        if repeated:
+            rep = r.artifacts.get("repeats", {})
+            row["runs"] = rep.get("n", 1)
+            row.update({f"{k}_se": rep.get("se", {}).get(k) for k in se_keys})
+        rows.append(row)
+    return rows
+
+
+def select_columns(df, columns: dict[str, str]):
+    """`df`'s columns in the order of `columns` ({row key: table header}), renamed: one that no record holds stays,
+    empty (a metric not measured here), except `runs` and `*_se`, which a table without repeats leaves out."""
+    keep = [c for c in columns if c in df or not (c == "runs" or c.endswith("_se"))]
+    return df.reindex(columns=keep).rename(columns=columns).reset_index(drop=True)
 
 
 def load_records(profile: str, study: str) -> list[RunRecord]:

@@ -550,38 +550,31 @@ def lvm_tables(profile: str) -> dict:
     efficiency score over AMU, PCU, AL, ST, AEC within each scale)} as DataFrames, from the records."""
     import pandas as pd
 
-    from . import metrics, runs
-    from .finetune import METHODS, SCORE_KEYS
+    from . import runs
+    from .finetune import METHODS, with_efficiency_score
 
-    recs = runs.latest([r for r in runs.load_records(profile, "lvm") if r.status == "ok"])
+    recs = runs.load_summary(profile, "lvm")  # repeats (other seeds) averaged
     pre = [r for r in recs if not r.scale.endswith("-ft")]
     ft = [r for r in recs if r.scale.endswith("-ft")]
     out = {}
     # the FID's name follows its features: digits-FID on the digits, FID (Inception) otherwise
     fid = "digits-FID" if all(r.artifacts.get("fid_features", "digits").startswith("digits") for r in recs) \
         else "FID (Inception)"
+    columns = {"technique": "technique", "scale": "scale", "runs": "runs", "fid": fid, "fid_se": f"{fid} s.e.",
+               "fid_real_vs_real": f"{fid} real vs real", "loss": "loss", "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)",
+               "tt": "TT (tokens/param/s)", "aec_w": "AEC (W)", "pcu": "PCU"}
     if pre:
-        out["lvm"] = pd.DataFrame([{
-            "technique": r.technique, "scale": r.scale, fid: r.quality["fid"],
-            f"{fid} real vs real": r.quality["fid_real_vs_real"], "loss": r.quality["loss"],
-            "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"], "TT (tokens/param/s)": r.metrics["tt"],
-            "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu")} for r in pre])
+        out["lvm"] = runs.select_columns(pd.DataFrame(runs.table_rows(pre, ("fid",))), columns)
     if ft:
         order = {m: i for i, m in enumerate(METHODS)}
         ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
-        df = pd.DataFrame([{
-            "method": r.technique, "scale": r.scale, "task": r.artifacts.get("task"), "loss": r.quality["loss"],
-            fid: r.quality["fid"], f"{fid} before": r.quality.get("fid_before"),
-            f"{fid} real vs real": r.quality.get("fid_real_vs_real"), "trainable params": r.metrics["trainable_params"],
-            "AMU (GB)": r.metrics["amu_gb"], "AL (s/iter)": r.metrics["al_s"],
-            "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"], "PCU": r.metrics.get("pcu"),
-            **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in ft])
-        df["efficiency score"] = float("nan")
-        for _, idx in df.groupby("scale").groups.items():
-            sub = df.loc[idx]
-            df.loc[idx, "efficiency score"] = metrics.efficiency_score(
-                {k: sub[f"_{k}"].astype(float) for k in SCORE_KEYS})
-        out["lvm_peft"] = df.drop(columns=[f"_{k}" for k in SCORE_KEYS])
+        columns = {"technique": "method", "scale": "scale", "task": "task", "runs": "runs", "loss": "loss",
+                   "fid": fid, "fid_se": f"{fid} s.e.", "fid_before": f"{fid} before",
+                   "fid_real_vs_real": f"{fid} real vs real", "trainable_params": "trainable params",
+                   "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)",
+                   "pcu": "PCU", "efficiency_score": "efficiency score"}
+        rows = [row | {"task": r.artifacts.get("task")} for r, row in zip(ft, runs.table_rows(ft, ("fid",)))]
+        out["lvm_peft"] = runs.select_columns(with_efficiency_score(pd.DataFrame(rows), "scale"), columns)
     return out
 
 
@@ -596,7 +589,7 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
     paths = []
     for name, df in tables.items():
         paths += write_table(df, profile, name)
-    recs = runs.latest([r for r in runs.load_records(profile, "lvm") if r.status == "ok"])
+    recs = runs.load_summary(profile, "lvm")
     plotting.use_style()
     for name, title, keys in (
             ("lvm", "DiT pretraining", ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu")),

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import check_choices, finetune, metrics, outputs_dir, runs
+from . import check_choices, finetune, outputs_dir, runs
 from .runtime import resolve_device, seed_everything
 from .finetune import ModelUnavailable  # one exception for every missing Hub checkpoint (vlm.ModelUnavailable)
 
@@ -302,28 +302,26 @@ def run_study(profile: str, P: dict[str, Any], force: bool = False) -> list[runs
 
 # -- tables and figures (records only) -----------------------------------------------------------------------------
 
+COLUMNS = {"scale": "model", "technique": "method", "runs": "runs", "loss": "eval loss", "loss_se": "eval loss s.e.",
+           "frozen_head_floor": "frozen-head floor", "digit_acc": "digit acc", "trainable_params": "trainable params",
+           "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)",
+           "pcu": "PCU", "efficiency_score": "efficiency score"}
+
+
 def table(profile: str):
-    """Table 12 layout: one row per (model, method), the efficiency score within each model."""
+    """Table 12 layout: one row per (model, method), the efficiency score within each model; repeats (other
+    seeds) averaged, with `runs` and the eval loss's standard error where there are any."""
     import pandas as pd
 
-    from .finetune import METHODS, SCORE_KEYS
+    from .finetune import METHODS
 
-    recs = runs.latest([r for r in runs.load_records(profile, "vlm") if r.status == "ok"])
+    recs = runs.load_summary(profile, "vlm")
     if not recs:
         return pd.DataFrame()
     order = {m: i for i, m in enumerate(METHODS)}
     recs.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
-    df = pd.DataFrame([{
-        "model": r.scale, "method": r.technique, "eval loss": r.quality["loss"],
-        "frozen-head floor": r.quality.get("frozen_head_floor"), "digit acc": r.quality["digit_acc"],
-        "trainable params": r.metrics["trainable_params"], "AMU (GB)": r.metrics["amu_gb"],
-        "AL (s/iter)": r.metrics["al_s"], "ST (samples/param/s)": r.metrics["st"], "AEC (W)": r.metrics["aec_w"],
-        "PCU": r.metrics.get("pcu"), **{f"_{k}": r.metrics.get(k) for k in SCORE_KEYS}} for r in recs])
-    df["efficiency score"] = float("nan")
-    for _, idx in df.groupby("model").groups.items():
-        sub = df.loc[idx]
-        df.loc[idx, "efficiency score"] = metrics.efficiency_score({k: sub[f"_{k}"].astype(float) for k in SCORE_KEYS})
-    return df.drop(columns=[f"_{k}" for k in SCORE_KEYS])
+    df = finetune.with_efficiency_score(pd.DataFrame(runs.table_rows(recs, ("loss",))), "scale")
+    return runs.select_columns(df, COLUMNS)
 
 
 def figures(profile: str, study: str = "vlm") -> list:

@@ -31,9 +31,9 @@ time.sleep(sleep_s)
 runs.execute(STUDY, "second", profile, P, lambda: measure("second"), force=force)'''
 
 
-def make_study(root: Path, study: str, yaml_text: str = "") -> None:
+def make_study(root: Path, study: str, yaml_text: str = "", extra_params: str = "") -> None:
     nb = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell(PARAMS)
+    cell = nbformat.v4.new_code_cell(PARAMS + extra_params)
     cell.metadata["tags"] = ["parameters"]
     nb.cells = [cell, nbformat.v4.new_code_cell(BODY.replace("STUDY", repr(study)))]
     nb.metadata["kernelspec"] = {"name": "python3", "language": "python", "display_name": "Python 3"}
@@ -46,7 +46,10 @@ def make_study(root: Path, study: str, yaml_text: str = "") -> None:
 @pytest.fixture
 def root(tmp_path, outputs, monkeypatch):
     monkeypatch.setenv("EFFLLM_TEST_COUNTER", str(tmp_path / "counter.txt"))
-    monkeypatch.delenv("EFFLLM_ROOT", raising=False)
+    # main(["--root", ...]) exports EFFLLM_ROOT for the kernels: setting it here first makes monkeypatch restore the
+    # variable's original state afterwards, so later tests (in any order) see the real checkout
+    monkeypatch.setenv("EFFLLM_ROOT", "")
+    monkeypatch.delenv("EFFLLM_ROOT")
     r = tmp_path / "checkout"
     r.mkdir()
     return r
@@ -171,6 +174,30 @@ def test_dry_run_checks_technique_keys_against_the_model_config(capsys, monkeypa
     out = capsys.readouterr().out
     assert "attention: error: techniques['mla']: unknown config key 'atention' (did you mean 'attention'?)" in out
     assert "attention_free: error: techniques['mla']: unknown config key 'atention'" in out
+
+
+def test_seeds_run_each_seeded_study_once_per_seed(root, outputs, capsys):
+    """--seeds: a study with a `seed` parameter runs once per seed (its notebooks named by seed), one without (the
+    hardware study) once; bad lists and a seed given twice are one-line errors that run nothing."""
+    make_study(root, "hardware")
+    make_study(root, "attention", "seed: 3\n", extra_params="seed: int = 0  # random seed\n")
+    for bad, msg in ((["--seeds", "0,x"], "--seeds takes comma-separated integers"),
+                     (["--seeds", "1,1"], "--seeds needs distinct integers"),
+                     (["--seeds", "0,1", "--only", "attention", "--set", "seed=2"], "either with --seeds or with --set")):
+        assert reproduce.main(["--root", str(root), *bad]) == 2, bad
+        assert msg in capsys.readouterr().err
+    tasks = reproduce.plan(["hardware", "attention"], {"sleep_s": 0.0}, [0, 1], root)
+    assert [(t.name, t.study, t.overrides) for t in tasks] == [
+        ("hardware", "hardware", {"sleep_s": 0.0}), ("attention.seed0", "attention", {"sleep_s": 0.0, "seed": 0}),
+        ("attention.seed1", "attention", {"sleep_s": 0.0, "seed": 1})]
+    assert counter(root) == []
+    assert reproduce.main(["--root", str(root), "--seeds", "0,1"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if ".seed" in line.split(" ")[0]]
+    assert names == ["attention.seed0", "attention.seed1"]
+    assert sorted(p.name for p in (outputs / "tiny" / "notebooks").iterdir()) == [
+        "attention.seed0.ipynb", "attention.seed1.ipynb", "hardware.ipynb"]
+    assert sorted(runs.load_runs("tiny", "attention")["param.seed"]) == [0, 0, 1, 1]
+    assert len(runs.load_runs("tiny", "hardware")) == 2
 
 
 def test_submit_local_runs_each_study_as_a_job_and_prints_the_table(root, outputs, capsys):

@@ -164,8 +164,64 @@ def test_current_keeps_the_newest_settings_and_their_repeats(outputs):
     assert runs.current([a, b]) == [a, b]
     for r in (old, new, other, new_seed):
         runs.write_record(r)
-    t = pretrain.table("tiny", "attention")
-    assert sorted(zip(t["technique"], t["PPL"])) == [("gqa", 2), ("gqa", 3), ("mqa", 1)]
+    t = pretrain.table("tiny", "attention")  # gqa's two seeds: one row, their mean, over 2 runs
+    assert sorted(zip(t["technique"], t["PPL"], t["runs"])) == [("gqa", 2.5, 2), ("mqa", 1, 1)]
+    se = t.set_index("technique")["PPL s.e."]
+    assert se["gqa"] == 0.5 and se.isna()["mqa"]
     assert len(runs.load_runs("tiny", "attention")) == 4  # all stay on disk and in the raw listing
     assert [r.run_id for r in runs.load_current("tiny", "attention")] == sorted([new.run_id, new_seed.run_id,
                                                                                   other.run_id])
+
+
+def test_mean_repeats_averages_seeds_into_one_record():
+    """Repeats (same settings, other seeds) become one display record: numeric metrics and quality averaged, their
+    standard error in artifacts, equal values (sizes) and text kept, loss curves averaged; single runs untouched."""
+    a = _record("attention", "gqa", 1, seed=0)
+    b = _record("attention", "gqa", 2, seed=1)
+    c = _record("attention", "gqa", 3, seed=2)
+    for r, ppl, al, curve in ((a, 10.0, 0.2, [4.0, 3.0]), (b, 12.0, 0.4, [5.0, 2.0]), (c, 14.0, None, [3.0, 1.0])):
+        r.quality = {"ppl": ppl}
+        r.metrics = {"params": 1000, "al_s": al, "aec_w": None, "device": "cpu"}
+        r.artifacts = {"loss_curve": curve, "note": r.run_id}
+    single = _record("attention", "mqa", 1)
+    out = runs.mean_repeats([a, single, b, c])
+    assert [r.technique for r in out] == ["gqa", "mqa"] and out[1] is single
+    m = out[0]
+    assert m.quality["ppl"] == 12.0 and m.metrics["params"] == 1000 and isinstance(m.metrics["params"], int)
+    assert m.metrics["al_s"] == pytest.approx(0.3)  # the mean of the runs that measured it
+    assert m.metrics["aec_w"] is None and m.metrics["device"] == "cpu"
+    assert m.artifacts["loss_curve"] == [4.0, 2.0] and m.artifacts["note"] == c.run_id  # the newest's artifacts
+    rep = m.artifacts["repeats"]
+    assert rep["n"] == 3 and rep["seeds"] == [0, 1, 2] and rep["run_ids"] == [a.run_id, b.run_id, c.run_id]
+    assert rep["se"]["ppl"] == pytest.approx(2.0 / 3 ** 0.5) and rep["se"]["al_s"] == pytest.approx(0.1)
+    assert "params" not in rep["se"]
+    assert a.quality["ppl"] == 10.0 and "repeats" not in c.artifacts  # the records themselves are not changed
+    rows = runs.table_rows(out, ("ppl",))
+    assert (rows[0]["runs"], rows[1]["runs"], rows[1]["ppl_se"]) == (3, 1, None)
+    assert "runs" not in runs.table_rows([single], ("ppl",))[0]  # no repeats: no extra columns
+
+
+def test_study_tables_show_one_row_per_repeated_experiment(outputs):
+    """peft, vlm and lvm tables too: two seeds of a method are one row with its mean and standard error."""
+    from effllm_utils import finetune, vision, vlm
+
+    def rec(study, technique, scale, seed, loss, **params):
+        r = _record(study, technique, 1 + seed, seed=seed, scale=scale, **params)
+        r.quality = {"loss": loss, "fid": 10 + loss, "fid_real_vs_real": 1.0, "digit_acc": 0.5}
+        r.metrics = {"amu_gb": 1.0, "pcu": 0.5, "al_s": 0.1 + seed / 100, "st": 1e-5, "aec_w": None, "tt": 1e-3,
+                     "trainable_params": 10}
+        return r
+
+    for seed, loss in ((0, 2.0), (1, 3.0)):
+        for study, scale in (("peft", "tiny-base"), ("vlm", "tiny-vlm"), ("lvm", "tiny"), ("lvm", "tiny-ft")):
+            runs.write_record(rec(study, "lora", scale, seed, loss, **({"dataset": "milton"} if study == "peft"
+                                                                        else {})))
+        runs.write_record(rec("peft", "full", "tiny-base", seed, loss + 1, dataset="milton"))
+    p = finetune.table("tiny")
+    assert list(p["method"]) == ["full", "lora"] and list(p["eval loss"]) == [3.5, 2.5] and list(p["runs"]) == [2, 2]
+    assert p["eval loss s.e."].tolist() == [0.5, 0.5] and p["efficiency score"].notna().all()
+    v = vlm.table("tiny")
+    assert len(v) == 1 and (v["eval loss"][0], v["runs"][0], v["eval loss s.e."][0]) == (2.5, 2, 0.5)
+    t = vision.lvm_tables("tiny")
+    assert (t["lvm"]["digits-FID"][0], t["lvm"]["digits-FID s.e."][0], t["lvm"]["runs"][0]) == (12.5, 0.5, 2)
+    assert len(t["lvm_peft"]) == 1 and t["lvm_peft"]["loss"][0] == 2.5 and "PCU" in t["lvm_peft"]
