@@ -183,7 +183,8 @@ def test_seeds_run_each_seeded_study_once_per_seed(root, outputs, capsys):
     make_study(root, "attention", "seed: 3\n", extra_params="seed: int = 0  # random seed\n")
     for bad, msg in ((["--seeds", "0,x"], "--seeds takes comma-separated integers"),
                      (["--seeds", "1,1"], "--seeds needs distinct integers"),
-                     (["--seeds", "0,1", "--only", "attention", "--set", "seed=2"], "either with --seeds or with --set")):
+                     (["--seeds", "0,1", "--only", "attention", "--set", "seed=2"],
+                      "either with --seeds or with --set")):
         assert reproduce.main(["--root", str(root), *bad]) == 2, bad
         assert msg in capsys.readouterr().err
     tasks = reproduce.plan(["hardware", "attention"], {"sleep_s": 0.0}, [0, 1], root)
