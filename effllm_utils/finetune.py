@@ -392,11 +392,13 @@ def figures(profile: str, study: str = "peft") -> list:
         plotting.radar(ax2, rows, present)
         ax3 = fig.add_subplot(1, 3, 3)
         energy = sub["energy (J)"] if "energy (J)" in sub else None
+        loss_se = list(sub["eval loss s.e."].astype(float)) if "eval loss s.e." in sub else None  # repeats
         if energy is not None and energy.notna().all():
-            plotting.pareto(ax3, methods, list(energy), list(sub["eval loss"]), "energy (J)", "eval loss")
+            plotting.pareto(ax3, methods, list(energy), list(sub["eval loss"]), "energy (J)", "eval loss",
+                            y_errors=loss_se)
         else:
             plotting.pareto(ax3, methods, list(sub["AL (s/iter)"]), list(sub["eval loss"]),
-                            "AL (s/iter) — energy not measurable on this device", "eval loss")
+                            "AL (s/iter) — energy not measurable on this device", "eval loss", y_errors=loss_se)
         paths += plotting.savefig(fig, f"peft_{model}_{dataset}", profile)
         plt.close(fig)
     return paths

@@ -125,12 +125,16 @@ def pareto_front(x: Sequence[float], y: Sequence[float], x_better: str = "lower"
 
 
 def pareto(ax, labels: Sequence[str], x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str,
-           x_better: str = "lower", y_better: str = "lower"):
-    """Scatter coloured by technique with the Pareto front drawn through the non-dominated points."""
+           x_better: str = "lower", y_better: str = "lower", y_errors: Sequence[float | None] | None = None):
+    """Scatter coloured by technique with the Pareto front drawn through the non-dominated points; `y_errors`
+    (standard errors over repeats; None or NaN where a point is one run) as vertical error bars."""
     xs, ys = np.asarray(x, float), np.asarray(y, float)
     span = [max(np.ptp(v[np.isfinite(v)]) if np.isfinite(v).any() else 0.0, 1e-12) for v in (xs, ys)]
+    errs = np.asarray([np.nan if e is None else e for e in y_errors], float) if y_errors is not None else None
     for i, (t, xi, yi) in enumerate(zip(labels, xs, ys)):
         ax.scatter([xi], [yi], color=technique_color(t), s=36, zorder=3)
+        if errs is not None and np.isfinite(errs[i]):
+            ax.errorbar([xi], [yi], yerr=[errs[i]], color=technique_color(t), capsize=3, lw=1, zorder=3)
         # labels of points that (nearly) coincide are stacked downwards instead of printed over each other
         near = sum(abs(xi - xs[j]) < 0.03 * span[0] and abs(yi - ys[j]) < 0.03 * span[1] for j in range(i))
         ax.annotate(t, (xi, yi), textcoords="offset points", xytext=(4, 3 - 9 * near), fontsize=7)

@@ -346,9 +346,12 @@ def figures(profile: str, study: str = "quantization") -> list:
         batch = sub["latency at batch"].dropna().unique() if "latency at batch" in sub else []
         plotting.bar(axes[0], ps, list(sub["AL (s/request)"]),
                      f"AL (s/request, batch {int(batch[0])})" if len(batch) == 1 else "AL (s/request)")
-        plotting.bar(axes[1], ps, list(sub["IT (tokens/s)"]), "IT (tokens/s)", value_fmt="{:.0f}")
+        se = {c: list(sub[c].astype(float)) if c in sub else None for c in ("IT s.e.", "PPL s.e.")}  # repeats
+        plotting.bar(axes[1], ps, list(sub["IT (tokens/s)"]), "IT (tokens/s)", value_fmt="{:.0f}",
+                     errors=se["IT s.e."])
         plotting.bar(axes[2], ps, list(sub["bytes on disk"] / 1e6), "MB on disk", value_fmt="{:.2f}")
-        plotting.pareto(axes[3], ps, list(sub["bytes on disk"] / 1e6), list(sub["PPL"]), "MB on disk", "PPL")
+        plotting.pareto(axes[3], ps, list(sub["bytes on disk"] / 1e6), list(sub["PPL"]), "MB on disk", "PPL",
+                        y_errors=se["PPL s.e."])
         fig.suptitle(f"quantization — {model}", fontsize=10)
         paths += plotting.savefig(fig, f"quantization_{model}", profile)
         plt.close(fig)

@@ -413,9 +413,10 @@ def _mean_record(rs: list[RunRecord]) -> RunRecord:
         merged = getattr(out, section)
         for k in dict.fromkeys(k for r in rs for k in getattr(r, section)):
             given = [getattr(r, section)[k] for r in rs if getattr(r, section).get(k) is not None]
-            if not given or not all(_number(v) for v in given) or len(set(given)) == 1:
-                continue  # text, lists, not measured, or the same in every run (sizes): the newest run's value
-            merged[k] = statistics.fmean(given)
+            if not given or not all(_number(v) for v in given):
+                continue  # text, lists or not measured: the newest run's value
+            if len(set(given)) > 1:  # the same in every run (a size, a deterministic PPL) stays as it is
+                merged[k] = statistics.fmean(given)
             if len(given) > 1:
                 se[k] = statistics.stdev(given) / math.sqrt(len(given))
     curves = [r.artifacts.get("loss_curve") for r in rs]

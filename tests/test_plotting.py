@@ -50,6 +50,16 @@ def test_pareto_labels_of_coinciding_points_do_not_overlap():
     assert offsets == {"fp32": (4, 3), "fp16": (4, 3), "bf16": (4, -6), "int4_rtn": (4, 3)}
 
 
+def test_pareto_draws_error_bars_where_repeats_give_them():
+    fig, ax = plt.subplots()
+    plotting.pareto(ax, ["lora", "dora", "full"], [1.0, 2.0, 3.0], [5.0, 4.0, 3.0], "AL", "loss",
+                    y_errors=[0.5, None, float("nan")])
+    bars = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
+    assert len(bars) == 1  # only the point with a standard error
+    (segment,) = bars[0].lines[2][0].get_segments()
+    assert np.allclose(segment, [[1.0, 4.5], [1.0, 5.5]])  # +- one standard error around (1, 5)
+
+
 def test_radar_normalises_each_metric(outputs):
     fig = plt.figure()
     ax = fig.add_subplot(projection="polar")

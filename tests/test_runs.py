@@ -194,7 +194,7 @@ def test_mean_repeats_averages_seeds_into_one_record():
     rep = m.artifacts["repeats"]
     assert rep["n"] == 3 and rep["seeds"] == [0, 1, 2] and rep["run_ids"] == [a.run_id, b.run_id, c.run_id]
     assert rep["se"]["ppl"] == pytest.approx(2.0 / 3 ** 0.5) and rep["se"]["al_s"] == pytest.approx(0.1)
-    assert "params" not in rep["se"]
+    assert rep["se"]["params"] == 0.0 and "aec_w" not in rep["se"]  # no spread is 0; not measured has none
     assert a.quality["ppl"] == 10.0 and "repeats" not in c.artifacts  # the records themselves are not changed
     rows = runs.table_rows(out, ("ppl",))
     assert (rows[0]["runs"], rows[1]["runs"], rows[1]["ppl_se"]) == (3, 1, None)
