@@ -26,9 +26,9 @@ SPECIAL_KEYS = ("baseline", "match_params")
 RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
 TABLE_COLUMNS = {  # record column -> table header (units in the header, as in the paper's tables)
     "technique": "technique", "scale": "scale", "runs": "runs", "params": "params", "ppl": "PPL", "ppl_se": "PPL s.e.",
-    "amu_gb": "AMU (GB)",
-    "al_s": "AL (s/iter)", "tt": "TT (tokens/param/s)", "tokens_per_s": "tokens/s", "aec_w": "AEC (W)",
-    "pcu": "PCU", "mfu_pct": "MFU (%)", "flops_per_token": "FLOPs/token", "kv_bytes_per_token": "KV bytes/token",
+    "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "tt": "TT (tokens/param/s)", "tokens_per_s": "tokens/s",
+    "aec_w": "AEC (W)", "pcu": "PCU", "mfu_pct": "MFU (%)", "flops_per_token": "FLOPs/token",
+    "kv_bytes_per_token": "KV bytes/token",
 }
 
 
@@ -251,7 +251,7 @@ def figures(profile: str, study: str) -> list[Path]:
                                                        if left_out else ""), fontsize=9)
         ax2 = fig.add_subplot(1, 2, 2)
         for r in rs:
-            curve, n = r.artifacts["loss_curve"], r.artifacts.get("repeats", {}).get("n", 1)
+            curve, n = r.artifacts["loss_curve"], runs.n_runs(r)
             label = f"{r.technique} (val ppl {r.quality['ppl']:.1f}" + (f", mean of {n} runs)" if n > 1 else ")")
             ax2.plot(np.arange(1, len(curve) + 1), curve, color=plotting.technique_color(r.technique), label=label)
         ax2.set(xlabel="step", ylabel="train loss (nats/token)", title="loss curves")

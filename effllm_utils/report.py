@@ -148,7 +148,7 @@ def pareto_fronts(profile: str) -> list[Path]:
                                  squeeze=False)
         for ax, (study, q, rs) in zip(axes.flat, usable):
             plotting.pareto(ax, [r.technique for r in rs], [r.metrics[cost] for r in rs], [r.quality[q] for r in rs],
-                            label, q, y_errors=[r.artifacts.get("repeats", {}).get("se", {}).get(q) for r in rs])
+                            label, q, y_errors=[runs.standard_error(r, q) for r in rs])
             ax.set_title(study, fontsize=9)
         for ax in list(axes.flat)[len(usable):]:
             ax.set_axis_off()

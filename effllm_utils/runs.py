@@ -432,18 +432,28 @@ def load_summary(profile: str, study: str) -> list[RunRecord]:
     return mean_repeats(load_current(profile, study))
 
 
+def n_runs(r: RunRecord) -> int:
+    """How many runs a (`mean_repeats`) record stands for: 1 for a single run."""
+    return r.artifacts.get("repeats", {}).get("n", 1)
+
+
+def standard_error(r: RunRecord, key: str) -> float | None:
+    """The standard error over the repeats of a (`mean_repeats`) record's metric or quality `key`; None for one run
+    or a key not measured."""
+    return r.artifacts.get("repeats", {}).get("se", {}).get(key)
+
+
 def table_rows(records: list[RunRecord], se_keys: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """`flat()` rows of (`mean_repeats`) records; where any row is a mean over repeats, every row also gets `runs`
     (1 for a single run) and `<key>_se` for each of `se_keys` (the standard error over the repeats; None for one
     run). Without repeats the rows are plain `flat()` rows, so a table gains these columns only when it has them."""
-    repeated = any("repeats" in r.artifacts for r in records)
+    repeated = any(n_runs(r) > 1 for r in records)
     rows = []
     for r in records:
         row = r.flat()
         if repeated:
-            rep = r.artifacts.get("repeats", {})
-            row["runs"] = rep.get("n", 1)
-            row.update({f"{k}_se": rep.get("se", {}).get(k) for k in se_keys})
+            row["runs"] = n_runs(r)
+            row.update({f"{k}_se": standard_error(r, k) for k in se_keys})
         rows.append(row)
     return rows
 
