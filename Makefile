@@ -7,16 +7,21 @@ TORCH_SPEC ?= torch==2.13.0
 # GPTQModel 7.7.0 declares torch>=2.14.1 but runs on torch 2.13 (CPU): installed without its dependency resolution,
 # after its runtime needs (listed in pyproject.toml).
 GPTQMODEL_SPEC ?= gptqmodel==7.7.0
+# Every other package comes from the lock (exact versions, resolved by uv from pyproject.toml: `make lock`).
+LOCK := requirements.lock
+UV_SPEC ?= uv==0.13.9
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install reproduce test lab figures report bench clean
+.PHONY: help install lock test-latest reproduce test lab figures report bench clean
 
 help:
 	@echo "make reproduce [PROFILE=tiny|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
-	@echo "make test       the test suite (CPU, offline)"
+	@echo "make test       the test suite (CPU, offline), on the locked versions"
+	@echo "make lock       re-resolve requirements.lock / requirements-lab.lock / environment.yml (uv)"
+	@echo "make test-latest  the tests on the newest versions pyproject's ranges allow (.venv-latest), to find drift"
 	@echo "make lab        JupyterLab with the project's kernel"
 	@echo "make figures    the paper_figures notebook: every figure, table and the claims check from stored records"
 	@echo "make report     figures + outputs/PROFILE/report/index.html (static HTML, opens from disk)"
@@ -27,13 +32,32 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation $(GPTQMODEL_SPEC)
+# torch first (pinned), then the lock with --no-deps (no resolution: exactly the locked versions), then the
+# package itself and GPTQModel without dependencies.
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation $(GPTQMODEL_SPEC)
 	touch $@
 
 install: $(STAMP)
+
+lock: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(UV_SPEC)
+	$(PY) scripts/lock.py
+
+# The newest versions pyproject's ranges allow, in a venv of its own: drift is found here, on purpose.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --upgrade -e ".[dev]"
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+	  $(GPTQMODEL_SPEC)
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
+	@echo "versions under test: .venv-latest/versions.txt (diff against $(LOCK) to see the drift)"
+	.venv-latest/bin/python -m pytest -q $(ARGS)
 
 reproduce: $(STAMP)
 	$(PY) -m effllm_utils.reproduce --profile $(PROFILE) $(ARGS)
@@ -51,9 +75,9 @@ report: $(STAMP)
 	$(PY) -m effllm_utils.report --profile $(PROFILE)
 
 lab: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[lab]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-lab.lock
 	$(PY) -m ipykernel install --sys-prefix --name effllm --display-name "effllm (.venv)"
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean:
-	rm -rf outputs $(VENV) *.egg-info .pytest_cache
+	rm -rf outputs $(VENV) .venv-latest *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """effllm_utils: the package behind the effllm notebooks (telemetry, metrics, run records, data, plots)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,22 @@ PROFILES = ("tiny", "gpu", "paper")
 # Every study, in the order `make reproduce` runs them. Names are stable ids (params, records, figures).
 STUDIES = ("hardware", "attention", "positional_encoding", "moe", "attention_free", "depth_width",
            "peft", "quantization", "lvm", "vlm", "paper_figures")
+
+
+class _CudaKernelsOnCpuHost(logging.Filter):
+    """torchao's wheel carries CUDA-only kernels (_C_mxfp8, _C_cutlass_90a); on a host without CUDA each import logs
+    "Failed to load ...so". effllm's CPU paths (int8 weight-only) do not use them, so on such a host the lines are
+    dropped; on a CUDA host they are kept (there they mean something)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to load"):
+            return True
+        import torch
+
+        return torch.cuda.is_available()
+
+
+logging.getLogger("torchao").addFilter(_CudaKernelsOnCpuHost())
 
 
 def repo_root() -> Path:

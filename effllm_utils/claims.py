@@ -39,12 +39,11 @@ def claims_path() -> Path:
 def load_claims(path: Path | None = None) -> list[dict]:
     """The claims file, validated (unknown test kinds, missing fields and unknown studies are errors naming the
     claim)."""
-    import yaml
-
     from . import STUDIES
+    from .params import read_yaml
 
     path = Path(path or claims_path())
-    doc = yaml.safe_load(path.read_text())
+    doc = read_yaml(path.read_text())
     out = []
     for c in doc.get("claims", []):
         cid = c.get("id", "?")

@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .models import output_cache
 from .runtime import synchronize
 
 INT4_GROUP = 128
@@ -450,7 +451,7 @@ class StaticDecoder:
         if ids.shape[0] != self.B or ids.shape[1] >= self.max_len:
             raise ValueError(f"prompt must be [{self.B}, < {self.max_len}], got {tuple(ids.shape)}")
         out = self.model(input_ids=ids, use_cache=True)
-        for i, layer in enumerate(out.past_key_values.layers):
+        for i, layer in enumerate(output_cache(out).layers):
             self.k[i][:, :, :ids.shape[1]].copy_(layer.keys)
             self.v[i][:, :, :ids.shape[1]].copy_(layer.values)
         return out.logits[:, -1]

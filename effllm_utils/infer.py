@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .models import CACHE_FIELD, output_cache
 from .runtime import synchronize
 from .telemetry import Monitor, held_bytes, own_memory, trim_heap
 
@@ -119,10 +120,10 @@ def timed_request(model, ids: torch.Tensor, new_tokens: int, device: str) -> dic
     nxt = out.logits[:, -1:].argmax(-1)
     synchronize(device)
     stamps = [time.perf_counter()]
-    cache = out.past_key_values
+    cache = output_cache(out)
     for _ in range(new_tokens - 1):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{CACHE_FIELD: cache})
+        cache = output_cache(out)
         nxt = out.logits[:, -1:].argmax(-1)
         synchronize(device)
         stamps.append(time.perf_counter())

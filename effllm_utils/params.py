@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,26 @@ from . import check_profile, check_study, repo_root
 
 RUNNER_KEYS = ("profile", "force")  # injected by effllm_utils.reproduce; not part of a run's identity
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict, "None": type(None)}
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: PyYAML follows YAML 1.1, where a float needs a dot, so `1e-4`,
+    `3e-4` and `5E-5` (learning rates as researchers write them) would be read as strings."""
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as effllm reads it everywhere (params files, --set, reference/claims.yaml): `1e-4` is a float."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ParamsError(ValueError):
@@ -125,7 +146,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found (each study needs params/<profile>/<study>.yaml)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = read_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: malformed YAML: {' '.join(str(e).split())}") from None
     if data is None:
@@ -154,7 +175,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ParamsError(f"--set {pair!r}: write KEY=VALUE, e.g. --set steps=200")
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            out[key.strip()] = read_yaml(raw)
         except yaml.YAMLError as e:
             raise ParamsError(f"--set {pair!r}: VALUE is not a YAML value: {' '.join(str(e).split())}") from None
     return out

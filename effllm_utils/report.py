@@ -187,7 +187,7 @@ table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1
 text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}img{max-width:100%;
 border:1px solid #eee}.v-reproduced{background:#d9f0d3}.v-contradicted{background:#f6d5d5}.v-inconclusive{
 background:#fdf1c8}.v-untestable{background:#eee}.caption{color:#555;font-size:13px}#broken{display:none;
-background:#f6d5d5;padding:.5em}.claims td{text-align:left;max-width:420px}"""
+background:#f6d5d5;padding:.5em}.claims td{text-align:left;max-width:420px}.warn{background:#fdf1c8;padding:.5em}"""
 CHECK_IMAGES = """window.addEventListener("load", () => {
   const imgs = [...document.images], bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0));
   document.body.dataset.imagesLoaded = imgs.length - bad.length;
@@ -230,7 +230,7 @@ def build_report(profile: str, margin: float = 0.05) -> Path:
     tables_dir = outputs_dir(profile) / "tables"
     env = runs.environment()
     studies = [s for s in STUDIES if s != "paper_figures"]
-    with runs.atomic_dir(out) as tmp:
+    with runs.atomic_dir(out, replace=True) as tmp:
         (tmp / "figures").mkdir()
         (tmp / "tables").mkdir()
 
@@ -265,13 +265,18 @@ def build_report(profile: str, margin: float = 0.05) -> Path:
         if pareto:
             toc.append(("pareto", "Pareto fronts"))
             sections.append('<h2 id="pareto">Pareto fronts across studies</h2>' + "".join(map(figure, pareto)))
+        drift = runs.package_drift([r for s in studies for r in runs.load_current(profile, s)])
+        warning = ('<div class="warn"><b>Package versions differ</b> between the records shown or from this install '
+                   "(the locked versions): compare their numbers with care, or re-run with "
+                   f"<code>make reproduce PROFILE={profile} ARGS=--force</code>.<ul>"
+                   + "".join(f"<li>{html.escape(d)}</li>" for d in drift) + "</ul></div>") if drift else ""
         header = (f"<h1>effllm report — profile <code>{profile}</code></h1>"
                   f'<p class="caption">effllm {__version__}, git {html.escape(str(env.get("git_sha")))}'
                   f'{" (dirty)" if env.get("git_dirty") else ""}, built '
                   f'{dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")} on '
                   f'{html.escape(str(env.get("device_name")))}. Everything here is drawn from the stored run records '
                   f'(outputs/{profile}/runs). The paper\'s values are second-hand (reference/efficientllm_paper_values/'
-                  f'README.md) and come from a different scale and hardware.</p><div id="broken"></div><ul>'
+                  f'README.md) and come from a different scale and hardware.</p>{warning}<div id="broken"></div><ul>'
                   + "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in toc) + "</ul>")
         page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>effllm report — {profile}</title>'
                 f"<style>{CSS}</style></head><body>{header}{''.join(sections)}<script>{CHECK_IMAGES}</script>"

@@ -67,6 +67,30 @@ def select(only: str | None, root: Path) -> list[str]:
     return [s for s in available if s in chosen]
 
 
+def _ipc_kernel_manager():
+    """A kernel manager that talks to the kernel over Unix sockets (IPC) instead of loopback TCP: nothing listens on
+    a port, and ipykernel no longer warns at every study that it "is running over TCP without encryption". Each
+    kernel gets socket paths of its own (jupyter's default, ./kernel-ipc-N, collides between concurrent jobs)."""
+    import tempfile
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self):
+            return "ipc" if os.name == "posix" else "tcp"
+
+        @default("ip")
+        def _ip_default(self):
+            if self.transport != "ipc":
+                return "127.0.0.1"
+            return os.path.join(tempfile.gettempdir(), f"effllm-kernel-{uuid.uuid4().hex[:16]}")
+
+    return IPCKernelManager
+
+
 def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None,
               overrides: dict | None = None, name: str | None = None) -> Outcome:
     """Execute one study's notebook with its params (and `overrides`) into outputs/<profile>/notebooks/<name>.ipynb
@@ -88,7 +112,8 @@ def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int,
     try:
         papermill.execute_notebook(
             str(notebook_path(study, root)), str(partial), parameters={**values, "profile": profile, "force": force},
-            kernel_name=kernel, execution_timeout=timeout_s, progress_bar=False, log_output=False, cwd=str(root))
+            kernel_name=kernel, execution_timeout=timeout_s, progress_bar=False, log_output=False, cwd=str(root),
+            kernel_manager_class=_ipc_kernel_manager())
         outcome = Outcome(name, "ok", time.perf_counter() - t0, "", str(final))
     except PapermillExecutionError as e:
         # exec_count is the In [n] label of the executed notebook (which includes papermill's injected cell)

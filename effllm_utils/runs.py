@@ -164,18 +164,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path):
+def atomic_dir(path: Path, replace: bool = False):
     """Build a folder (a checkpoint) under a temporary name and rename it into place only when complete:
     `with atomic_dir(ckpt) as tmp: model.save_pretrained(tmp)`. A crash leaves no half-written `path`. The
     temporary name is unique (mkdtemp), so jobs on several hosts sharing the outputs folder (reproduce --submit)
-    cannot write into each other's; the first to finish is kept."""
+    cannot write into each other's; the first to finish is kept. `replace=True` (a report, rebuilt each time): the
+    new folder replaces an existing one (moved aside, then deleted)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
     try:
         yield tmp
-        if path.exists():  # another process finished first: keep theirs
+        if path.exists() and not replace:  # another process finished first: keep theirs
             shutil.rmtree(tmp)
+        elif path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            path.replace(old / path.name)
+            tmp.replace(path)
+            shutil.rmtree(old)
         else:
             tmp.replace(path)
     except BaseException:
@@ -383,6 +389,25 @@ def current(records: list[RunRecord]) -> list[RunRecord]:
 def load_current(profile: str, study: str) -> list[RunRecord]:
     """The ok records of a study that `current` keeps."""
     return current([r for r in load_records(profile, study) if r.status == "ok"])
+
+
+def package_drift(records: list[RunRecord]) -> list[str]:
+    """One line per package whose version differs between the records, or between them and this install (the locked
+    versions, requirements.lock): numbers made with other software are not comparable without saying so."""
+    installed = _static_environment()
+    lines = []
+    for pkg in _PACKAGES:
+        key = f"{pkg}_version"
+        seen: dict[str, int] = {}
+        for r in records:
+            if key in r.environment:
+                v = str(r.environment[key])
+                seen[v] = seen.get(v, 0) + 1
+        now = str(installed.get(key))
+        if seen and (len(seen) > 1 or now not in seen):
+            made = ", ".join(f"{v} ({n} record{'s' * (n > 1)})" for v, n in sorted(seen.items()))
+            lines.append(f"{pkg}: records made with {made}; this install has {now}")
+    return lines
 
 
 def mean_repeats(records: list[RunRecord]) -> list[RunRecord]:

@@ -14,23 +14,50 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _name(req: str) -> str:
-    return re.split(r"[<>=!~ \[]", req, maxsplit=1)[0].lower()
+    return re.split(r"[<>=!~ ;\[]", req, maxsplit=1)[0].lower()
 
 
-def test_environment_yml_matches_pyproject():
+def _lock_pins(path: Path) -> dict[str, list[str]]:
+    pins: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, _, rest = line.strip().partition("==")
+            pins.setdefault(name.lower(), []).append(rest.split(";")[0].strip())  # the version, marker dropped
+    return pins
+
+
+def test_lock_pins_every_declared_dependency_exactly():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    declared = set(project["dependencies"]) | {r for extra in project["optional-dependencies"].values() for r in extra}
+    pins = _lock_pins(REPO / "requirements.lock")
+    assert all(rest and rest[0].isdigit() for versions in pins.values() for rest in versions)  # name==version only
+    declared = [_name(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    missing = [n for n in declared if n not in pins and n not in ("torch", "tomli")]
+    assert not missing, f"not in requirements.lock (run make lock): {missing}"
+    assert "torch" not in pins  # installed first by the Makefile (TORCH_SPEC), never by the lock
+    assert not [n for n in pins if n.startswith("nvidia-") and n != "nvidia-ml-py"]  # no CUDA wheels in a CPU lock
+    lab = _lock_pins(REPO / "requirements-lab.lock")
+    assert "jupyterlab" in lab and all(set(lab[n]) <= set(v) for n, v in pins.items() if n in lab)  # same versions
+
+
+def test_environment_yml_follows_the_lock():
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    assert sorted(pip) == sorted(declared)  # same packages, same version bounds
-    python = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python"))
-    assert python.removeprefix("python") == project["requires-python"]
+    lock = [line.strip() for line in (REPO / "requirements.lock").read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert [p for p in pip if not p.startswith(("--", "torch=="))] == lock
+    assert any(p.startswith("torch==") for p in pip)
+
+
+def test_makefile_installs_the_lock_without_resolving():
+    make = (REPO / "Makefile").read_text()
+    assert "--no-deps -r $(LOCK)" in make and "LOCK := requirements.lock" in make
+    assert re.search(r"^lock:", make, re.M) and re.search(r"^test-latest:", make, re.M)
 
 
 def test_torch_is_installed_pinned_before_the_package():
     make = (REPO / "Makefile").read_text()
     assert re.search(r"^TORCH_SPEC \?= torch==\d", make, re.M)
-    assert make.index("$(TORCH_SPEC)") < make.index('-e ".[dev]"')
+    assert make.index("$(TORCH_SPEC)") < make.index("-r $(LOCK)")
     assert "make test" in (REPO / ".ci" / "run").read_text()
     assert "make test" in (REPO / "README.md").read_text()
 

@@ -94,3 +94,28 @@ def test_parameters_cell_problems_are_caught(tmp_path):
     none = _notebook(tmp_path / "c.ipynb", "x = None  # no type\n")
     with pytest.raises(ParamsError, match="needs an annotation"):
         params.notebook_parameters(none)
+
+
+# Learning rates as researchers write them: YAML 1.1 (PyYAML) reads `1e-4` as a string; effllm reads it as a float.
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3e-4", 3e-4), ("5E-5", 5e-5), ("-2.5e+3", -2500.0),
+                                        ("1.5", 1.5), ("2", 2)])
+def test_scientific_notation_in_a_params_file(root, text, value):
+    write(root, f"idle_s: {text}\ntelemetry_period_s: {text}\n")
+    values = params.study_params("hardware", "tiny", root)
+    assert values["idle_s"] == value and isinstance(values["idle_s"], float)
+
+
+def test_scientific_notation_in_set_overrides(root):
+    assert params.parse_overrides(["lr=1e-4", "b=5E-5", "c=[3e-4, 2]", "d=v1e5", "e='1e-4'"]) == \
+        {"lr": 1e-4, "b": 5e-5, "c": [3e-4, 2], "d": "v1e5", "e": "1e-4"}
+    write(root, "")
+    out = params.with_overrides("hardware", {}, params.parse_overrides(["idle_s=1e-1"]), root)
+    assert out == {"idle_s": 0.1}
+
+
+def test_scientific_notation_in_the_parameters_cell(tmp_path):
+    nb = _notebook(tmp_path / "lr.ipynb", "lr: float = 1e-4  # learning rate\nlr_adapter = 5E-5  # adapters\n")
+    specs = params.notebook_parameters(nb)
+    assert specs["lr"].default == 1e-4 and specs["lr"].types == (float,)
+    assert specs["lr_adapter"].default == 5e-5 and specs["lr_adapter"].types == (float,)
+    assert params.validate({"lr": 3e-4}, specs, "cell") == {"lr": 3e-4}

@@ -46,6 +46,17 @@ def test_cast_and_int8_reload_with_the_same_logits(checkpoint, tmp_path, precisi
         assert 1.3 < ratio < 4.0  # linear weights int8 (+ scales), embeddings stay fp32
 
 
+def assert_packed_int4(layer, bits):
+    """Whatever kernel GPTQModel picks for this CPU (TorchAtenLinear, TorchCpuAvx512Linear, ...), the layer holds its
+    weight as packed integers of about `bits` per weight, and no dense floating-point copy of it."""
+    n = layer.in_features * layer.out_features
+    tensors = list(layer.named_parameters(recurse=False)) + list(layer.named_buffers(recurse=False))
+    packed = sum(t.numel() * t.element_size() * 8 for _, t in tensors if not t.is_floating_point())
+    dense = [name for name, t in tensors if t.is_floating_point() and t.numel() >= n // 4]
+    assert packed >= bits * n, (type(layer).__name__, packed, bits * n)
+    assert not dense, (type(layer).__name__, dense)  # scales are one per group, never one per weight
+
+
 @pytest.mark.parametrize("precision,bound", [("int4_gptq", 1.10), ("int4_rtn", 1.25)])
 def test_int4_quantizes_reloads_and_keeps_perplexity_within_bound(checkpoint, tmp_path, precision, bound):
     src, tok = checkpoint
@@ -53,8 +64,8 @@ def test_int4_quantizes_reloads_and_keeps_perplexity_within_bound(checkpoint, tm
 
     base = ppl(AutoModelForCausalLM.from_pretrained(src), tok)
     model, info = quantize.build(precision, src, tok, P, "cpu", tmp_path)
-    assert "TorchAtenLinear" in type(model.model.layers[0].self_attn.q_proj).__name__ or \
-        "QuantLinear" in type(model.model.layers[0].self_attn.q_proj).__name__
+    assert_packed_int4(model.model.layers[0].self_attn.q_proj, bits=4)
+    assert quantize.disk_bytes(src) / info["disk_bytes"] > 1.5, info  # the linear weights are 4-bit on disk
     q = ppl(model, tok)
     assert math.isfinite(q) and q <= bound * base, (precision, q, base)  # the stated bound: +10% GPTQ, +25% RTN
     from gptqmodel import GPTQModel

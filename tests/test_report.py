@@ -63,3 +63,17 @@ def test_report_renders_in_headless_chromium(records):
                           "--v=0", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
                          capture_output=True, text=True, timeout=120)
     assert 'data-images-failed="1"' in out.stdout and "image failed to load" in out.stderr
+
+
+def test_report_warns_when_records_were_made_with_other_package_versions(records):
+    assert "Package versions differ" not in report.build_report("tiny").read_text()  # all made by this install
+    folder = records / "tiny" / "runs" / "attention"
+    path = next(folder.glob("attention--mla--*.json"))
+    rec = runs.read_record(path)
+    rec.environment["transformers_version"] = "5.23.0"
+    runs.write_record(rec)
+    drift = runs.package_drift(runs.load_current("tiny", "attention"))
+    assert len(drift) == 1 and drift[0].startswith("transformers: records made with 5.23.0 (1 record), ")
+    assert "(2 records); this install has " in drift[0]
+    page = report.build_report("tiny").read_text()
+    assert "Package versions differ" in page and "transformers: records made with 5.23.0" in page

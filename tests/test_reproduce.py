@@ -149,6 +149,7 @@ def test_kill_leaves_no_half_written_record_and_the_next_run_resumes(root, outpu
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command again to resume" in err
+    assert "without encryption" not in err  # the kernel talks over IPC, not TCP (no warning per study)
     files = sorted(p.name for p in folder.iterdir())
     assert len(files) == 1 and files[0].startswith("hardware--first--") and files[0].endswith(".json")
     assert runs.read_record(folder / files[0]).status == "ok"
@@ -229,3 +230,19 @@ def test_job_parameters_follow_the_profile_and_options():
     tiny = reproduce.job_parameters(argparse.Namespace(**{**vars(args), "profile": "tiny", "slurm_mem_gb": None,
                                                           "slurm_partition": None}))
     assert "gpus_per_node" not in tiny and "mem_gb" not in tiny and "slurm_partition" not in tiny
+
+
+def test_cuda_only_torchao_kernels_are_not_reported_on_a_cpu_host(caplog):
+    import logging
+
+    import torch
+
+    import effllm_utils  # noqa: F401 - installs the filter
+
+    log = logging.getLogger("torchao")
+    with caplog.at_level(logging.WARNING, logger="torchao"):
+        log.warning("Failed to load /x/torchao/_C_mxfp8.so: Could not load this library")
+        log.warning("something else torchao says")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "something else torchao says" in messages
+    assert any("_C_mxfp8" in m for m in messages) == torch.cuda.is_available()

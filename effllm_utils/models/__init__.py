@@ -2,7 +2,7 @@
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .config import ATTENTIONS, FFNS, POSITIONS, EffLLMConfig, config_fields_check
-from .modeling import EffLLMForCausalLM, EffLLMModel
+from .modeling import CACHE_FIELD, EffLLMForCausalLM, EffLLMModel, output_cache
 
 AutoConfig.register("effllm", EffLLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(EffLLMConfig, EffLLMForCausalLM, exist_ok=True)
@@ -27,5 +27,5 @@ def config(name: str = "tiny", **overrides) -> EffLLMConfig:
     return EffLLMConfig(**(NAMED_CONFIGS[name] | overrides))
 
 
-__all__ = ["ATTENTIONS", "FFNS", "POSITIONS", "EffLLMConfig", "EffLLMForCausalLM", "EffLLMModel", "config",
+__all__ = ["CACHE_FIELD", "output_cache", "ATTENTIONS", "FFNS", "POSITIONS", "EffLLMConfig", "EffLLMForCausalLM", "EffLLMModel", "config",
            "config_fields_check", "NAMED_CONFIGS"]

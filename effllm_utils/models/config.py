@@ -18,7 +18,7 @@ FFNS = ("dense", "moe")
 
 class EffLLMConfig(PretrainedConfig):
     model_type = "effllm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(self, vocab_size: int = 4096, hidden_size: int = 256, num_hidden_layers: int = 4,
                  num_attention_heads: int = 4, num_key_value_heads: int | None = None, head_dim: int | None = None,

@@ -52,6 +52,17 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import EffLLMConfig
 from .loss import linear_cross_entropy
 
+# transformers 5.25 renamed the KV cache from `past_key_values` to `cache`, both as the forward keyword that `generate`
+# passes and as the field of model outputs (5.0-5.24 use the old name). A model that only knows one name silently
+# decodes without its cache on the other versions (the prompt is forgotten after the first step), so the backbone
+# accepts both and every caller names the cache through `CACHE_FIELD` / `output_cache`.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def output_cache(out) -> Cache | None:
+    """The KV cache a model output carries, under this transformers version's field name."""
+    return getattr(out, CACHE_FIELD, None)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -445,6 +456,13 @@ class EffLLMPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.relative_bias.weight, mean=0.0, std=std)
 
 
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed under either name (see CACHE_FIELD); both at once is a caller's mistake."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
+    return cache if cache is not None else past_key_values
+
+
 class EffLLMModel(EffLLMPreTrainedModel):
     def __init__(self, config: EffLLMConfig):
         super().__init__(config)
@@ -461,9 +479,10 @@ class EffLLMModel(EffLLMPreTrainedModel):
             if c.position == "relative" else None
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
-                inputs_embeds=None, **kwargs):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None,
+                inputs_embeds=None, past_key_values=None, **kwargs):
         c = self.config
+        past_key_values = _one_cache(cache, past_key_values)
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if use_cache and past_key_values is None:
@@ -519,11 +538,13 @@ class EffLLMForCausalLM(EffLLMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value):
         self.model.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: Cache | None = None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int = 0,
+                past_key_values: Cache | None = None, **kwargs):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         h, cache, aux = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, use_cache=use_cache, inputs_embeds=inputs_embeds)
+                                   cache=_one_cache(cache, past_key_values), use_cache=use_cache,
+                                   inputs_embeds=inputs_embeds)
         loss = logits = None
         # training with ce_chunk: the head and the loss fused, chunk by chunk, no logits kept (models/loss.py);
         # only for a plain Linear head (a PEFT-wrapped one computes more than its weight)
@@ -542,7 +563,7 @@ class EffLLMForCausalLM(EffLLMPreTrainedModel, GenerationMixin):
                                        ignore_index=-100)
             if self.config.ffn == "moe":
                 loss = loss + self.config.router_aux_loss_coef * aux / self.config.num_hidden_layers
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
         out["aux_loss"] = aux
         return out
 
