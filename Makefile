@@ -60,19 +60,19 @@ test-latest:
 	.venv-latest/bin/python -m pytest -q $(ARGS)
 
 reproduce: $(STAMP)
-	$(PY) -m effllm_utils.reproduce --profile $(PROFILE) $(ARGS)
+	$(PY) -m effllm_utils.cli.reproduce --profile $(PROFILE) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 bench: $(STAMP)
-	$(PY) -m effllm_utils.bench $(ARGS)
+	$(PY) -m effllm_utils.cli.bench $(ARGS)
 
 figures: $(STAMP)
-	$(PY) -m effllm_utils.reproduce --profile $(PROFILE) --only paper_figures
+	$(PY) -m effllm_utils.cli.reproduce --profile $(PROFILE) --only paper_figures
 
 report: $(STAMP)
-	$(PY) -m effllm_utils.report --profile $(PROFILE)
+	$(PY) -m effllm_utils.cli.report --profile $(PROFILE)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-lab.lock

@@ -1,4 +1,17 @@
-"""effllm_utils: the package behind the effllm notebooks (telemetry, metrics, run records, data, plots)."""
+"""effllm_utils: the package behind the effllm notebooks.
+
+Layers, each importing only the ones above it in this list (a study never imports another study; the report reads
+records, the registry and `measure`, never study code):
+  core/      records, run ids, atomic IO, provenance, execute, aggregate (values with their spread), params, runtime
+  data/      the embedded corpus and tokenizer, Hub text datasets, image sets and the vlm's digit task
+  measure/   metrics table, FLOP counts, device peaks, telemetry, hardware calibration, FID
+  models/    the backbone, baselines, technique specs -> models, DiT, the LLaVA-style VLM, conversions, Hub loaders
+  engine/    training, fine-tuning methods, the suite's pretrained bases, inference, quantization, decode kernels
+  studies/   one module per study family, and the registry (the only list of studies)
+  report/    tables, plots, each study's views, the paper's values, the claims check, the HTML report
+  cli/       reproduce, bench, report (`python -m effllm_utils.cli.<name>`)
+This file holds what every layer needs: profiles, paths and the checks of names.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,9 +21,6 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 PROFILES = ("tiny", "gpu", "paper")
-# Every study, in the order `make reproduce` runs them. Names are stable ids (params, records, figures).
-STUDIES = ("hardware", "attention", "positional_encoding", "moe", "attention_free", "depth_width",
-           "peft", "quantization", "lvm", "vlm", "paper_figures")
 
 
 class _CudaKernelsOnCpuHost(logging.Filter):
@@ -88,6 +98,8 @@ def check_keys(keys, valid, where: str, what: str = "key") -> None:
 
 
 def check_study(study: str) -> str:
-    if study not in STUDIES:
-        raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
+    """A study id of the registry (effllm_utils.studies.registry: a dependency-free list), else one ValueError."""
+    from .studies import registry
+
+    registry.get(study)
     return study

@@ -53,7 +53,7 @@ wheels() {  # install .whl/ to /tmp/site once, if papermill or gemlite is missin
   fi
 }
 
-bench=("$py" -m effllm_utils.bench)
+bench=("$py" -m effllm_utils.cli.bench)
 for s in "${@:-tests decode train}"; do
   for s in $s; do
     case $s in
@@ -76,10 +76,10 @@ for s in "${@:-tests decode train}"; do
               step levers_batch32 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_ce_compiled --batch 32 \
                 --steps 14 --skip 6 ;;
       trace) step trace 300 "${bench[@]}" --shape gpu_large --cases effllm_dense_compiled --steps 14 --skip 8 --trace ;;
-      hardware) step hardware 300 "$py" -m effllm_utils.reproduce --profile gpu --only hardware
+      hardware) step hardware 300 "$py" -m effllm_utils.cli.reproduce --profile gpu --only hardware
         tar czf "$out/gpu_hardware.tgz" outputs/gpu/runs/hardware outputs/gpu/figures outputs/gpu/tables 2>/dev/null ;;
       study)
-        step study 540 "$py" -m effllm_utils.reproduce --profile gpu --only attention --set dataset=embedded \
+        step study 540 "$py" -m effllm_utils.cli.reproduce --profile gpu --only attention --set dataset=embedded \
           --set tokenizer=embedded --set steps=100 --set eval_every=1000
         tar czf "$out/gpu_attention.tgz" --exclude=outputs/gpu/checkpoints outputs/gpu 2>/dev/null ;;
       *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned levers trace hardware study" >&2; exit 2 ;;

@@ -1,5 +1,5 @@
 """`make bench` helpers that need no GPU."""
-from effllm_utils import bench
+from effllm_utils.cli import bench
 
 
 def test_last_period_finds_one_decode_step_not_one_layer():

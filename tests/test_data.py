@@ -83,8 +83,8 @@ def test_hub_tokens_are_written_once_and_memory_mapped(tmp_path, monkeypatch):
     the pretraining studies split it into views; too few tokens is one clear error."""
     import torch
 
-    from effllm_utils import pretrain
-    from effllm_utils.train import Data
+    from effllm_utils.engine.train import Data
+    from effllm_utils.studies import pretraining
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     docs = [data.corpus_text("validation")[i * 300:(i + 1) * 300] for i in range(40)]
@@ -99,7 +99,8 @@ def test_hub_tokens_are_written_once_and_memory_mapped(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "load_hub_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     again = data.hub_token_ids("fineweb_edu", tok, 2000, data_files=str(path))  # from the file, not the dataset
     assert torch.equal(again, ids)
-    train_ids, val_ids = pretrain.token_data({"dataset": "fineweb_edu", "train_tokens": 1905, "data_files": str(path)},
+    train_ids, val_ids = pretraining.token_data({"dataset": "fineweb_edu", "train_tokens": 1905,
+                                                 "data_files": str(path)},
                                              tok)
     assert len(train_ids) == 1904 and len(val_ids) == 96 and val_ids[0] == ids[1904]
     batch = Data(train_ids, 64, "train").batch(torch.tensor([0, 100]))

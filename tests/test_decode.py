@@ -3,7 +3,8 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from effllm_utils import decode, models
+from effllm_utils import models
+from effllm_utils.engine import decode
 from effllm_utils.models import EffLLMForCausalLM
 
 

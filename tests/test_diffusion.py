@@ -2,7 +2,10 @@
 import pytest
 import torch
 
-from effllm_utils import diffusion, finetune
+from effllm_utils.engine import adapters
+from effllm_utils.models import diffusion, hub
+from effllm_utils.report import views
+from effllm_utils.studies import lvm
 
 P = dict(device="auto", dataset="digits", data_files="", image_size=0, max_images=0, seed=0, steps=3, batch_size=8,
          grad_accum=1, lr=1e-3, warmup_steps=1, eval_every=1000, eval_batches=1, precision="auto", compile=False,
@@ -37,7 +40,7 @@ def test_flow_matching_loss_and_freeze_on_the_sd3_stack(tmp_path):
     assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
     loss.backward()
     assert transformer.transformer_blocks[0].attn.to_q.weight.grad is not None
-    frozen, _, info = finetune.apply_method(model, "freeze", P | {"lr_adapter": 1e-3})
+    frozen, _, info = adapters.apply_method(model, "freeze", P | {"lr_adapter": 1e-3})
     assert info == {"frozen_layers": 1, "total_layers": 2}
     assert not any(p.requires_grad for p in frozen.transformer.transformer_blocks[0].parameters())
     assert all(p.requires_grad for p in frozen.transformer.transformer_blocks[1].parameters())
@@ -45,7 +48,7 @@ def test_flow_matching_loss_and_freeze_on_the_sd3_stack(tmp_path):
 
 def test_sd3_peft_study_end_to_end(outputs, tmp_path):
     path = str(_tiny_sd3(tmp_path / "sd3"))
-    recs = diffusion.run_finetune("paper", P | {"device": "cpu", "diffusers_models": {"tiny-sd3": {"source": path}}})
+    recs = lvm.run_sd_finetune("paper", P | {"device": "cpu", "diffusers_models": {"tiny-sd3": {"source": path}}})
     assert [(r.technique, r.scale, r.status) for r in recs] == [
         ("full", "tiny-sd3-ft", "ok"), ("freeze", "tiny-sd3-ft", "ok"), ("lora", "tiny-sd3-ft", "ok")], \
         [r.error for r in recs]
@@ -53,13 +56,12 @@ def test_sd3_peft_study_end_to_end(outputs, tmp_path):
     assert lora.metrics["trainable_params"] < freeze.metrics["trainable_params"] < full.metrics["trainable_params"]
     assert all(r.quality["loss"] > 0 and r.quality["fid"] is None and r.metrics["al_s"] > 0 for r in recs)
     assert lora.artifacts["conditioning"].startswith("unconditional")
-    from effllm_utils import vision
 
-    assert set(vision.lvm_tables("paper")["lvm_peft"]["method"]) == {"full", "freeze", "lora"}
+    assert set(views.lvm_tables("paper")["lvm_peft"]["method"]) == {"full", "freeze", "lora"}
 
 
 def test_missing_diffusers_model_is_one_clear_line(tmp_path):
-    with pytest.raises(finetune.ModelUnavailable, match="could not be loaded .* the paper profile needs the Hugging "
+    with pytest.raises(hub.ModelUnavailable, match="could not be loaded .* the paper profile needs the Hugging "
                                                         "Face Hub"):
         diffusion.load(str(tmp_path / "nothing"), "paper")
     (tmp_path / "flux" / "transformer").mkdir(parents=True)
@@ -100,7 +102,7 @@ def test_wan_peft_on_single_frame_clips(outputs, tmp_path):
     torch.testing.assert_close(z * std + mean, raw)  # Wan's per-channel normalisation
     embeds, pooled, how = diffusion.prompt_embeddings(path, ["a", "b"], transformer, "cpu")
     assert embeds.shape == (2, 1, 32) and pooled is None and how.startswith("unconditional")
-    recs = diffusion.run_finetune("paper", P | {"device": "cpu", "diffusers_models": {"tiny-wan": {"source": path}},
+    recs = lvm.run_sd_finetune("paper", P | {"device": "cpu", "diffusers_models": {"tiny-wan": {"source": path}},
                                                 "finetune_methods": ["freeze", "lora"]})
     assert [(r.technique, r.status) for r in recs] == [("freeze", "ok"), ("lora", "ok")], [r.error for r in recs]
     freeze, lora = recs

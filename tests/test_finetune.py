@@ -2,9 +2,12 @@
 import pytest
 import torch
 
-from effllm_utils import data, finetune, models
+from effllm_utils import data, models
+from effllm_utils.engine import adapters, suite
+from effllm_utils.engine.train import TrainConfig, train
 from effllm_utils.models import EffLLMForCausalLM
-from effllm_utils.train import TrainConfig, train
+from effllm_utils.report import views
+from effllm_utils.studies import finetuning, quantization
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 P = dict(rank=4, alpha=8, target_modules=TARGETS, freeze_fraction=0.5, loraplus_lr_ratio=16.0, pissa_init="pissa",
@@ -25,7 +28,7 @@ def logits(model, x=IDS[:32].view(2, 16)):
 
 @pytest.mark.parametrize("method", ["lora", "rslora", "dora", "pissa", "lora_plus"])
 def test_merged_adapters_give_the_unmerged_outputs(method):
-    model, opt, _ = finetune.apply_method(base(), method, P)
+    model, opt, _ = adapters.apply_method(base(), method, P)
     train(model, IDS[:5000], IDS[5000:], CFG, optimizer=opt)  # move B away from zero
     model.eval()
     before = logits(model)
@@ -35,14 +38,14 @@ def test_merged_adapters_give_the_unmerged_outputs(method):
 
 def test_pissa_at_initialisation_reproduces_the_base_model():
     ref = logits(base())
-    model, _, _ = finetune.apply_method(base(), "pissa", P)
+    model, _, _ = adapters.apply_method(base(), "pissa", P)
     torch.testing.assert_close(logits(model), ref, atol=1e-4, rtol=1e-4)
     a = model.base_model.model.model.layers[0].self_attn.q_proj
     assert a.lora_A["default"].weight.abs().sum() > 0 and a.lora_B["default"].weight.abs().sum() > 0  # not LoRA's 0
 
 
 def test_freeze_leaves_frozen_weights_bit_identical():
-    model, _, info = finetune.apply_method(base(), "freeze", P)
+    model, _, info = adapters.apply_method(base(), "freeze", P)
     assert info == {"frozen_layers": 1, "total_layers": 2}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -55,7 +58,7 @@ def test_freeze_leaves_frozen_weights_bit_identical():
 
 
 def test_lora_plus_gives_b_a_larger_learning_rate_than_a():
-    model, opt, info = finetune.apply_method(base(), "lora_plus", P)
+    model, opt, info = adapters.apply_method(base(), "lora_plus", P)
     ids = {id(p): n for n, p in model.named_parameters()}
     lrs = {}
     for group in opt.param_groups:
@@ -66,24 +69,24 @@ def test_lora_plus_gives_b_a_larger_learning_rate_than_a():
 
 
 def test_rslora_and_dora_are_what_peft_builds():
-    lora, _, _ = finetune.apply_method(base(), "rslora", P)
+    lora, _, _ = adapters.apply_method(base(), "rslora", P)
     layer = lora.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)  # alpha / sqrt(r)
-    dora, _, _ = finetune.apply_method(base(), "dora", P)
+    dora, _, _ = adapters.apply_method(base(), "dora", P)
     assert "default" in dora.base_model.model.model.layers[0].self_attn.q_proj.lora_magnitude_vector
 
 
 def test_unknown_method_and_absent_target_are_one_clear_error():
     with pytest.raises(ValueError, match="unknown fine-tuning method 'qlora2'; choose one of full, freeze"):
-        finetune.apply_method(base(), "qlora2", P)
+        adapters.apply_method(base(), "qlora2", P)
     with pytest.raises(ValueError, match=r"target module\(s\) \['c_attn'\] not found in EffLLMForCausalLM; its "
                                          r"linear layers are \['down_proj', 'gate_proj'"):
-        finetune.apply_method(base(), "lora", P | {"target_modules": ["q_proj", "c_attn"]})
+        adapters.apply_method(base(), "lora", P | {"target_modules": ["q_proj", "c_attn"]})
 
 
 def test_flops_accounting():
-    assert finetune.finetune_flops_per_token(100, 100, 100) == 600  # full fine-tuning: 6N
-    assert finetune.finetune_flops_per_token(100, 2, 100) == 404  # LoRA: 4N + 2 x adapters
+    assert adapters.finetune_flops_per_token(100, 100, 100) == 600  # full fine-tuning: 6N
+    assert adapters.finetune_flops_per_token(100, 2, 100) == 404  # LoRA: 4N + 2 x adapters
 
 
 def test_dialogue_sft_examples_mask_the_prompt():
@@ -112,7 +115,7 @@ def test_study_end_to_end_with_cached_base_model(outputs):
                       models={"micro": {"source": "suite", "dims": dims, "pretrain_steps": 4, "pretrain_lr": 0.003}},
                       vocab_size=512, hub_examples=10, steps=3, batch_size=4, grad_accum=1, seq_len=32,
                       warmup_steps=1, eval_every=100, eval_batches=1, precision="auto", compile=False, seed=0)
-    recs = finetune.run_study("tiny", params)
+    recs = finetuning.run_study("peft", "tiny", params)
     assert [(r.params["dataset"], r.technique, r.status) for r in recs] == [
         ("milton", "full", "ok"), ("milton", "lora", "ok"), ("milton", "freeze", "ok"),
         ("dialogue", "full", "ok"), ("dialogue", "lora", "ok"), ("dialogue", "freeze", "ok")], [r.error for r in recs]
@@ -121,12 +124,12 @@ def test_study_end_to_end_with_cached_base_model(outputs):
     full, lora = recs[0].metrics, recs[1].metrics
     assert full["trainable_params"] == full["base_params"] > 10 * lora["trainable_params"]
     assert lora["st"] == pytest.approx(lora["samples_per_s"] / lora["base_params"])
-    t = finetune.table("tiny")
+    t = views.peft_table("tiny")
     assert list(t.columns[:3]) == ["model", "dataset", "method"] and t["efficiency score"].between(0, 1).all()
-    names = {p.name for p in finetune.figures("tiny")}
+    names = {p.name for p in views.peft_figures("tiny")}
     assert {"peft.csv", "peft_micro_milton.png", "peft_micro_dialogue.pdf"} <= names
     with pytest.raises(ValueError, match=r"unknown fine-tuning method\(s\) \['adalora'\]; choose from full"):
-        finetune.run_study("tiny", params | {"methods": ["adalora"]})
+        finetuning.run_study("peft", "tiny", params | {"methods": ["adalora"]})
 
 
 def test_one_pretrained_base_per_recipe_whatever_the_models_name(outputs, monkeypatch):
@@ -134,16 +137,16 @@ def test_one_pretrained_base_per_recipe_whatever_the_models_name(outputs, monkey
             "intermediate_size": 64, "max_position_embeddings": 64}
     spec = {"source": "suite", "dims": dims, "pretrain_steps": 3, "pretrain_lr": 0.003}
     params = dict(vocab_size=512, seq_len=32, batch_size=2, eval_batches=1)
-    _, _, a = finetune.load_base("tiny", "tiny-base", spec, params, "cpu")
+    _, _, a = suite.load_base("tiny", "tiny-base", spec, params, "cpu")
 
     def no_training(*args, **kwargs):
         raise AssertionError("the same recipe was pretrained twice")
 
-    monkeypatch.setattr("effllm_utils.train.train", no_training)
-    _, _, b = finetune.load_base("tiny", "tiny-vlm", spec, params, "cpu")  # another study's name, the same recipe
+    monkeypatch.setattr("effllm_utils.engine.train.train", no_training)
+    _, _, b = suite.load_base("tiny", "tiny-vlm", spec, params, "cpu")  # another study's name, the same recipe
     assert a["checkpoint"] == b["checkpoint"] and a["pretrain"] == b["pretrain"]
     with pytest.raises(AssertionError, match="pretrained twice"):  # a different recipe is a different checkpoint
-        finetune.load_base("tiny", "tiny-base", spec | {"pretrain_steps": 4}, params, "cpu")
+        suite.load_base("tiny", "tiny-base", spec | {"pretrain_steps": 4}, params, "cpu")
 
 
 def test_hub_model_offline_is_a_failed_record_with_one_clear_line(outputs, monkeypatch, tmp_path):
@@ -152,7 +155,7 @@ def test_hub_model_offline_is_a_failed_record_with_one_clear_line(outputs, monke
                       models={"Qwen2.5-0.5B": {"source": "Qwen/Qwen2.5-0.5B"}}, steps=3, batch_size=4,
                       grad_accum=1, seq_len=32, warmup_steps=1, eval_every=100, eval_batches=1, precision="auto",
                       compile=False, seed=0)
-    rec = finetune.run_study("tiny", params)[0]
+    rec = finetuning.run_study("peft", "tiny", params)[0]
     assert rec.status == "failed" and rec.error.startswith("ModelUnavailable: model 'Qwen/Qwen2.5-0.5B' could not")
 
 
@@ -185,7 +188,7 @@ def test_frozen_head_floor_matches_the_closed_form():
     sqrt(2), so the lowest NLL is log(1 + 2 exp(-1.5 sqrt(2))); scaling g by 10 drives it to ~0."""
     import math
 
-    from effllm_utils.finetune import frozen_head_floor
+    from effllm_utils.engine.adapters import frozen_head_floor
 
     ang = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])
     W = torch.stack([ang.cos(), ang.sin()], 1)
@@ -216,17 +219,18 @@ def test_frozen_head_floor_matches_the_closed_form():
 ])
 def test_model_specs_are_checked_before_any_run(outputs, spec, vlm, message):
     with pytest.raises(ValueError, match=message):
-        finetune.check_model_specs({"m": spec}, vlm=vlm)
+        suite.check_model_specs({"m": spec}, vlm=vlm)
 
 
 def test_the_shipped_model_specs_pass_and_a_bad_one_stops_the_study(outputs):
-    from effllm_utils import params, quantize
+    from effllm_utils.core import params
 
     for profile in ("tiny", "gpu", "paper"):
         for study in ("peft", "quantization", "vlm"):
-            finetune.check_model_specs(params.study_params(study, profile)["models"], vlm=study == "vlm")
-    P = params.study_params("quantization", "tiny")
+            P = params.effective(study, params.study_params(study, profile))
+            suite.check_model_specs(P["models"], vlm=study == "vlm")
+    P = params.effective("quantization", params.study_params("quantization", "tiny"))
     bad = {"tiny-base": P["models"]["tiny-base"] | {"pretrain_step": 5}}
     with pytest.raises(ValueError, match="unknown suite-model key 'pretrain_step'"):
-        quantize.run_study("tiny", P | {"models": bad})
+        quantization.run_study("quantization", "tiny", P | {"models": bad})
     assert not (outputs / "tiny" / "checkpoints").exists()  # nothing was pretrained

@@ -1,6 +1,7 @@
 import pytest
 
-from effllm_utils import hardware, metrics, runs
+from effllm_utils.core import provenance, runs
+from effllm_utils.measure import hardware, metrics
 
 
 def test_matmul_peak_is_the_best_measurement_over_interleaved_rounds(monkeypatch):
@@ -37,7 +38,7 @@ def test_measurements_are_positive_and_shaped():
 
 
 def test_measured_peak_is_used_for_devices_outside_the_table(outputs):
-    env = runs.environment()
+    env = provenance.environment()
     rec = runs.execute("hardware", "matmul_fp32", "tiny", {}, lambda: {"metrics": {"matmul_tflops": 0.25}},
                        verbose=False)
     assert rec.status == "ok"

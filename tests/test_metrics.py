@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from effllm_utils import metrics as M
+from effllm_utils.measure import metrics as M
 
 
 def test_every_metric_has_unit_direction_and_description():

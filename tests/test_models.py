@@ -4,11 +4,19 @@ import math
 
 import pytest
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, MixtralConfig,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    MixtralConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from effllm_utils import metrics, models
+from effllm_utils import models
+from effllm_utils.measure import metrics
 from effllm_utils.models import EffLLMForCausalLM
 
 IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -79,3 +79,31 @@ def test_gpu_session_script_parses_and_refuses_unknown_steps(tmp_path):
     assert r.returncode == 2
     steps = "tests decode decode05 dtrace train tuned levers trace hardware study"
     assert f"unknown step nosuchstep; steps: {steps}" in r.stderr
+
+
+def test_compare_outputs_finds_changed_quality_and_missing_records(tmp_path):
+    import subprocess
+    import sys
+
+    def write(folder, ppl, params=100, extra=False):
+        runs_dir = folder / "runs" / "attention"
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        recs = [("gqa", ppl, params)] + ([("mla", 1.0, 1)] if extra else [])
+        for tech, q, n in recs:
+            (runs_dir / f"attention--{tech}.json").write_text(json.dumps({
+                "study": "attention", "technique": tech, "scale": "tiny", "status": "ok", "params": {"seed": 0},
+                "quality": {"ppl": q}, "metrics": {"params": n, "al_s": 0.1 * q}, "started_at": "2026"}))
+        return folder
+
+    def run(a, b):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "compare_outputs.py"), str(a), str(b)],
+                              capture_output=True, text=True)
+
+    a, same, other = write(tmp_path / "a", 10.0), write(tmp_path / "b", 10.0), write(tmp_path / "c", 10.5, 101, True)
+    ok = run(a, same)
+    assert ok.returncode == 0 and "1 records: quality and deterministic metrics equal" in ok.stdout
+    bad = run(a, other)
+    assert bad.returncode == 1
+    assert "quality.ppl: 10.0 -> 10.5" in bad.stdout and "metrics.params: 100 -> 101" in bad.stdout
+    assert "only in" in bad.stdout and "'mla'" in bad.stdout and "al_s" not in bad.stdout  # timings not compared
+    assert run(a, tmp_path / "nowhere").returncode == 2

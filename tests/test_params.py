@@ -4,8 +4,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from effllm_utils import PROFILES, params
-from effllm_utils.params import ParamsError
+from effllm_utils import PROFILES
+from effllm_utils.core import params
+from effllm_utils.core.params import ParamsError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,11 +26,28 @@ def write(root, text):
     return path
 
 
-def test_every_shipped_params_file_validates():
+def test_every_shipped_params_file_validates_and_holds_only_what_differs():
+    """A params file holds only what differs from its notebook's parameters cell (the schema): tiny's are empty."""
     for nb in sorted((REPO / "notebooks").glob("*.ipynb")):
+        specs = params.notebook_parameters(nb)
         for profile in PROFILES:
             values = params.study_params(nb.stem, profile)
-            assert values, f"{profile}/{nb.stem}.yaml is empty"
+            same = [k for k, v in values.items() if v == specs[k].default]
+            assert not same, f"{profile}/{nb.stem}.yaml repeats the notebook's defaults for {same}"
+            if profile == "tiny":
+                assert values == {}, f"tiny/{nb.stem}.yaml: the notebook's defaults are the tiny profile"
+
+
+def test_named_scales_resolve_to_their_dimensions():
+    from effllm_utils import models
+    from effllm_utils.models import techniques
+
+    P = params.effective("attention", params.study_params("attention", "paper"))
+    dims = techniques.scales(P)
+    assert dims["1.5B"] == models.SCALES["qwen2.5-1.5b"] and dims["1.5B"]["hidden_size"] == 1536
+    assert models.scale_dims({"scale": "qwen2.5-0.5b", "ce_chunk": 1024})["ce_chunk"] == 1024
+    with pytest.raises(ValueError, match="unknown scale name 'qwen9'; known: qwen2.5-0.5b"):
+        models.scale_dims("qwen9", "scales['x']")
 
 
 def test_values_are_checked_and_ints_widen_to_float(root):

@@ -2,7 +2,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from effllm_utils import plotting
+from effllm_utils.report import plots as plotting
 
 
 def _figure():

@@ -1,7 +1,11 @@
 """The architecture-study layer end to end on a micro configuration, from params to records, tables and figures."""
 import pytest
 
-from effllm_utils import figures, metrics, pretrain, runs
+from effllm_utils.core import aggregate
+from effllm_utils.measure import metrics
+from effllm_utils.models import techniques
+from effllm_utils.report import overview, tables, views
+from effllm_utils.studies import pretraining
 
 DIMS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 64, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
@@ -12,38 +16,38 @@ P = dict(device="auto", scales={"micro": DIMS}, vocab_size=512, dataset="embedde
 
 
 def test_depth_width_holds_non_embedding_parameters():
-    base = pretrain.non_embedding_params(pretrain._base_config(DIMS, 512, {}))
+    base = techniques.non_embedding_params(techniques._base_config(DIMS, 512, {}))
     for layers in (1, 2, 4, 8):
-        o = pretrain.match_hidden_size(DIMS, 512, {"num_hidden_layers": layers})
-        n = pretrain.non_embedding_params(pretrain._base_config(DIMS, 512, o))
+        o = techniques.match_hidden_size(DIMS, 512, {"num_hidden_layers": layers})
+        n = techniques.non_embedding_params(techniques._base_config(DIMS, 512, o))
         assert abs(n - base) / base < 0.15, (layers, o, n, base)
         assert o["hidden_size"] % 8 == 0 and o["num_hidden_layers"] == layers
 
 
 def test_build_model_backbone_and_baseline():
-    model, fpt, kv = pretrain.build_model(DIMS, 512, {"attention": "mla"}, context=32)
+    model, fpt, kv = techniques.build_model(DIMS, 512, {"attention": "mla"}, context=32)
     assert model.config.attention == "mla" and kv == 2 * (16 + 4) * 2
     assert fpt == metrics.training_flops_per_token(model.config.shape(), 32)
-    backbone, _, _ = pretrain.build_model(DIMS, 512, {}, context=32)
-    mamba, fpt, kv = pretrain.build_model(DIMS, 512, {"baseline": "mamba"}, context=32)
+    backbone, _, _ = techniques.build_model(DIMS, 512, {}, context=32)
+    mamba, fpt, kv = techniques.build_model(DIMS, 512, {"baseline": "mamba"}, context=32)
     assert type(mamba).__name__ == "MambaForCausalLM" and fpt is None and kv is None
     assert abs(mamba.num_parameters() - backbone.num_parameters()) <= 0.1 * backbone.num_parameters()
     with pytest.raises(ValueError, match="unknown baseline family 'lstm'"):
-        pretrain.build_model(DIMS, 512, {"baseline": "lstm"}, context=32)
+        techniques.build_model(DIMS, 512, {"baseline": "lstm"}, context=32)
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
-        pretrain.build_model(DIMS, 512, {"attention": "flash"}, context=32)
+        techniques.build_model(DIMS, 512, {"attention": "flash"}, context=32)
 
 
 def test_baseline_overrides_reach_the_transformers_config_and_the_width_search():
-    backbone, _, _ = pretrain.build_model(DIMS, 512, {}, context=32)
-    par, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "pythia"}, context=32)
+    backbone, _, _ = techniques.build_model(DIMS, 512, {}, context=32)
+    par, _, _ = techniques.build_model(DIMS, 512, {"baseline": "pythia"}, context=32)
     full_rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}
-    seq, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "pythia", "use_parallel_residual": False,
+    seq, _, _ = techniques.build_model(DIMS, 512, {"baseline": "pythia", "use_parallel_residual": False,
                                                 "rope_parameters": full_rope}, context=32)
     assert par.config.use_parallel_residual and par.config.rope_parameters["partial_rotary_factor"] == 0.25
     assert not seq.config.use_parallel_residual and seq.config.rope_parameters["partial_rotary_factor"] == 1.0
-    wide, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "rwkv", "intermediate_size": 8}, context=32)
-    rwkv, _, _ = pretrain.build_model(DIMS, 512, {"baseline": "rwkv"}, context=32)
+    wide, _, _ = techniques.build_model(DIMS, 512, {"baseline": "rwkv", "intermediate_size": 8}, context=32)
+    rwkv, _, _ = techniques.build_model(DIMS, 512, {"baseline": "rwkv"}, context=32)
     assert wide.config.intermediate_size == 8 and wide.config.hidden_size > rwkv.config.hidden_size  # re-matched
     assert abs(wide.num_parameters() - backbone.num_parameters()) <= 0.1 * backbone.num_parameters()
 
@@ -61,7 +65,7 @@ def test_baseline_overrides_reach_the_transformers_config_and_the_width_search()
 def test_a_bad_technique_stops_the_study_before_any_run_trains(outputs, spec, message):
     params = P | {"techniques": {"gqa": {}, "bad": spec}}
     with pytest.raises(ValueError, match=message):
-        pretrain.run_study("attention", "tiny", params)
+        pretraining.run_study("attention", "tiny", params)
     assert not (outputs / "tiny" / "runs").exists() or not any((outputs / "tiny" / "runs").rglob("*.json"))
 
 
@@ -70,7 +74,7 @@ def test_a_typo_in_a_scale_or_a_named_config_is_an_error():
 
     with pytest.raises(ValueError, match=r"scales\['micro'\]: unknown config key 'hiden_size' \(did you mean "
                                          r"'hidden_size'\?\)"):
-        pretrain.check_specs(P | {"scales": {"micro": DIMS | {"hiden_size": 64}}, "techniques": {"gqa": {}}})
+        techniques.check_specs(P | {"scales": {"micro": DIMS | {"hiden_size": 64}}, "techniques": {"gqa": {}}})
     with pytest.raises(ValueError, match=r"models.config\('tiny'\): unknown config key 'possition'"):
         models.config("tiny", possition="none")
     assert models.config("tiny", position="none").position == "none"
@@ -79,7 +83,7 @@ def test_a_typo_in_a_scale_or_a_named_config_is_an_error():
 def test_run_study_records_tables_figures_and_skips(outputs):
     params = P | {"techniques": {"gqa": {"attention": "gqa"}, "nsa": {"attention": "nsa"},
                                  "rwkv": {"baseline": "rwkv"}, "mamba": {"baseline": "mamba"}}}
-    recs = pretrain.run_study("attention", "tiny", params)
+    recs = pretraining.run_study("attention", "tiny", params)
     assert [(r.technique, r.status) for r in recs] == [("gqa", "ok"), ("nsa", "ok"), ("rwkv", "ok"),
                                                        ("mamba", "ok")], [r.error for r in recs]
     assert recs[3].artifacts["selective_scan"].startswith("effllm CPU") and "selective_scan" not in recs[2].artifacts
@@ -89,30 +93,30 @@ def test_run_study_records_tables_figures_and_skips(outputs):
     assert "pcu" in gqa.metrics or "no peak" in gqa.artifacts["peak_flops_source"]
     assert recs[2].artifacts["flops_per_token_source"].startswith("6 x parameters")
     assert (outputs / "tiny" / "checkpoints" / "attention" / "micro-gqa" / "model.safetensors").is_file()
-    table = pretrain.table("tiny", "attention")
+    table = views.pretraining_table("tiny", "attention")
     assert list(table["technique"]) == ["gqa", "mamba", "nsa", "rwkv"] and "AMU (GB)" in table and "PPL" in table
-    paths = {p.name for p in pretrain.figures("tiny", "attention")}
+    paths = {p.name for p in views.pretraining_figures("tiny", "attention")}
     assert {"attention.csv", "attention.md", "attention.tex", "attention_micro.pdf", "attention_micro.png",
             "attention_micro.svg"} <= paths
     assert "| technique" in (outputs / "tiny" / "tables" / "attention.md").read_text()
-    again = pretrain.run_study("attention", "tiny", params)  # records exist: nothing is retrained
+    again = pretraining.run_study("attention", "tiny", params)  # records exist: nothing is retrained
     assert [r.duration_s for r in again] == [r.duration_s for r in recs]
-    drawn = figures.draw("tiny")
+    drawn = overview.draw("tiny")
     assert drawn["attention"] and drawn["moe"] == [] and drawn["hardware"] == []
 
 
 def test_missing_hub_data_is_a_failed_record_with_one_clear_line(outputs, monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     params = P | {"techniques": {"gqa": {}}, "tokenizer": "Qwen/Qwen2.5-0.5B", "dataset": "fineweb_edu"}
-    rec = pretrain.run_study("attention", "tiny", params)[0]
+    rec = pretraining.run_study("attention", "tiny", params)[0]
     assert rec.status == "failed" and "DatasetUnavailable: tokenizer 'Qwen/Qwen2.5-0.5B' could not be loaded" \
         in rec.error and "\n" not in rec.error
-    assert runs.load_runs("tiny", "attention")["status"].tolist() == ["failed"]
+    assert aggregate.load_runs("tiny", "attention")["status"].tolist() == ["failed"]
 
 
 def test_gpu_profile_without_a_gpu_says_so(outputs):
     with pytest.raises(ValueError, match="profile 'gpu' needs a CUDA GPU"):
-        pretrain.run_study("attention", "gpu", P | {"techniques": {"gqa": {}}})
+        pretraining.run_study("attention", "gpu", P | {"techniques": {"gqa": {}}})
 
 
 @pytest.mark.parametrize("family", ["mamba", "rwkv", "pythia"])
@@ -131,7 +135,7 @@ def test_tables_escape_what_would_break_markdown_and_latex(outputs):
 
     df = pd.DataFrame({"technique": ["moe_8x", "gqa"], "MFU (%)": [41.5, float("nan")],
                        "evidence": ["ppl: a 1 | amu: a 2", "x"], "AEC (W)": [None, None]})
-    csv, md, tex = (p.read_text() for p in pretrain.write_table(df, "tiny", "t"))
+    csv, md, tex = (p.read_text() for p in tables.write_table(df, "tiny", "t"))
     rows = [line for line in md.splitlines() if line.startswith("|")]
     assert len(rows) == 4 and {line.replace(r"\|", "").count("|") for line in rows} == {5}  # 4 columns per row
     assert r"ppl: a 1 \| amu: a 2" in md and "nan" not in md.lower()

@@ -6,9 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from effllm_utils import data, infer, models, quantize
-from effllm_utils.models import EffLLMForCausalLM
-from effllm_utils.train import TrainConfig, train
+from effllm_utils import data, models
+from effllm_utils.engine import infer, quantize
+from effllm_utils.engine.train import TrainConfig, train
+from effllm_utils.models import EffLLMForCausalLM, convert
+from effllm_utils.report import views
+from effllm_utils.studies import quantization
 
 P = dict(group_size=32, calibration_samples=16, calibration_len=64)
 
@@ -25,7 +28,7 @@ def checkpoint(tmp_path_factory):
     ids = data.token_ids("train", tok)
     train(model, ids, data.token_ids("validation", tok), TrainConfig(steps=30, batch_size=16, seq_len=64, lr=3e-3,
                                                                      eval_every=1000, eval_batches=1))
-    out = quantize.export_qwen2(model, tmp_path_factory.mktemp("ckpt") / "qwen2", tok)
+    out = convert.export_qwen2(model, tmp_path_factory.mktemp("ckpt") / "qwen2", tok)
     return out, tok
 
 
@@ -92,13 +95,13 @@ def test_fp16_overflow_is_a_clear_error(checkpoint, tmp_path):
 
 def test_export_refuses_what_qwen2_cannot_hold(tmp_path):
     with pytest.raises(ValueError, match="only mha/gqa/mqa \\+ rope \\+ dense backbones export to Qwen2"):
-        quantize.export_qwen2(EffLLMForCausalLM(models.config("test", attention="mla")), tmp_path)
+        convert.export_qwen2(EffLLMForCausalLM(models.config("test", attention="mla")), tmp_path)
 
 
 def test_mcr_against_bf16():
     r = {p: {"metrics": {"disk_bytes": b}, "quality": {"ppl": q}, "artifacts": {}}
          for p, b, q in [("bf16", 200, 10.0), ("int4_gptq", 60, 10.5), ("fp32", 400, 10.0)]}
-    quantize._add_mcr(r)
+    quantization._add_mcr(r)
     assert r["int4_gptq"]["metrics"]["mcr"] == pytest.approx(4 * 10 / 10.5)
     assert r["int4_gptq"]["metrics"]["mcr_measured"] == pytest.approx(200 / 60 * 10 / 10.5)
     assert r["fp32"]["metrics"]["mcr"] == pytest.approx(0.5) and r["bf16"]["metrics"]["mcr"] == 1.0
@@ -136,7 +139,7 @@ def test_harness_times_every_token_and_measures_side_by_side():
 def test_harness_attributes_memory_to_each_resident_model():
     """Both models are resident while each is measured, so the process's memory cannot tell them apart; with
     attribute_memory each gets the bytes it holds plus what its requests add."""
-    from effllm_utils.telemetry import held_bytes
+    from effllm_utils.measure.telemetry import held_bytes
 
     torch.manual_seed(0)
     small = EffLLMForCausalLM(models.config("test")).eval()
@@ -194,7 +197,7 @@ def test_unreachable_leaderboard_task_is_one_clear_line(monkeypatch, tmp_path):
 def test_mcr_uses_the_task_score_when_tasks_ran():
     r = {p: {"metrics": {"disk_bytes": b}, "quality": {"ppl": 9.0, "score": s}, "artifacts": {}}
          for p, b, s in [("bf16", 200, 0.40), ("int4_gptq", 60, 0.38)]}
-    quantize._add_mcr(r)
+    quantization._add_mcr(r)
     assert r["int4_gptq"]["metrics"]["mcr"] == pytest.approx(4 * 0.38 / 0.40)
     assert r["int4_gptq"]["artifacts"]["mcr_performance"] == "lm-eval score"
 
@@ -216,7 +219,7 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
     assert torch.equal(decoders["fp32"].decoders[2].generate(ids, 6)[0], ref)
     assert decoders["fp32"].decoders[2].layers is decoders["fp32"].prepared.layers  # one fused copy per model
     # what the decoder holds: the model, its fused q/k/v and gate/up copies, the static KV cache of batch 2
-    from effllm_utils.telemetry import held_bytes
+    from effllm_utils.measure.telemetry import held_bytes
 
     fp32 = built["fp32"][0]
     fused = sum(4 * sum(m.weight.numel() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
@@ -238,7 +241,7 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
              seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8, calibration_len=64,
              prompt_len=16, new_tokens=4, decode="static", batch_sizes=[1, 2], min_time_s=0.0, min_requests=2,
              ppl_seq_len=64, ppl_windows=4, tasks=[], task_limit=0, task_include_path="", seed=0)
-    recs = quantize.run_study("gpu", Q)
+    recs = quantization.run_study("quantization", "gpu", Q)
     assert [(r.technique, r.status) for r in recs] == [("bf16", "ok"), ("int8", "ok")], [r.error for r in recs]
     bf16, int8 = recs
     assert bf16.artifacts["decode_path"] == "static" and int8.artifacts["decode_path"] == "eager"
@@ -250,12 +253,12 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
         assert r.metrics["amu_gb"] >= r.metrics["held_gb"] > 0 and "amu_method" not in r.metrics
     assert int8.metrics["held_gb"] == int8.metrics["memory_bytes"] / 1e9  # eager: the model itself
     assert bf16.metrics["held_gb"] > bf16.metrics["memory_bytes"] / 1e9  # static: + fused copies and the KV cache
-    t = quantize.table("gpu")
+    t = views.quantization_table("gpu")
     assert list(t["decode path"]) == ["static", "eager"] and list(t["latency at batch"]) == [1, 1]
-    assert {p.name for p in quantize.figures("gpu")} >= {"quantization.csv", "quantization_local-qwen2.png"}
+    assert {p.name for p in views.quantization_figures("gpu")} >= {"quantization.csv", "quantization_local-qwen2.png"}
     assert bf16.artifacts["latency_by_batch"].keys() == {"1", "2"} and "latency_by_batch" not in bf16.metrics
     with pytest.raises(ValueError, match="unknown decode \\['graph'\\]; choose from eager, static"):
-        quantize.run_study("gpu", Q | {"decode": "graph"})
+        quantization.run_study("quantization", "gpu", Q | {"decode": "graph"})
 
 
 def test_gptq_checkpoint_read_without_gptq_kernels_matches_gptqmodel(checkpoint, tmp_path):
@@ -263,7 +266,7 @@ def test_gptq_checkpoint_read_without_gptq_kernels_matches_gptqmodel(checkpoint,
     the backbone (dequantized weights) gives GPTQModel's logits, and the int4 decoder's steps give the backbone's."""
     from gptqmodel import GPTQModel
 
-    from effllm_utils import decode
+    from effllm_utils.engine import decode
 
     src, tok = checkpoint
     _, info = quantize.build("int4_gptq", src, tok, P, "cpu", tmp_path)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from effllm_utils import metrics
+from effllm_utils.measure import metrics
 
 REPO = Path(__file__).resolve().parents[1]
 REF = REPO / "reference"

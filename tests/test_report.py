@@ -5,7 +5,9 @@ import subprocess
 
 import pytest
 
-from effllm_utils import report, runs
+from effllm_utils.core import provenance, runs
+from effllm_utils.report import overview, paper, webpage
+from effllm_utils.studies import registry
 
 
 @pytest.fixture
@@ -20,11 +22,11 @@ def records(outputs):
 
 
 def test_paper_figures_write_comparisons_and_claims(records):
-    made = report.paper_figures("tiny")
+    made = overview.paper_figures("tiny")
     tables = records / "tiny" / "tables"
     assert {"attention.csv", "paper_vs_ours_attention.csv", "claims.csv", "claims.tex", "claims.md"} <= \
         {p.name for p in tables.iterdir()}
-    cmp = report.comparison("tiny", "attention").set_index("technique")
+    cmp = paper.comparison("tiny", "attention").set_index("technique")
     assert cmp.loc["mla", "ours: PPL"] == 300.0 and cmp.loc["mla", "paper: PPL"] == 7.79  # Table 3, 1.5B
     assert "Different scale and hardware" in (tables / "paper_vs_ours_attention.md").read_text()
     assert (made["claims"]["id"] == "mla_lowest_ppl").any()
@@ -32,7 +34,7 @@ def test_paper_figures_write_comparisons_and_claims(records):
 
 
 def test_report_is_self_contained(records):
-    index = report.build_report("tiny")
+    index = webpage.build_report("tiny")
     page = index.read_text()
     images = re.findall(r'<img src="([^"]+)"', page)
     assert images and all((index.parent / src).is_file() for src in images)
@@ -46,7 +48,7 @@ def _browser():
 
 @pytest.mark.skipif(_browser() is None, reason="no Chromium here (.ci/run installs Debian's chromium package)")
 def test_report_renders_in_headless_chromium(records):
-    index = report.build_report("tiny")
+    index = webpage.build_report("tiny")
     n_images = len(re.findall(r"<img ", index.read_text()))
     out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
                           "--v=0", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
@@ -66,14 +68,14 @@ def test_report_renders_in_headless_chromium(records):
 
 
 def test_report_warns_when_records_were_made_with_other_package_versions(records):
-    assert "Package versions differ" not in report.build_report("tiny").read_text()  # all made by this install
+    assert "Package versions differ" not in webpage.build_report("tiny").read_text()  # all made by this install
     folder = records / "tiny" / "runs" / "attention"
     path = next(folder.glob("attention--mla--*.json"))
     rec = runs.read_record(path)
     rec.environment["transformers_version"] = "5.23.0"
     runs.write_record(rec)
-    drift = runs.package_drift(runs.load_current("tiny", "attention"))
+    drift = provenance.package_drift(registry.current("tiny", "attention"))
     assert len(drift) == 1 and drift[0].startswith("transformers: records made with 5.23.0 (1 record), ")
     assert "(2 records); this install has " in drift[0]
-    page = report.build_report("tiny").read_text()
+    page = webpage.build_report("tiny").read_text()
     assert "Package versions differ" in page and "transformers: records made with 5.23.0" in page

@@ -10,12 +10,13 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from effllm_utils import reproduce, runs
+from effllm_utils.cli import reproduce
+from effllm_utils.core import aggregate, runs
 
 PARAMS = 'profile: str = "tiny"  # profile\nforce: bool = False  # force\nfail: bool = False  # raise in the body\n' \
          'sleep_s: float = 0.0  # pause between the two records\n'
 BODY = '''import os, time
-from effllm_utils import runs, params
+from effllm_utils.core import params, runs
 P = params.from_namespace(STUDY, globals())
 def measure(name):
     with open(os.environ["EFFLLM_TEST_COUNTER"], "a") as f:
@@ -85,7 +86,7 @@ def test_batch_goes_on_after_a_failure_and_resumes(root, outputs, capsys, monkey
     (root / "params" / "tiny" / "moe.yaml").write_text("")
     assert reproduce.main(["--profile", "tiny", "--root", str(root)]) == 0
     assert counter(root) == ["first", "second", "first", "second", "first", "second"]
-    assert len(runs.load_runs("tiny")) == 6
+    assert len(aggregate.load_runs("tiny")) == 6
     # --force re-runs everything of the selected study
     assert reproduce.main(["--profile", "tiny", "--root", str(root), "--only", "hardware", "--force"]) == 0
     assert counter(root)[-2:] == ["first", "second"] and len(counter(root)) == 8
@@ -132,14 +133,14 @@ def test_set_overrides_a_parameter_for_one_run(root, outputs, capsys):
         assert msg in capsys.readouterr().err
     assert counter(root) == []  # a bad override runs nothing
     assert reproduce.main(["--root", str(root), "--set", "sleep_s=0"]) == 0
-    df = runs.load_runs("tiny")
+    df = aggregate.load_runs("tiny")
     assert len(df) == 2 and (df["param.sleep_s"] == 0.0).all()  # the records keep the params they ran with
 
 
 def test_kill_leaves_no_half_written_record_and_the_next_run_resumes(root, outputs):
     make_study(root, "hardware", "sleep_s: 60.0\n")
     env = dict(os.environ, EFFLLM_OUTPUTS=str(outputs))
-    cmd = [sys.executable, "-m", "effllm_utils.reproduce", "--profile", "tiny", "--root", str(root)]
+    cmd = [sys.executable, "-m", "effllm_utils.cli.reproduce", "--profile", "tiny", "--root", str(root)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     folder = outputs / "tiny" / "runs" / "hardware"
     deadline = time.time() + 120
@@ -198,8 +199,8 @@ def test_seeds_run_each_seeded_study_once_per_seed(root, outputs, capsys):
     assert names == ["attention.seed0", "attention.seed1"]
     assert sorted(p.name for p in (outputs / "tiny" / "notebooks").iterdir()) == [
         "attention.seed0.ipynb", "attention.seed1.ipynb", "hardware.ipynb"]
-    assert sorted(runs.load_runs("tiny", "attention")["param.seed"]) == [0, 0, 1, 1]
-    assert len(runs.load_runs("tiny", "hardware")) == 2
+    assert sorted(aggregate.load_runs("tiny", "attention")["param.seed"]) == [0, 0, 1, 1]
+    assert len(aggregate.load_runs("tiny", "hardware")) == 2
 
 
 def test_submit_local_runs_each_study_as_a_job_and_prints_the_table(root, outputs, capsys):

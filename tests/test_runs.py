@@ -3,7 +3,9 @@ import os
 
 import pytest
 
-from effllm_utils import runs
+from effllm_utils.core import aggregate, runs
+from effllm_utils.report import views
+from effllm_utils.studies import registry
 
 
 def test_run_id_is_deterministic_and_tracks_params():
@@ -48,10 +50,9 @@ def test_failed_run_is_recorded_and_retried(outputs):
 
 
 def test_the_previous_runs_memory_is_released_before_a_run(outputs, monkeypatch):
-    from effllm_utils import telemetry
 
     events = []
-    monkeypatch.setattr(telemetry, "release_memory", lambda: events.append("release"))
+    monkeypatch.setattr(runs, "release_memory", lambda: events.append("release"))
     runs.execute("hardware", "mem", "tiny", {}, lambda: events.append("fn") or {}, verbose=False)
     assert events == ["release", "fn"]
 
@@ -102,24 +103,24 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeyp
 
 
 def test_load_runs_frame_and_bad_records(outputs):
-    assert runs.load_runs("tiny").empty
+    assert aggregate.load_runs("tiny").empty
     runs.execute("hardware", "a", "tiny", {"k": [1, 2]}, lambda: {"metrics": {"al_s": 1.0}, "quality": {"ppl": 9.0}},
                  verbose=False)
     runs.execute("hardware", "b", "tiny", {}, lambda: 1 / 0, verbose=False)
-    df = runs.load_runs("tiny")
+    df = aggregate.load_runs("tiny")
     assert sorted(df["technique"]) == ["a", "b"] and set(df["status"]) == {"ok", "failed"}
     row = df[df.technique == "a"].iloc[0]
     assert row["al_s"] == 1.0 and row["ppl"] == 9.0 and row["param.k"] == "[1, 2]"
-    assert len(runs.load_runs("tiny", "hardware", status="ok")) == 1
+    assert len(aggregate.load_runs("tiny", "hardware", status="ok")) == 1
     folder = runs.runs_dir("tiny", "hardware")
     (folder / ".x.json.123.tmp").write_text("{half")  # leftover of an interrupted write: ignored
-    assert len(runs.load_runs("tiny")) == 2
+    assert len(aggregate.load_runs("tiny")) == 2
     (folder / "broken.json").write_text("{half")
     with pytest.raises(ValueError, match=r"broken\.json: not a valid run record"):
-        runs.load_runs("tiny")
+        aggregate.load_runs("tiny")
     (folder / "broken.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(ValueError, match="schema version 99"):
-        runs.load_runs("tiny")
+        aggregate.load_runs("tiny")
 
 
 def test_record_round_trips():
@@ -153,23 +154,23 @@ def _record(study, technique, started, seed=0, scale="s", **params):
 
 def test_current_keeps_the_newest_settings_and_their_repeats(outputs):
     """A re-run with other params supersedes older records in tables (no duplicate rows); seeds stay repeats."""
-    from effllm_utils import pretrain
 
     old = _record("attention", "gqa", 1, lr=0.1)
     new, new_seed = _record("attention", "gqa", 2, lr=0.2), _record("attention", "gqa", 3, seed=1, lr=0.2)
     other = _record("attention", "mqa", 1, lr=0.1)  # only ever run with the old settings: still shown
-    assert runs.current([old, new, other, new_seed]) == [new, other, new_seed]
-    # peft varies the dataset per run: each dataset is its own row
+    assert aggregate.current([old, new, other, new_seed], ()) == [new, other, new_seed]
+    # peft varies the dataset per run (its registry grouping): each dataset is its own row
     a, b = _record("peft", "lora", 1, dataset="alpaca"), _record("peft", "lora", 2, dataset="milton")
-    assert runs.current([a, b]) == [a, b]
+    assert registry.get("peft").group_by == ("dataset",)
+    assert aggregate.current([a, b], ("dataset",)) == [a, b] and aggregate.current([a, b], ()) == [b]
     for r in (old, new, other, new_seed):
         runs.write_record(r)
-    t = pretrain.table("tiny", "attention")  # gqa's two seeds: one row, their mean, over 2 runs
+    t = views.pretraining_table("tiny", "attention")  # gqa's two seeds: one row, their mean, over 2 runs
     assert sorted(zip(t["technique"], t["PPL"], t["runs"])) == [("gqa", 2.5, 2), ("mqa", 1, 1)]
     se = t.set_index("technique")["PPL s.e."]
     assert se["gqa"] == 0.5 and se.isna()["mqa"]
-    assert len(runs.load_runs("tiny", "attention")) == 4  # all stay on disk and in the raw listing
-    assert [r.run_id for r in runs.load_current("tiny", "attention")] == sorted([new.run_id, new_seed.run_id,
+    assert len(aggregate.load_runs("tiny", "attention")) == 4  # all stay on disk and in the raw listing
+    assert [r.run_id for r in registry.current("tiny", "attention")] == sorted([new.run_id, new_seed.run_id,
                                                                                   other.run_id])
 
 
@@ -184,7 +185,7 @@ def test_mean_repeats_averages_seeds_into_one_record():
         r.metrics = {"params": 1000, "al_s": al, "aec_w": None, "device": "cpu"}
         r.artifacts = {"loss_curve": curve, "note": r.run_id}
     single = _record("attention", "mqa", 1)
-    out = runs.mean_repeats([a, single, b, c])
+    out = aggregate.mean_repeats([a, single, b, c], ())
     assert [r.technique for r in out] == ["gqa", "mqa"] and out[1] is single
     m = out[0]
     assert m.quality["ppl"] == 12.0 and m.metrics["params"] == 1000 and isinstance(m.metrics["params"], int)
@@ -196,14 +197,13 @@ def test_mean_repeats_averages_seeds_into_one_record():
     assert rep["se"]["ppl"] == pytest.approx(2.0 / 3 ** 0.5) and rep["se"]["al_s"] == pytest.approx(0.1)
     assert rep["se"]["params"] == 0.0 and "aec_w" not in rep["se"]  # no spread is 0; not measured has none
     assert a.quality["ppl"] == 10.0 and "repeats" not in c.artifacts  # the records themselves are not changed
-    rows = runs.table_rows(out, ("ppl",))
+    rows = aggregate.table_rows(out, ("ppl",))
     assert (rows[0]["runs"], rows[1]["runs"], rows[1]["ppl_se"]) == (3, 1, None)
-    assert "runs" not in runs.table_rows([single], ("ppl",))[0]  # no repeats: no extra columns
+    assert "runs" not in aggregate.table_rows([single], ("ppl",))[0]  # no repeats: no extra columns
 
 
 def test_study_tables_show_one_row_per_repeated_experiment(outputs):
     """peft, vlm and lvm tables too: two seeds of a method are one row with its mean and standard error."""
-    from effllm_utils import finetune, vision, vlm
 
     def rec(study, technique, scale, seed, loss, **params):
         r = _record(study, technique, 1 + seed, seed=seed, scale=scale, **params)
@@ -217,11 +217,11 @@ def test_study_tables_show_one_row_per_repeated_experiment(outputs):
             runs.write_record(rec(study, "lora", scale, seed, loss, **({"dataset": "milton"} if study == "peft"
                                                                         else {})))
         runs.write_record(rec("peft", "full", "tiny-base", seed, loss + 1, dataset="milton"))
-    p = finetune.table("tiny")
+    p = views.peft_table("tiny")
     assert list(p["method"]) == ["full", "lora"] and list(p["eval loss"]) == [3.5, 2.5] and list(p["runs"]) == [2, 2]
     assert p["eval loss s.e."].tolist() == [0.5, 0.5] and p["efficiency score"].notna().all()
-    v = vlm.table("tiny")
+    v = views.vlm_table("tiny")
     assert len(v) == 1 and (v["eval loss"][0], v["runs"][0], v["eval loss s.e."][0]) == (2.5, 2, 0.5)
-    t = vision.lvm_tables("tiny")
+    t = views.lvm_tables("tiny")
     assert (t["lvm"]["digits-FID"][0], t["lvm"]["digits-FID s.e."][0], t["lvm"]["runs"][0]) == (12.5, 0.5, 2)
     assert len(t["lvm_peft"]) == 1 and t["lvm_peft"]["loss"][0] == 2.5 and "PCU" in t["lvm_peft"]

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch  # loaded before any run's baseline, as in a study (its import alone is ~0.2 GB of RSS)
 
-from effllm_utils.telemetry import Monitor
+from effllm_utils.measure.telemetry import Monitor
 
 
 class FakeNVML:
@@ -177,8 +177,8 @@ def test_cpu_window_reports_the_process_and_what_the_window_added(tmp_path):
 
 RELEASE_SCRIPT = """
 import json, time, torch
-from effllm_utils import telemetry
-from effllm_utils.telemetry import Monitor
+from effllm_utils.measure import telemetry
+from effllm_utils.measure.telemetry import Monitor
 
 def run(n_bytes, chunks, release):
     if release:
@@ -229,7 +229,7 @@ def test_window_growth_is_what_the_window_added(tmp_path):
 
 
 def test_held_bytes_counts_each_storage_once():
-    from effllm_utils.telemetry import held_bytes
+    from effllm_utils.measure.telemetry import held_bytes
 
     emb = torch.nn.Embedding(1000, 64)
     head = torch.nn.Linear(64, 1000, bias=False)
@@ -250,7 +250,7 @@ def test_held_bytes_counts_each_storage_once():
 def test_held_bytes_of_a_torchao_int8_model_counts_its_inner_tensors():
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    from effllm_utils.telemetry import held_bytes
+    from effllm_utils.measure.telemetry import held_bytes
 
     model = torch.nn.Sequential(torch.nn.Linear(256, 512, bias=False))
     fp32 = held_bytes(model)
@@ -263,7 +263,7 @@ def test_held_bytes_of_a_torchao_int8_model_counts_its_inner_tensors():
 def test_release_memory_trims_the_c_heap_on_linux():
     import sys
 
-    from effllm_utils import telemetry
+    from effllm_utils.measure import telemetry
 
     if not sys.platform.startswith("linux"):
         pytest.skip("malloc_trim is glibc's")
@@ -273,7 +273,7 @@ def test_release_memory_trims_the_c_heap_on_linux():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_window_growth_from_torchs_allocator():
-    from effllm_utils import telemetry
+    from effllm_utils.measure import telemetry
 
     held = torch.ones(50_000_000, device="cuda")  # noqa: F841 - resident before the window: not growth
     telemetry.release_memory()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from effllm_utils import models
-from effllm_utils.train import Data, TrainConfig, TrainingDiverged, compiled, lr_lambda, train
+from effllm_utils.engine.train import Data, TrainConfig, TrainingDiverged, compiled, lr_lambda, train
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_train.py"
 IDS = (torch.arange(8_000) * 7 + torch.arange(8_000) // 97) % 128  # learnable: the next token follows from this one

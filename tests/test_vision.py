@@ -3,9 +3,16 @@ import numpy as np
 import pytest
 import torch
 
-from effllm_utils import data, finetune, models, runs, vision
+from effllm_utils import data, models
+from effllm_utils.core import aggregate
+from effllm_utils.data import imagesets
+from effllm_utils.engine import adapters
+from effllm_utils.engine.train import TrainConfig, train
+from effllm_utils.measure import fid
+from effllm_utils.models.dit import DiT
 from effllm_utils.models.modeling import MLAttention, MoE, NSAttention
-from effllm_utils.train import TrainConfig, train
+from effllm_utils.report import views
+from effllm_utils.studies import lvm
 
 DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
             vocab_size=1, position="none", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
@@ -15,16 +22,16 @@ DIMS = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_
 
 def dit(**overrides):
     torch.manual_seed(0)
-    return vision.DiT(models.EffLLMConfig(**(DIMS | overrides)), image_size=8, patch=2)
+    return DiT(models.EffLLMConfig(**(DIMS | overrides)), image_size=8, patch=2)
 
 
 def test_digits_split_and_range():
-    x, y = vision.digits("train")
-    xv, yv = vision.digits("validation")
+    x, y = imagesets.digits("train")
+    xv, yv = imagesets.digits("validation")
     assert x.shape[1:] == (1, 8, 8) and len(x) + len(xv) == 1797 and x.min() >= -1 and x.max() <= 1
     assert set(y.tolist()) == set(range(10))
     with pytest.raises(ValueError, match="unknown split 'test'"):
-        vision.digits("test")
+        imagesets.digits("test")
 
 
 def test_dit_uses_the_backbone_modules_and_starts_as_zero_velocity():
@@ -43,7 +50,7 @@ def test_sampler_gives_images_of_the_right_shape_and_range():
 
 @pytest.mark.parametrize("overrides", [{}, {"attention": "nsa"}, {"ffn": "moe"}, {"attention": "mla"}])
 def test_dit_trains_through_the_shared_loop(overrides):
-    x, y = vision.digits("train")
+    x, y = imagesets.digits("train")
     m = dit(**overrides)
     r = train(m, {"input_ids": x, "labels": y}, {"input_ids": x[:64], "labels": y[:64]},
               TrainConfig(steps=30, batch_size=32, seq_len=16, lr=3e-3, warmup_steps=2, eval_every=1000,
@@ -53,15 +60,15 @@ def test_dit_trains_through_the_shared_loop(overrides):
 
 
 def test_digits_fid_real_vs_real_is_small_and_noise_is_large():
-    vision._CLASSIFIER.clear()  # digits_fid trains the feature net on first use, from inside torch.no_grad
-    xv, _ = vision.digits("validation")
+    fid._CLASSIFIER.clear()  # digits_fid trains the feature net on first use, from inside torch.no_grad
+    xv, _ = imagesets.digits("validation")
     half = len(xv) // 2
-    real = vision.digits_fid(xv[:half], xv[half:])
-    net, acc = vision.digits_classifier()
+    real = fid.digits_fid(xv[:half], xv[half:])
+    net, acc = fid.digits_classifier()
     assert acc > 0.9  # the feature network does recognise digits
-    noise = vision.digits_fid(torch.rand(half, 1, 8, 8) * 2 - 1, xv[half:])
+    noise = fid.digits_fid(torch.rand(half, 1, 8, 8) * 2 - 1, xv[half:])
     assert real < 0.1 * noise and noise > 10 * max(real, 1e-6)
-    assert vision.digits_fid(xv, xv) == pytest.approx(0.0, abs=1e-6)
+    assert fid.digits_fid(xv, xv) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_lvm_study_end_to_end(outputs):
@@ -71,18 +78,18 @@ def test_lvm_study_end_to_end(outputs):
              dataset="digits", patch=2, steps=5, batch_size=32, grad_accum=1, lr=3e-3, warmup_steps=1,
              eval_every=1000, eval_batches=1, precision="auto", compile=False, seed=0, fid_samples=40,
              sample_steps=2, guidance=1.5)
-    recs = vision.run_lvm("tiny", P)
+    recs = lvm.run_lvm("tiny", P)
     assert [(r.technique, r.status) for r in recs] == [("mqa", "ok"), ("moe", "ok")], [r.error for r in recs]
     q = recs[0].quality
     assert q["fid"] > q["fid_real_vs_real"] >= 0 and len(recs[0].artifacts["samples"]) == 20
-    names = {p.name for p in vision.lvm_figures("tiny")}
+    names = {p.name for p in views.lvm_figures("tiny")}
     assert {"lvm.csv", "lvm.png", "lvm.pdf"} <= names
     with pytest.raises(ValueError, match=r"unknown lvm dataset \['imagenet_256'\]; choose from digits, cifar10, "
                                          r"imagefolder"):
-        vision.run_lvm("tiny", P | {"dataset": "imagenet_256"})
+        lvm.run_lvm("tiny", P | {"dataset": "imagenet_256"})
     with pytest.raises(ValueError, match=r"techniques\['moe4'\]: unknown config key 'num_experts'"):
-        vision.run_lvm("tiny", P | {"techniques": {"moe4": {"ffn": "moe", "num_experts": 4}}}, force=True)
-    assert len(runs.load_runs("tiny", "lvm")) == 2  # nothing ran, nothing was recorded
+        lvm.run_lvm("tiny", P | {"techniques": {"moe4": {"ffn": "moe", "num_experts": 4}}}, force=True)
+    assert len(aggregate.load_runs("tiny", "lvm")) == 2  # nothing ran, nothing was recorded
 
 
 def _image_folder(root, classes=3, per_class=12, size=12):
@@ -103,16 +110,16 @@ def test_image_datasets_through_datasets(tmp_path, monkeypatch):
     with labels and a held-out 10%; the Hub dataset offline and a missing folder are one clear line each."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     root = _image_folder(tmp_path / "imgs")
-    imgs = vision.image_set("imagefolder", data_files=str(root), image_size=8)
+    imgs = imagesets.image_set("imagefolder", data_files=str(root), image_size=8)
     assert imgs.x_train.shape[1:] == (3, 8, 8) and len(imgs.x_train) + len(imgs.x_val) == 36 and len(imgs.x_val) >= 3
     assert -1 <= float(imgs.x_train.min()) and float(imgs.x_train.max()) <= 1 and imgs.classes == 3
     assert sorted(set(imgs.y_train.tolist())) == [0, 1, 2] and imgs.fid_features.startswith("Inception")
     # a class's images keep their colour: class 2 is brighter than class 0
     assert imgs.x_train[imgs.y_train == 2].mean() > imgs.x_train[imgs.y_train == 0].mean() + 0.5
     with pytest.raises(ValueError, match="data_files must be a folder of images"):
-        vision.image_set("imagefolder")
+        imagesets.image_set("imagefolder")
     with pytest.raises(data.DatasetUnavailable, match="lvm dataset 'cifar10' could not be loaded: .*data_files"):
-        vision.image_set("cifar10")
+        imagesets.image_set("cifar10")
 
 
 def test_lvm_on_an_image_folder_records_fid_unavailable_with_the_reason(outputs, tmp_path, monkeypatch):
@@ -126,14 +133,14 @@ def test_lvm_on_an_image_folder_records_fid_unavailable_with_the_reason(outputs,
              dataset="imagefolder", data_files=str(root), image_size=8, max_images=0, patch=2, steps=4,
              batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=1, eval_every=1000, eval_batches=1, precision="auto",
              compile=False, seed=0, fid_samples=12, sample_steps=2, guidance=1.5)
-    monkeypatch.setattr(vision, "inception_fid", lambda *a, **k: (_ for _ in ()).throw(
-        vision.FeatureNetUnavailable("Inception FID needs torchmetrics and torch-fidelity")))
-    (rec,) = vision.run_lvm("tiny", P)
+    monkeypatch.setattr(fid, "inception_fid", lambda *a, **k: (_ for _ in ()).throw(
+        fid.FeatureNetUnavailable("Inception FID needs torchmetrics and torch-fidelity")))
+    (rec,) = lvm.run_lvm("tiny", P)
     assert rec.status == "ok", rec.error
     assert rec.quality["fid"] is None and rec.artifacts["fid_unavailable"].startswith("Inception FID needs")
     assert rec.metrics["al_s"] > 0 and rec.quality["loss"] > 0
     assert np.array(rec.artifacts["samples"]).shape[1:] == (3, 8, 8)
-    names = {p.name for p in vision.lvm_figures("tiny")}
+    names = {p.name for p in views.lvm_figures("tiny")}
     assert "lvm.png" in names
 
 
@@ -146,7 +153,7 @@ def test_lvm_peft_on_the_dit(outputs):
              finetune_methods=["freeze", "lora"], finetune_base="mha", finetune_task="mirror", finetune_steps=4,
              finetune_lr_full=1e-3, finetune_lr_adapter=3e-3, rank=4, alpha=8, target_modules=["q_proj", "v_proj"],
              freeze_fraction=0.5, loraplus_lr_ratio=16.0, pissa_init="pissa")
-    recs = vision.run_lvm_finetune("tiny", P)  # no pretraining record yet: the base DiT is trained and cached
+    recs = lvm.run_lvm_finetune("tiny", P)  # no pretraining record yet: the base DiT is trained and cached
     assert [(r.technique, r.scale, r.status) for r in recs] == [("freeze", "micro-ft", "ok"),
                                                                 ("lora", "micro-ft", "ok")]
     freeze, lora = recs
@@ -154,21 +161,21 @@ def test_lvm_peft_on_the_dit(outputs):
     assert freeze.artifacts["method_info"] == {"frozen_layers": 1, "total_layers": 2}
     assert lora.metrics["trainable_params"] < freeze.metrics["trainable_params"] < lora.metrics["base_params"]
     # freeze trains the upper block and the output layers, not the bottom block or the embeddings
-    base = vision.dit_base("tiny", P, "micro", "cpu")
-    model, _, _ = finetune.apply_method(base, "freeze", P)
+    base = lvm.dit_base("tiny", P, "micro", "cpu")
+    model, _, _ = adapters.apply_method(base, "freeze", P)
     trained = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks") else "")
                for n, p in model.named_parameters() if p.requires_grad}
     assert trained == {"blocks.1", "final_ada", "out"}
-    tables = vision.lvm_tables("tiny")
+    tables = views.lvm_tables("tiny")
     assert list(tables["lvm_peft"]["method"]) == ["freeze", "lora"]
     assert tables["lvm_peft"]["efficiency score"].between(0, 1).all()
     with pytest.raises(ValueError, match="unknown finetune_task 'rotate'"):
-        vision.run_lvm_finetune("tiny", P | {"finetune_task": "rotate"})
+        lvm.run_lvm_finetune("tiny", P | {"finetune_task": "rotate"})
 
 
 def test_inception_fid_without_torchmetrics_is_one_line(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as on a machine without the [vision] extra
-    with pytest.raises(vision.FeatureNetUnavailable, match=r"pip install -e '\.\[vision\]'"):
-        vision.inception_fid(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+    with pytest.raises(fid.FeatureNetUnavailable, match=r"pip install -e '\.\[vision\]'"):
+        fid.inception_fid(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))

@@ -2,7 +2,11 @@
 import pytest
 import torch
 
-from effllm_utils import finetune, vlm
+from effllm_utils.data import imagesets
+from effllm_utils.engine import adapters, suite
+from effllm_utils.models import hub
+from effllm_utils.report import views
+from effllm_utils.studies import vlm
 
 SPEC = {"source": "suite", "dims": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                                     "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 128},
@@ -17,38 +21,38 @@ P = dict(device="auto", methods=["full", "lora"], models={"micro": SPEC}, vocab_
 
 @pytest.fixture
 def built(outputs):
-    return vlm.suite_vlm("tiny", "micro", SPEC, P, "cpu")
+    return suite.suite_vlm("tiny", "micro", SPEC, P, "cpu")
 
 
 def test_descriptions_are_grounded_in_the_image():
     blank, full = -torch.ones(1, 1, 8, 8), torch.ones(1, 1, 8, 8)
-    assert vlm.stroke_words(torch.cat([blank, full])) == ["thin", "bold"]
-    assert vlm.answer(7, "bold") == "seven, bold strokes."
+    assert imagesets.stroke_words(torch.cat([blank, full])) == ["thin", "bold"]
+    assert imagesets.answer(7, "bold") == "seven, bold strokes."
 
 
 def test_examples_hold_every_image_token_and_train_on_the_answer_only(built):
     model, tok, info = built
     n = info["n_image_tokens"]
     assert n == 17 and model.config.image_seq_length == 17  # 16 patches + CLS
-    ex, meta = vlm.digit_examples("validation", tok, n, P["seq_len"])
-    image_id = tok.convert_tokens_to_ids(vlm.IMAGE_TOKEN)
+    ex, meta = imagesets.digit_examples("validation", tok, n, P["seq_len"])
+    image_id = tok.convert_tokens_to_ids(imagesets.IMAGE_TOKEN)
     assert ex["pixel_values"].shape == (len(meta["digit"]), 1, 8, 8)
     assert bool(((ex["input_ids"] == image_id).sum(1) == n).all())
     first = ex["labels"][0][ex["labels"][0] != -100]
-    assert tok.decode(first).startswith(vlm.WORDS[int(meta["digit"][0])])
+    assert tok.decode(first).startswith(imagesets.WORDS[int(meta["digit"][0])])
     with pytest.raises(ValueError, match="seq_len 20 is too short for 17 image tokens"):
-        vlm.digit_examples("validation", tok, n, 20)
+        imagesets.digit_examples("validation", tok, n, 20)
 
 
 def test_llava_keeps_the_backbone_logits_and_the_adapter_merges(built):
     model, tok, info = built
-    ex, meta = vlm.digit_examples("validation", tok, info["n_image_tokens"], P["seq_len"])
+    ex, meta = imagesets.digit_examples("validation", tok, info["n_image_tokens"], P["seq_len"])
     batch = {"input_ids": ex["input_ids"][:3], "pixel_values": ex["pixel_values"][:3]}
     model.eval()
     with torch.no_grad():
         base = model(**batch).logits
     assert base.shape == (3, P["seq_len"], len(tok))
-    peft_model, _, _ = finetune.apply_method(model, "lora", P | {"target_modules": vlm._language_targets(["q_proj",
+    peft_model, _, _ = adapters.apply_method(model, "lora", P | {"target_modules": vlm._language_targets(["q_proj",
                                                                                                           "v_proj"])},
                                              task_type=None, modules_to_save=["multi_modal_projector"])
     names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
@@ -65,7 +69,7 @@ def test_llava_keeps_the_backbone_logits_and_the_adapter_merges(built):
 
 
 def test_vlm_study_end_to_end(outputs):
-    recs = vlm.run_study("tiny", P)
+    recs = vlm.run_study("vlm", "tiny", P)
     assert [(r.technique, r.status) for r in recs] == [("full", "ok"), ("lora", "ok")], [r.error for r in recs]
     full, lora = recs
     assert 0.0 <= full.quality["digit_acc"] <= 1.0 and full.quality["loss"] > 0
@@ -73,22 +77,28 @@ def test_vlm_study_end_to_end(outputs):
     assert full.quality["frozen_head_floor"] is None and full.artifacts["frozen_head_floor_reason"] == \
         "full trains the head"
     assert 0.0 < lora.quality["frozen_head_floor"] < lora.quality["loss"]  # a bound the adapter cannot go below
-    t = vlm.table("tiny")
+    t = views.vlm_table("tiny")
     assert t["frozen-head floor"].isna().tolist() == [True, False]
     assert list(t["method"]) == ["full", "lora"] and t["efficiency score"].between(0, 1).all()
-    assert {"vlm.csv", "vlm_micro.png"} <= {p.name for p in vlm.figures("tiny")}
+    assert {"vlm.csv", "vlm_micro.png"} <= {p.name for p in views.vlm_figures("tiny")}
 
 
 def test_hub_model_missing_is_one_clear_error(tmp_path):
-    with pytest.raises(vlm.ModelUnavailable, match="could not be loaded .* the gpu profile needs the Hugging Face Hub"):
-        vlm.hub_vlm(str(tmp_path / "no-such-model"), "gpu")
+    with pytest.raises(hub.ModelUnavailable, match="could not be loaded .* the gpu profile needs the Hugging Face Hub"):
+        hub.hub_vlm(str(tmp_path / "no-such-model"), "gpu")
 
 
 def _local_llava(path):
     """A LLaVA-1.5-style checkpoint created here (CLIP encoder, Llama text model, LlavaProcessor with a chat
     template), saved like a Hub download: the gpu/paper code path, exercised offline."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     from effllm_utils import data
 
@@ -118,14 +128,14 @@ def test_hub_path_on_a_local_llava_checkpoint(outputs, tmp_path):
     """The gpu/paper path (AutoModelForImageTextToText + AutoProcessor + chat template) end to end on a locally
     created LLaVA-1.5-style checkpoint: examples through the processor, adapters on the language model only."""
     path = str(_local_llava(tmp_path / "llava"))
-    model, proc = vlm.hub_vlm(path, "gpu")
-    ex, info = vlm.hub_examples("validation", proc, 64)
+    model, proc = hub.hub_vlm(path, "gpu")
+    ex, info = imagesets.hub_examples("validation", proc, 64)
     image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
     assert ex["pixel_values"].shape[1:] == (3, 16, 16) and bool(((ex["input_ids"] == image_id).sum(1) == 16).all())
     answer = ex["labels"][0][ex["labels"][0] != -100]
-    assert proc.tokenizer.decode(answer).startswith(vlm.WORDS[int(info["digit"][0])])
+    assert proc.tokenizer.decode(answer).startswith(imagesets.WORDS[int(info["digit"][0])])
     Q = P | {"methods": ["lora", "freeze"], "models": {"local-llava": {"source": path}}}
-    recs = vlm.run_study("gpu", Q | {"device": "cpu"})
+    recs = vlm.run_study("vlm", "gpu", Q | {"device": "cpu"})
     assert [(r.technique, r.status) for r in recs] == [("lora", "ok"), ("freeze", "ok")], [r.error for r in recs]
     lora, freeze = recs
     assert 0 <= lora.quality["digit_acc"] <= 1 and lora.quality["loss"] > 0

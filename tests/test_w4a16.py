@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from effllm_utils import decode, w4a16
-from effllm_utils.models import EffLLMForCausalLM
 from effllm_utils import models
+from effllm_utils.engine import decode, w4a16
+from effllm_utils.models import EffLLMForCausalLM
 
 
 def test_pack_roundtrip_and_layout():
@@ -52,7 +52,7 @@ def test_kernel_choice_errors():
 
 _INTERPRETED = textwrap.dedent("""
     import torch
-    from effllm_utils import decode, w4a16
+    from effllm_utils.engine import decode, w4a16
     from effllm_utils import models
     from effllm_utils.models import EffLLMForCausalLM
     assert w4a16.available("cpu")
@@ -94,7 +94,7 @@ _INTERPRETED = textwrap.dedent("""
     assert w4a16.choose(torch.randn(9, 256), words, rows, 64) == "gemm"
     assert w4a16.choose(torch.randn(2, 256), words, rows, 64) == "gemv"  # nothing to time under the interpreter
     # the dense Triton GEMV (effllm_utils.gemv) against F.linear: bf16/fp16/fp32, ragged N and K, K split in 8
-    from effllm_utils import gemv
+    from effllm_utils.engine import gemv
     import torch.nn.functional as F
     assert gemv.splits(16, 8192) == 8
     for M, N, K, dt in [(1, 44, 200, torch.bfloat16), (3, 40, 384, torch.float16), (2, 16, 8192, torch.float32)]:
@@ -139,7 +139,8 @@ def test_kernels_and_decoder_under_the_triton_interpreter():
 
 _COMPILED = textwrap.dedent("""
     import torch
-    from effllm_utils import decode, models
+    from effllm_utils import models
+    from effllm_utils.engine import decode
     from effllm_utils.models import EffLLMForCausalLM
     torch.manual_seed(0)
     ids = torch.randint(0, 128, (1, 6))
@@ -179,7 +180,7 @@ def test_kernels_on_cuda_bf16():
                     out = w4a16.partials(x, words, rows, 128, kernel)
                     assert out.shape == (w4a16.splits(kernel, N, K, 128), M, N)
                     assert ((out.sum(0) - ref).norm() / ref.norm()).item() < 8e-3, (kernel, M, N, K)
-    from effllm_utils import gemv
+    from effllm_utils.engine import gemv
     for M, N, K, dt in ((1, 1152, 896, torch.bfloat16), (1, 896, 4864, torch.bfloat16), (4, 9728, 896, torch.bfloat16),
                         (1, 151936, 896, torch.bfloat16), (2, 896, 4864, torch.float32), (1, 1152, 896, torch.float16)):
         w = torch.randn(N, K, device="cuda", dtype=dt)

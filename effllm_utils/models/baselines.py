@@ -7,10 +7,9 @@ the total parameter count closest to the target. `build_baseline` checks the mat
 from __future__ import annotations
 
 import torch
-from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig,
-                          RwkvForCausalLM)
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig, MambaForCausalLM, RwkvConfig, RwkvForCausalLM
 
-from .. import check_keys, config_args
+from effllm_utils import check_keys, config_args
 
 FAMILIES = ("mamba", "rwkv", "pythia")
 
@@ -85,7 +84,7 @@ def build_baseline(family: str, target_params: int, n_layers: int, vocab_size: i
     are fields of its config (`{"use_parallel_residual": False}` for Pythia), applied before the width search."""
     check_overrides(family, overrides or {})  # and the family
     if family == "mamba":
-        from .mamba_scan import install
+        from effllm_utils.models.mamba_scan import install
 
         install()  # the selective scan on CPU (see mamba_scan); CUDA keeps the library's path
     for step in sorted({multiple, 2, 1}, reverse=True):  # finer widths only when the coarse grid misses

@@ -86,8 +86,8 @@ class EffLLMConfig(PretrainedConfig):
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
 
     def shape(self):
-        """The effllm_utils.metrics.TransformerShape of this config (for FLOPs and KV bytes)."""
-        from ..metrics import TransformerShape
+        """The effllm_utils.measure.metrics.TransformerShape of this config (for FLOPs and KV bytes)."""
+        from effllm_utils.measure.metrics import TransformerShape
 
         return TransformerShape(
             d_model=self.hidden_size, n_layers=self.num_hidden_layers, n_heads=self.num_attention_heads,
@@ -104,6 +104,6 @@ def config_fields_check(fields, where: str = "EffLLMConfig") -> None:
     """Raise ValueError naming any key of `fields` that is not an EffLLMConfig argument (with the closest valid
     name). EffLLMConfig itself takes unknown keys (`transformers` passes its own when loading a checkpoint), so a
     typo in a study's params (`atention: mla`) would otherwise train the default model under the wrong name."""
-    from .. import check_keys, config_args
+    from effllm_utils import check_keys, config_args
 
     check_keys(fields, config_args(EffLLMConfig), where, "config key")

@@ -37,6 +37,9 @@ Feed-forward (config.ffn)
   dense  SwiGLU.
   moe    top-k softmax router (renormalised over the chosen k, as Mixtral) with the Switch load-balancing loss;
          experts run as one padded batched matmul over all experts (dropless, no Python loop over experts).
+
+Long by design: the whole backbone (every attention, position and feed-forward variant) in one file read top to
+bottom, litgpt-style.
 """
 from __future__ import annotations
 
@@ -49,8 +52,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import EffLLMConfig
-from .loss import linear_cross_entropy
+from effllm_utils.models.config import EffLLMConfig
+from effllm_utils.models.loss import linear_cross_entropy
 
 # transformers 5.25 renamed the KV cache from `past_key_values` to `cache`, both as the forward keyword that `generate`
 # passes and as the field of model outputs (5.0-5.24 use the old name). A model that only knows one name silently
@@ -414,6 +417,22 @@ class MoE(nn.Module):
 ATTENTION_CLASSES = {"mha": Attention, "gqa": Attention, "mqa": Attention, "mla": MLAttention, "nsa": NSAttention}
 
 
+def register_attention(name: str, cls: type[nn.Module]) -> None:
+    """Make `attention: <name>` a valid config value built as `cls(config, layer_idx)` (docs/adding-a-technique.md).
+
+    `cls` takes the arguments of `Attention` and its forward(x, positions, rope, allowed, bias, cache) returns the
+    attention output [B, T, hidden]. FLOPs and KV bytes are counted as for grouped-query attention with the config's
+    KV heads (measure.metrics); an attention whose matmuls differ adds its own branch there."""
+    import importlib
+
+    config_module = importlib.import_module("effllm_utils.models.config")  # (models.config is also a function)
+    if name in ATTENTION_CLASSES and ATTENTION_CLASSES[name] is not cls:
+        raise ValueError(f"attention {name!r} is already registered as {ATTENTION_CLASSES[name].__name__}")
+    ATTENTION_CLASSES[name] = cls
+    if name not in config_module.ATTENTIONS:
+        config_module.ATTENTIONS = (*config_module.ATTENTIONS, name)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, config: EffLLMConfig, layer_idx: int):
         super().__init__()
@@ -569,7 +588,7 @@ class EffLLMForCausalLM(EffLLMPreTrainedModel, GenerationMixin):
 
     def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
         """Bytes the KV cache stores per token across all layers (MLA: the latent and the rotary key)."""
-        from ..metrics import kv_bytes_per_token
+        from effllm_utils.measure.metrics import kv_bytes_per_token
 
         itemsize = (dtype or next(self.parameters()).dtype).itemsize
         return kv_bytes_per_token(self.config.shape(), itemsize)

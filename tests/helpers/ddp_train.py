@@ -5,7 +5,7 @@ import sys
 import torch
 
 from effllm_utils import models
-from effllm_utils.train import TrainConfig, train
+from effllm_utils.engine.train import TrainConfig, train
 
 torch.manual_seed(0)
 model = models.EffLLMForCausalLM(models.config("test", ffn=sys.argv[2] if len(sys.argv) > 2 else "dense"))

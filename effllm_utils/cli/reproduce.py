@@ -1,0 +1,324 @@
+"""`make reproduce`: run every study notebook of a profile in batch with papermill.
+
+    python -m effllm_utils.cli.reproduce --profile tiny [--only hardware,attention] [--dry-run] [--force]
+    python -m effllm_utils.cli.reproduce --profile gpu --only attention --set steps=200 --set dataset=embedded
+
+Each study's `params/<profile>/<study>.yaml` is validated against its notebook's parameters cell first; each
+notebook runs in its own kernel with a per-cell timeout and is written, executed, to
+outputs/<profile>/notebooks/<study>.ipynb. A failing notebook is reported (cell and error) and the batch goes on;
+the summary table ends the run, and the exit status is 1 if any study failed. Records are written atomically by the
+notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) resumes where it stopped.
+`--set KEY=VALUE` overrides one parameter of every selected study for this run (checked against each notebook's
+declaration); the records keep the params they ran with, so an override is never mistaken for the file's run.
+`--seeds 0,1,2` runs each study that has a `seed` parameter once per seed (its executed notebooks
+`<study>.seed<S>.ipynb`): the repeats a study's tables average, with their standard error, and the claims check
+weighs; hardware and paper_figures run once, paper_figures last.
+`--submit slurm` runs each study as a Slurm job through submitit (`--slurm-partition`, `--slurm-gpus`, ...; job logs
+under outputs/<profile>/jobs/), `--submit local` the same as local processes; paper_figures starts after the others.
+
+    python -m effllm_utils.cli.reproduce --profile paper --submit slurm --slurm-partition gpu --slurm-gpus 8
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from effllm_utils import PROFILES, outputs_dir, repo_root
+from effllm_utils.core.params import (
+    ParamsError,
+    effective,
+    notebook_parameters,
+    notebook_path,
+    parse_overrides,
+    study_params,
+    with_overrides,
+)
+from effllm_utils.core.runs import atomic_write_text
+from effllm_utils.studies import registry
+
+
+@dataclass
+class Outcome:
+    study: str
+    status: str  # ok | failed | planned
+    seconds: float = 0.0
+    detail: str = ""
+    notebook: str = ""
+
+
+def manifest(root: Path) -> list[str]:
+    """Studies with a notebook, in the canonical order (hardware first: the others use its measured peak)."""
+    return [s for s in registry.names() if notebook_path(s, root).is_file()]
+
+
+def select(only: str | None, root: Path) -> list[str]:
+    available = manifest(root)
+    if not only:
+        return available
+    chosen = [s.strip() for s in only.split(",") if s.strip()]
+    for s in chosen:
+        if s not in registry.names():
+            raise ValueError(f"unknown study {s!r} in --only; known studies: {', '.join(registry.names())}")
+        if s not in available:
+            raise ValueError(f"study {s!r} has no notebook yet ({notebook_path(s, root)})")
+    return [s for s in available if s in chosen]
+
+
+def _ipc_kernel_manager():
+    """A kernel manager that talks to the kernel over Unix sockets (IPC) instead of loopback TCP: nothing listens on
+    a port, and ipykernel no longer warns at every study that it "is running over TCP without encryption". Each
+    kernel gets socket paths of its own (jupyter's default, ./kernel-ipc-N, collides between concurrent jobs)."""
+    import tempfile
+    import uuid
+
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self):
+            return "ipc" if os.name == "posix" else "tcp"
+
+        @default("ip")
+        def _ip_default(self):
+            if self.transport != "ipc":
+                return "127.0.0.1"
+            return os.path.join(tempfile.gettempdir(), f"effllm-kernel-{uuid.uuid4().hex[:16]}")
+
+    return IPCKernelManager
+
+
+def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None,
+              overrides: dict | None = None, name: str | None = None) -> Outcome:
+    """Execute one study's notebook with its params (and `overrides`) into outputs/<profile>/notebooks/<name>.ipynb
+    (`name`: the study by default; a row of the summary table)."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    t0 = time.perf_counter()
+    name = name or study
+    try:
+        values = with_overrides(study, study_params(study, profile, root), overrides or {}, root)
+    except ParamsError as e:
+        return Outcome(name, "failed", 0.0, f"params: {e}")
+    out_dir = outputs_dir(profile) / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.ipynb"
+    partial = out_dir / f".{name}.partial.ipynb"
+    try:
+        papermill.execute_notebook(
+            str(notebook_path(study, root)), str(partial), parameters={**values, "profile": profile, "force": force},
+            kernel_name=kernel, execution_timeout=timeout_s, progress_bar=False, log_output=False, cwd=str(root),
+            kernel_manager_class=_ipc_kernel_manager())
+        outcome = Outcome(name, "ok", time.perf_counter() - t0, "", str(final))
+    except PapermillExecutionError as e:
+        # exec_count is the In [n] label of the executed notebook (which includes papermill's injected cell)
+        detail = f"cell [{e.exec_count}]: {e.ename}: {e.evalue}".strip()
+        outcome = Outcome(name, "failed", time.perf_counter() - t0, detail, str(final))
+    except Exception as e:  # noqa: BLE001 - kernel death, timeout, bad notebook: report and go on
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = f"{type(e).__name__}: {first}"[:500]
+        if isinstance(e, DeadKernelError):  # killed from outside: on Linux most often the OOM killer
+            detail = (f"the notebook's kernel died ({detail}), most often the out-of-memory killer (see `dmesg | "
+                      f"grep -i oom`): lower batch_size or seq_len in params/{profile}/{study}.yaml (or --set); "
+                      f"the records written before it are kept and the same command resumes")
+        outcome = Outcome(name, "failed", time.perf_counter() - t0, detail, str(final))
+    if partial.exists():
+        partial.replace(final)  # the executed notebook, failed cells included, for inspection
+    return outcome
+
+
+@dataclass
+class Task:
+    """One notebook execution of a batch: a study, its overrides (--set, and the seed under --seeds) and its name."""
+    study: str
+    overrides: dict
+    name: str
+
+
+def parse_seeds(text: str | None) -> list[int]:
+    """--seeds "0,1,2" -> [0, 1, 2]; integers, no repeats."""
+    if not text:
+        return []
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, e.g. 0,1,2, not {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs distinct integers, e.g. 0,1,2, not {text!r}")
+    return seeds
+
+
+def plan(studies: list[str], overrides: dict, seeds: list[int], root: Path) -> list[Task]:
+    """The notebook executions in order: each study once, or once per seed where `seeds` are given and the study has
+    a `seed` parameter (hardware and paper_figures have none)."""
+    if seeds and "seed" in overrides:
+        raise ValueError("give the seed either with --seeds or with --set seed=..., not both")
+    tasks = []
+    for s in studies:
+        if seeds and "seed" in notebook_parameters(notebook_path(s, root)):
+            tasks += [Task(s, overrides | {"seed": seed}, f"{s}.seed{seed}") for seed in seeds]
+        else:
+            tasks.append(Task(s, overrides, s))
+    return tasks
+
+
+def job_parameters(args) -> dict:
+    """submitit parameters for one study's job: Slurm resources from the --slurm-* options (a GPU per job on the
+    gpu/paper profiles unless --slurm-gpus says otherwise); the local executor takes the same timeout and GPUs."""
+    gpus = args.slurm_gpus if args.slurm_gpus is not None else (0 if args.profile == "tiny" else 1)
+    params = {"timeout_min": args.slurm_time, "cpus_per_task": args.slurm_cpus, "name": f"effllm-{args.profile}"}
+    if gpus:
+        params["gpus_per_node"] = gpus
+    if args.slurm_mem_gb:
+        params["mem_gb"] = args.slurm_mem_gb
+    if args.slurm_partition:
+        params["slurm_partition"] = args.slurm_partition
+    return params
+
+
+def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
+    """Each task (a study, or a study and seed) as one job through submitit (`--submit slurm`: sbatch on a Slurm
+    cluster; `local`: a process here), all at once except paper_figures, which draws from every record and so starts
+    when the others ended. Returns their outcomes in task order, as the sequential runner does; job logs under
+    outputs/<profile>/jobs/."""
+    import submitit  # main() checked it imports before anything ran
+
+    folder = outputs_dir(args.profile) / "jobs"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
+    executor.update_parameters(**job_parameters(args))
+
+    def launch(group: list[Task]) -> dict:
+        jobs = {t.name: executor.submit(run_study, t.study, args.profile, root, args.force, args.timeout, args.kernel,
+                                        t.overrides, t.name) for t in group}
+        for name, job in jobs.items():
+            print(f"submitted {name}: job {job.job_id} ({args.submit}; log {folder})", file=sys.stderr, flush=True)
+        return jobs
+
+    def wait(jobs: dict) -> dict[str, Outcome]:
+        done = {}
+        for s, job in jobs.items():
+            try:
+                done[s] = job.result()
+            except Exception as e:  # noqa: BLE001 - the job itself died (Slurm timeout, node failure, ...)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                done[s] = Outcome(s, "failed", 0.0, f"job {job.job_id}: {first}"[:500])
+        return done
+
+    last = [t for t in tasks if registry.get(t.study).reads_all]
+    outcomes = wait(launch([t for t in tasks if t not in last]))
+    outcomes |= wait(launch(last)) if last else {}
+    return [outcomes[t.name] for t in tasks]
+
+
+def _table(outcomes: list[Outcome]) -> str:
+    rows = [("study", "status", "time", "detail")] + [(o.study, o.status, f"{o.seconds:.1f}s", o.detail)
+                                                      for o in outcomes]
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:>{w[2]}}  {r[3]}" for r in rows)
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m effllm_utils.cli.reproduce", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default=os.environ.get("PROFILE", "tiny"), help=f"one of {', '.join(PROFILES)}")
+    ap.add_argument("--only", help="comma-separated studies to run (default: every study with a notebook)")
+    ap.add_argument("--dry-run", action="store_true", help="validate params and print the plan; run nothing")
+    ap.add_argument("--force", action="store_true", help="re-run techniques whose records exist")
+    ap.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout in seconds")
+    ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's, python3)")
+    ap.add_argument("--root", type=Path, default=None, help="effllm checkout holding notebooks/ and params/")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a parameter of the selected studies for this run (VALUE as YAML); repeatable")
+    ap.add_argument("--seeds", default=None, metavar="S,S,...",
+                    help="run each study that has a seed parameter once per seed (repeats: tables show their mean "
+                         "and standard error)")
+    ap.add_argument("--submit", choices=("slurm", "local"), default=None,
+                    help="run each study as a job through submitit, on a Slurm cluster or as local processes "
+                         "(paper_figures after the others); waits and prints the same table")
+    ap.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs")
+    ap.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job (default: 1, or 0 on tiny)")
+    ap.add_argument("--slurm-cpus", type=int, default=16, help="CPUs per job")
+    ap.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per job in GB (default: Slurm's)")
+    ap.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per job in minutes")
+    args = ap.parse_args(argv)
+    if args.root:
+        os.environ["EFFLLM_ROOT"] = str(args.root.resolve())  # kernels inherit it
+    root = repo_root()
+    try:
+        if args.profile not in PROFILES:
+            raise ValueError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+        studies = select(args.only, root)
+        overrides = parse_overrides(args.overrides)
+        for st in studies:  # every override must be a parameter of every selected study, before anything runs
+            with_overrides(st, {}, overrides, root)
+        tasks = plan(studies, overrides, parse_seeds(args.seeds), root)
+        if args.submit and importlib.util.find_spec("submitit") is None:
+            raise ValueError("--submit needs submitit (pip install submitit); or run without --submit")
+    except (ValueError, ParamsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not studies:
+        print(f"error: no study notebooks under {root / 'notebooks'}", file=sys.stderr)
+        return 2
+
+    if args.dry_run:
+        bad = 0
+        for t in tasks:
+            s = t.study
+            try:
+                values = with_overrides(s, study_params(s, args.profile, root), t.overrides, root)
+                # technique and model specs: config fields, checked, not just typed
+                registry.check(s, effective(s, values, root))
+                print(f"{t.name}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
+            except (ParamsError, ValueError) as e:
+                bad += 1
+                print(f"{t.name}: error: {e}")
+        return 1 if bad else 0
+
+    from tqdm.auto import tqdm
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    outcomes: list[Outcome] = []
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    where = "while waiting for the jobs (submitted jobs go on)"
+    try:
+        if args.submit:
+            outcomes = submit(tasks, args, root)
+        else:
+            bar = tqdm(tasks, desc=f"reproduce[{args.profile}]", unit="run", file=sys.stderr)
+            for t in bar:
+                where = f"during {t.name!r}"
+                bar.set_postfix_str(t.name)
+                o = run_study(t.study, args.profile, root, args.force, args.timeout, args.kernel, t.overrides, t.name)
+                outcomes.append(o)
+                if o.status != "ok":
+                    tqdm.write(f"FAILED {t.name}: {o.detail}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted {where}: finished records are kept and nothing half-written remains; "
+              f"run the same command again to resume", file=sys.stderr)
+        return 130
+    summary = {"profile": args.profile, "started_at": started, "force": args.force,
+               "studies": [asdict(o) for o in outcomes]}
+    atomic_write_text(outputs_dir(args.profile) / "reproduce_summary.json", json.dumps(summary, indent=1) + "\n")
+    print("\n" + _table(outcomes))
+    failed = [o.study for o in outcomes if o.status != "ok"]
+    print(f"\n{len(outcomes) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+          + f"; executed notebooks in {outputs_dir(args.profile) / 'notebooks'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The suite's own pretrained bases: the backbone pretrained once per recipe (shared by peft, quantization and vlm),
+the vlm's vision encoder and LLaVA model; model specs checked key by key before any run.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from effllm_utils import check_keys, config_args, data, outputs_dir
+from effllm_utils.core import runs
+from effllm_utils.core.runtime import seed_everything
+from effllm_utils.data.imagesets import IMAGE_TOKEN, digit_examples
+from effllm_utils.models.convert import export_qwen2
+from effllm_utils.models.hub import ModelUnavailable
+from effllm_utils.models.llava import build_llava
+
+# -- models and data ---------------------------------------------------------------------------------------------
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+
+
+SUITE_REQUIRED = ("source", "dims", "pretrain_steps", "pretrain_lr")
+SUITE_OPTIONAL = ("pretrain_seq_len", "pretrain_batch_size")  # the study's seq_len and batch_size by default
+VLM_SUITE_KEYS = ("pretrain_seq_len", "pretrain_batch_size", "encoder", "encoder_steps", "encoder_lr",
+                  "align_steps", "align_lr")  # all required for the vlm study's suite model
+
+
+def check_model_specs(models: dict[str, Any], vlm: bool = False) -> None:
+    """Every entry of a study's `models` names real keys, before the first run: a suite model (`source: suite`)
+    its pretraining recipe (and, for the vlm study, its encoder and alignment), a Hub model only its `source`. A
+    misspelt key (`pretrain_stpes`) would otherwise be ignored or fail deep in a run."""
+    from effllm_utils.models import config_fields_check
+
+    for name, spec in models.items():
+        where = f"models[{name!r}]"
+        if not isinstance(spec, dict) or "source" not in spec:
+            raise ValueError(f"{where}: needs a 'source' (suite, a Hub id or a local path), got {spec!r}")
+        if spec["source"] != "suite":
+            check_keys(spec, ("source",), where, "Hub-model key")
+            continue
+        required = SUITE_REQUIRED + (VLM_SUITE_KEYS if vlm else ())
+        check_keys(spec, required if vlm else SUITE_REQUIRED + SUITE_OPTIONAL, where, "suite-model key")
+        if missing := [k for k in required if k not in spec]:
+            raise ValueError(f"{where}: a suite model needs {', '.join(missing)}")
+        config_fields_check(spec["dims"], f"{where}['dims']")
+        if vlm:
+            from transformers import CLIPVisionConfig
+
+            check_keys(spec["encoder"], config_args(CLIPVisionConfig, ("image_size", "num_channels")),
+                       f"{where}['encoder']", "CLIPVisionConfig field")  # the digits fix those two
+
+
+def check_params(P: dict[str, Any], vlm: bool = False) -> None:
+    """A study's `models` specs, key by key, before any run (the registry's check of peft and quantization)."""
+    check_model_specs(P["models"], vlm=vlm)
+
+
+def check_vlm_params(P: dict[str, Any]) -> None:
+    """The vlm study's `models` specs (suite recipe, dims, the vision encoder): the registry's check."""
+    check_params(P, vlm=True)
+
+
+def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
+    """(model, tokenizer, info) for one entry of P['models']."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec["source"] != "suite":
+        try:
+            tok = AutoTokenizer.from_pretrained(spec["source"])
+            model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.float32)
+        except OSError as e:
+            raise ModelUnavailable(f"model {spec['source']!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                                   f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model, tok, {"source": spec["source"]}
+    from effllm_utils import models  # noqa: F401 - registers the backbone with the Auto classes
+    from effllm_utils.engine.train import TrainConfig, train
+    from effllm_utils.models.techniques import build_model
+
+    tok = data.tokenizer(P["vocab_size"])
+    # the pretraining recipe: the spec's pretrain_* values, else the study's seq_len and batch_size
+    seq_len, batch = spec.get("pretrain_seq_len", P["seq_len"]), spec.get("pretrain_batch_size", P["batch_size"])
+    key = {k: spec[k] for k in ("dims", "pretrain_steps", "pretrain_lr")} | {"vocab": P["vocab_size"],
+                                                                            "seq_len": seq_len, "batch_size": batch}
+    # keyed by the recipe, not the model's name: every study and name with the same recipe (the peft, quantization
+    # and vlm studies' tiny models) shares one pretrained checkpoint
+    ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"suite-{_hash(key)}"
+    if not (ckpt / "model.safetensors").is_file():  # pretrain once; every method and dataset reuses it
+        seed_everything(0)
+        model, fpt, _ = build_model(spec["dims"], len(tok), {}, seq_len)
+        cfg = TrainConfig(steps=spec["pretrain_steps"], batch_size=batch, seq_len=seq_len,
+                          lr=spec["pretrain_lr"], warmup_steps=min(10, spec["pretrain_steps"] // 10),
+                          eval_every=10**9, eval_batches=P["eval_batches"])
+        result = train(model.to(device), data.token_ids("train", tok), data.token_ids("validation", tok), cfg,
+                       flops_per_token=fpt)
+        with runs.atomic_dir(ckpt) as tmp:
+            model.save_pretrained(tmp)
+            (tmp / "pretrain.json").write_text(json.dumps(result["quality"]))
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    return model, tok, {"source": "suite", "checkpoint": str(ckpt),
+                        "pretrain": json.loads((ckpt / "pretrain.json").read_text())}
+
+
+def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
+    """(checkpoint dir in Qwen2 format or Hub id, tokenizer): the suite's backbone (pretrained once, cached, shared
+    with the fine-tuning study) exported to Qwen2, or a Hub model as it is."""
+
+    model, tok, info = load_base(profile, name, spec, P, "cpu")
+    if spec["source"] != "suite":
+        return spec["source"], tok
+    out = Path(info["checkpoint"]).with_name(Path(info["checkpoint"]).name + "-qwen2")
+    if not (out / "model.safetensors").is_file():
+        with runs.atomic_dir(out) as tmp:
+            export_qwen2(model, tmp, tok)
+    return out, tok
+
+
+# -- models --------------------------------------------------------------------------------------------------------
+
+def vision_encoder(profile: str, spec: dict, seed: int, device: str):
+    """A transformers CLIPVisionModel pretrained here as a digits classifier (linear head on the pooled output),
+    cached under checkpoints/vision/; returns (encoder, validation accuracy)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from effllm_utils.data.imagesets import digits
+
+    path = outputs_dir(profile) / "checkpoints" / "vision" / f"clip-{_hash([spec, seed])}"
+    if not (path / "model.safetensors").is_file():
+        seed_everything(seed)
+        enc = CLIPVisionModel(CLIPVisionConfig(image_size=8, num_channels=1, **spec["encoder"])).to(device)
+        head = torch.nn.Linear(enc.config.hidden_size, 10).to(device)
+        opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=spec["encoder_lr"])
+        x, y = digits("train", seed)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(spec["encoder_steps"]):
+            i = torch.randint(0, len(x), (64,), generator=g)
+            loss = torch.nn.functional.cross_entropy(head(enc(x[i].to(device)).pooler_output), y[i].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        xv, yv = digits("validation", seed)
+        with torch.no_grad():
+            acc = (head(enc(xv.to(device)).pooler_output).argmax(-1).cpu() == yv).float().mean().item()
+        with runs.atomic_dir(path) as tmp:
+            enc.save_pretrained(tmp)
+            (tmp / "accuracy.json").write_text(json.dumps({"validation_accuracy": acc}))
+    enc = CLIPVisionModel.from_pretrained(path)
+    return enc, json.loads((path / "accuracy.json").read_text())["validation_accuracy"]
+
+
+def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
+    """(LLaVA model, tokenizer with <image>, info) from the suite's pretrained backbone and digits encoder, its
+    projector aligned by LLaVA's stage 1 (projector-only training on the task for spec['align_steps'] steps, cached:
+    every method then starts from the same aligned model)."""
+    from safetensors.torch import load_file, save_file
+
+    from effllm_utils.engine.train import TrainConfig, train
+    from effllm_utils.models.convert import to_qwen2
+
+    lm, tok, base_info = load_base(profile, name, spec, P | {"seq_len": spec["pretrain_seq_len"],
+                                                             "batch_size": spec["pretrain_batch_size"]}, device)
+    tok = copy.deepcopy(tok)
+    tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    text = to_qwen2(lm.cpu())
+    text.resize_token_embeddings(len(tok), mean_resizing=False)
+    enc, enc_acc = vision_encoder(profile, spec, P["seed"], device)
+    model = build_llava(enc.cpu(), text, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    n_img = model.config.image_seq_length
+    path = Path(base_info["checkpoint"]).with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
+    if not (path / "projector.safetensors").is_file():
+        seed_everything(P["seed"])
+        model.requires_grad_(False)
+        model.model.multi_modal_projector.requires_grad_(True)
+        (tr, _), (va, _) = (digit_examples(s, tok, n_img, P["seq_len"], P["seed"]) for s in ("train", "validation"))
+        cfg = TrainConfig(steps=spec["align_steps"], batch_size=P["batch_size"], seq_len=P["seq_len"],
+                          lr=spec["align_lr"], warmup_steps=max(1, spec["align_steps"] // 10), weight_decay=0.0,
+                          eval_every=10**9, eval_batches=P["eval_batches"], seed=P["seed"])
+        result = train(model.to(device), tr, va, cfg)
+        with runs.atomic_dir(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in
+                       model.model.multi_modal_projector.state_dict().items()}, str(tmp / "projector.safetensors"))
+            (tmp / "align.json").write_text(json.dumps(result["quality"]))
+    model.model.multi_modal_projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    model.requires_grad_(True)
+    return model.cpu(), tok, {"source": "suite", "base": base_info, "encoder_accuracy": enc_acc,
+                              "n_image_tokens": n_img, "alignment": json.loads((path / "align.json").read_text())}

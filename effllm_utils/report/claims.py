@@ -1,0 +1,477 @@
+"""The claims check: the paper's headline claims (reference/claims.yaml) as statistical tests on our repeats, and the
+same tests on the paper's own published numbers.
+
+Verdicts, per claim and group of records (a scale, and a dataset where the study varies it):
+  reproduced      every comparison the claim makes holds, each at one-sided level ALPHA/2 (Welch's t on the logs
+                  of the repeats). A claim that holds only if all its comparisons hold is an intersection-union
+                  test, which keeps its error rate at ALPHA/2 without a multiplicity correction (Berger 1982).
+  contradicted    some comparison goes the other way, or (for a claimed difference between two techniques) their
+                  values are practically equal (both one-sided tests against the metric's equivalence margin reject,
+                  TOST), with Holm's correction across every such hypothesis of the claim at family-wise level
+                  ALPHA/2.
+  inconclusive    neither: the data cannot tell at this number of repeats; also where a technique has fewer repeats
+                  than its metric needs (MIN_RUNS: 3 seeds for a quality claim) or the ranking a quality claim relies
+                  on changed between half and all of the training budget.
+  not testable    a metric this profile does not measure, a technique it did not run, a device or scale it lacks.
+In a world where every technique draws from one distribution (A/A), a decisive verdict therefore has probability at
+most ALPHA; tests/test_claims.py checks this and the power to find a 30% effect at 8% noise with 3 seeds.
+
+Each row states the effect (the ratio it relies on, with its 95% confidence interval) and the evidence level: model
+size, tokens seen, tokens per parameter and seeds, and a level from EVIDENCE_LEVELS. Timing repeats are seeds run by
+`make reproduce ARGS="--seeds 0,1,2"`, which runs every technique of a seed before the next seed (A B C A B C ...),
+so a drift of the machine lands in the spread, not between techniques. Only the current records of each experiment
+(`core.aggregate`, same settings and same code version) are repeats; records of other code are stale and left out.
+
+Long by design: the claims file, the statistical rule, evidence levels and the paper's own numbers are read together
+by a reviewer.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from effllm_utils.core import aggregate, runs
+from effllm_utils.report.stats import Diff, holm, log_diff
+from effllm_utils.studies import registry
+
+REPRODUCED, CONTRADICTED, INCONCLUSIVE, UNTESTABLE = "reproduced", "contradicted", "inconclusive", "not testable here"
+KINDS = ("best", "less", "ratio", "at_least")
+ALPHA = 0.05  # the chance of any decisive verdict in an A/A world; each direction gets ALPHA / 2
+
+
+@dataclass(frozen=True)
+class Rule:
+    margin: float  # practical-equivalence margin: |ratio - 1| below it is "no difference that matters"
+    min_runs: int  # repeats each compared technique needs before a verdict
+
+
+# The statistical rule's settings per metric kind, declared in one place.
+RULES = {
+    "quality": Rule(margin=0.02, min_runs=3),  # perplexity, loss, FID, task score: 3 seeds
+    "time": Rule(margin=0.05, min_runs=2),  # latency, throughput: repeats interleaved by --seeds
+    "memory": Rule(margin=0.05, min_runs=2),  # memory in use over a run
+    "energy": Rule(margin=0.05, min_runs=2),  # power, energy, J/token
+    "size": Rule(margin=0.0, min_runs=1),  # counted, not measured (bytes of weights, parameters): exact
+}
+METRIC_KIND = {
+    **dict.fromkeys(("ppl", "loss", "fid", "score", "train_loss"), "quality"),
+    **dict.fromkeys(("al_s", "it", "tt", "st", "tokens_per_s", "prefill_s", "samples_per_s"), "time"),
+    **dict.fromkeys(("amu_gb", "peak_mem_gb"), "memory"),
+    **dict.fromkeys(("aec_w", "energy_j", "j_per_token"), "energy"),
+    **dict.fromkeys(("memory_bytes", "disk_bytes", "params", "flops_per_token", "kv_bytes_per_token"), "size"),
+}
+# Evidence levels, most demanding first: (name, min parameters, min tokens per parameter for trained models).
+# 20 tokens per parameter is the compute-optimal budget of Hoffmann et al. (2022).
+EVIDENCE_LEVELS = (("paper-scale", 5e8, 20.0), ("small-scale", 1e8, 1.0), ("smoke", 0.0, 0.0))
+# our metric key -> column of the paper's value files (efficientllm_paper_values/)
+PAPER_COLUMNS = {"amu_gb": "amu_gb", "al_s": "al_s_per_iter", "aec_w": "aec_w", "ppl": "ppl", "loss": "loss",
+                 "tt": "tt_tokens_per_param_s", "st": "st_samples_per_param_s", "score": "avg_perf", "mcr": "mcr",
+                 "it": "it_tokens_per_s", "fid": "quality"}
+
+
+def rule(metric: str) -> Rule:
+    return RULES[METRIC_KIND.get(metric, "quality")]
+
+
+# -- the claims file -----------------------------------------------------------------------------------------------
+
+def claims_path() -> Path:
+    from effllm_utils import repo_root
+
+    return repo_root() / "reference" / "claims.yaml"
+
+
+_NEEDS = {"best": ("technique", "among", "metric", "direction"), "less": ("a", "b", "metric"),
+          "ratio": ("a", "b", "metric", "lo", "hi"), "at_least": ("a", "b", "metric", "ratio")}
+
+
+def load_claims(path: Path | None = None) -> list[dict]:
+    """The claims file, validated: unknown test kinds, missing fields, unknown studies, and a test that could never
+    be reproduced or never contradicted (`reachable`) are errors naming the claim."""
+    from effllm_utils.core.params import read_yaml
+
+    path = Path(path or claims_path())
+    doc = read_yaml(path.read_text())
+    out = []
+    for c in doc.get("claims", []):
+        cid = c.get("id", "?")
+        for key in ("id", "claim", "source", "study", "tests"):
+            if key not in c:
+                raise ValueError(f"{path}: claim {cid!r} has no {key!r}")
+        if c["study"] not in registry.names():
+            raise ValueError(f"{path}: claim {cid!r}: unknown study {c['study']!r}")
+        for t in c["tests"]:
+            need = _NEEDS.get(t.get("kind"))
+            if need is None:
+                raise ValueError(f"{path}: claim {cid!r}: unknown test kind {t.get('kind')!r}; use {', '.join(KINDS)}")
+            missing = [k for k in need if k not in t]
+            if missing:
+                raise ValueError(f"{path}: claim {cid!r}: a {t['kind']} test needs {missing}")
+            problem = reachable(t)
+            if problem:
+                raise ValueError(f"{path}: claim {cid!r}: {problem}")
+        out.append(c)
+    return out
+
+
+def synthetic(test: dict, holds: bool, n: int = 5, noise: float = 0.005) -> dict[str, list[float]]:
+    """Repeats of every technique a test names, made so the test's claim clearly holds (or clearly fails): the
+    evidence that a test can reach both verdicts."""
+    rng = random.Random(0)
+
+    def reps(x):
+        return [x * (1 + noise * rng.uniform(-1, 1)) for _ in range(n)]
+
+    kind = test["kind"]
+    if kind == "less":
+        return {test["a"]: reps(1.0 if holds else 2.0), test["b"]: reps(2.0 if holds else 1.0)}
+    if kind == "best":
+        good, bad = (1.0, 2.0) if test["direction"] == "min" else (2.0, 1.0)
+        return {t: reps(good if (t == test["technique"]) == holds else bad) for t in test["among"]}
+    if kind == "ratio":
+        target = math.sqrt(test["lo"] * test["hi"]) if holds else test["hi"] * 2
+        return {test["a"]: reps(target), test["b"]: reps(1.0)}
+    return {test["a"]: reps(test["ratio"] * (1.5 if holds else 0.5)), test["b"]: reps(1.0)}  # at_least
+
+
+def reachable(test: dict) -> str | None:
+    """Why a test could never come out reproduced, or never contradicted (None: it can be either)."""
+    kind = test["kind"]
+    if kind == "best" and (test["technique"] not in test["among"] or len(set(test["among"])) < 2):
+        return f"a best test needs {test['technique']!r} among at least two techniques"
+    if kind == "best" and test["direction"] not in ("min", "max"):
+        return f"direction must be min or max, not {test['direction']!r}"
+    if kind in ("less", "ratio", "at_least") and test["a"] == test["b"]:
+        return f"a {kind} test compares two different techniques"
+    if kind == "ratio" and not 0 < test["lo"] < test["hi"]:
+        return f"a ratio test needs 0 < lo < hi (got {test['lo']}, {test['hi']})"
+    if kind == "at_least" and not test["ratio"] > 0:
+        return f"an at_least test needs ratio > 0 (got {test['ratio']})"
+    for holds, want in ((True, REPRODUCED), (False, CONTRADICTED)):
+        got = run_test(test, synthetic(test, holds))[0]
+        if got != want:
+            return f"its {kind} test cannot come out {want} even on clear synthetic values (got {got})"
+    return None
+
+
+# -- one test ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    verdict: str
+    evidence: str
+    claimed: list[float]  # one-sided p-values of the comparisons the claim needs (all must reject)
+    against: list[float]  # p-values of the hypotheses that contradict it (Holm across the claim)
+    effect: str = ""
+
+
+def _fmt(xs: list[float]) -> str:
+    mean, se, n = aggregate.mean_se(xs)
+    return f"{mean:.4g}" + (f" ± {se:.2g}" if se else "") + f" (n={n})"
+
+
+def _effect(name: str, diff: Diff) -> str:
+    r, lo, hi = diff.ratio_ci()
+    return f"{name} {r:.3g}x" + ("" if diff.exact else f" [{lo:.3g}, {hi:.3g}]")
+
+
+def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = False) -> tuple[str, str, Outcome]:
+    """(verdict, evidence, outcome) of one test on {technique: its repeats}. `exact`: single published values
+    compared as they are (the paper's numbers), without the minimum number of repeats."""
+    metric = test["metric"]
+    r = rule(metric)
+    margin = math.log1p(r.margin) if r.margin and not exact else 0.0  # published numbers: exact comparisons
+    names = ([t for t in test["among"] if t in values] if test["kind"] == "best" else [test["a"], test["b"]])
+    if test["kind"] == "best" and (test["technique"] not in names or len(names) < 2):
+        why = f"needs {test['technique']} and another of {test['among']} (ran: {sorted(values)})"
+        return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
+    if test["kind"] != "best" and not all(n in values for n in names):
+        why = f"needs {test['a']} and {test['b']} (ran: {sorted(values)})"
+        return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
+    absent = [t for t in names if not values.get(t)]
+    if absent:
+        why = f"{metric} not measured for {', '.join(absent)}"
+        return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
+    if any(x <= 0 for t in names for x in values[t]):
+        why = f"{metric} is not positive for every run (compared as ratios)"
+        return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
+    shown = f"{metric}: " + ", ".join(f"{t} {_fmt(values[t])}" for t in names)
+    few = {t: len(values[t]) for t in names if len(values[t]) < r.min_runs}
+    if few and not exact:
+        why = (f"{min(few.values())} seed(s), needs {r.min_runs} for a {METRIC_KIND.get(metric, 'quality')} claim "
+               f"({', '.join(f'{t}: {n}' for t, n in few.items())}); {shown}")
+        return INCONCLUSIVE, why, Outcome(INCONCLUSIVE, why, [], [])
+    claimed, against, effects = [], [], []
+
+    def pair(a: str, b: str) -> Diff:
+        return log_diff(values[a], values[b])
+
+    def no_difference(d: Diff) -> list[float]:  # TOST: both one-sided tests against +-margin
+        return [max(d.p_below(margin), d.p_above(-margin))] if margin else []
+
+    if test["kind"] in ("less", "best"):
+        me = test["a"] if test["kind"] == "less" else test["technique"]
+        lower = test["kind"] == "less" or test["direction"] == "min"
+        for other in [t for t in names if t != me]:
+            d = pair(me, other)
+            claimed.append(d.p_below(0.0) if lower else d.p_above(0.0))
+            # a strict difference claimed between two (less) is also refuted by practical equality; being best among
+            # several is refuted by another being better (a tie for best is left inconclusive)
+            against += [d.p_above(0.0) if lower else d.p_below(0.0)] + (no_difference(d) if test["kind"] == "less"
+                                                                         else [])
+            effects.append((other, d))
+        # the effect shown: against the closest competitor (the comparison the verdict hinges on)
+        other, d = min(effects, key=lambda e: abs(e[1].d))
+        effect = _effect(f"{metric} {me}/{other}", d)
+    elif test["kind"] == "ratio":
+        d = pair(test["a"], test["b"])
+        lo, hi = math.log(test["lo"]), math.log(test["hi"])
+        claimed += [d.p_above(lo), d.p_below(hi)]
+        against += [d.p_below(lo), d.p_above(hi)]
+        effect = _effect(f"{metric} {test['a']}/{test['b']}", d) + f" (claim {test['lo']}-{test['hi']})"
+    else:  # at_least: metric(a) >= ratio * metric(b), one-sided (non-inferiority)
+        d = pair(test["a"], test["b"])
+        bound = math.log(test["ratio"])
+        claimed.append(d.p_above(bound))
+        against.append(d.p_below(bound))
+        effect = _effect(f"{metric} {test['a']}/{test['b']}", d) + f" (claim >= {test['ratio']})"
+    out = Outcome(INCONCLUSIVE, shown, claimed, against, effect)
+    out.verdict = decide([out])
+    return out.verdict, shown, out
+
+
+def decide(outcomes: list[Outcome], alpha: float = ALPHA) -> str:
+    """One verdict from a claim's tests: reproduced if every claimed comparison rejects at alpha/2 (intersection-
+    union), contradicted if Holm at alpha/2 rejects any contradicting hypothesis, else inconclusive; a claim whose
+    tests could not all run is at most inconclusive, and not testable when none could."""
+    tested = [o for o in outcomes if o.claimed or o.against]
+    if not tested:
+        return UNTESTABLE if all(o.verdict == UNTESTABLE for o in outcomes) else INCONCLUSIVE
+    against = [p for o in tested for p in o.against]
+    if any(holm(against, alpha / 2)):
+        return CONTRADICTED
+    if len(tested) == len(outcomes) and all(p <= alpha / 2 for o in tested for p in o.claimed):
+        return REPRODUCED
+    return INCONCLUSIVE
+
+
+# -- our records ---------------------------------------------------------------------------------------------------
+
+def _metric(rec: runs.RunRecord, metric: str):
+    v = rec.metrics.get(metric, rec.quality.get(metric))
+    return None if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+        else float(v)
+
+
+def _groups(recs: list[runs.RunRecord], group_by: tuple[str, ...]) -> dict[str, list[runs.RunRecord]]:
+    """Records compared together: one group per scale and per value of the study's grouping params (peft: dataset)."""
+    out: dict[str, list] = {}
+    for r in recs:
+        key = " / ".join([r.scale] + [str(r.params.get(k)) for k in group_by if r.params.get(k) is not None])
+        out.setdefault(key, []).append(r)
+    return out
+
+
+def repeats(recs: list[runs.RunRecord], group_by: tuple[str, ...] = ()) -> dict[str, list[runs.RunRecord]]:
+    """{technique: its repeated runs} within one group: the records `aggregate.current` keeps (same settings and code
+    version as the technique's newest record, seed aside) — other settings and stale code are not repeats."""
+    out: dict[str, list] = {}
+    for runs_ in aggregate.repeats(recs, group_by).values():
+        out.setdefault(runs_[0].technique, []).extend(runs_)
+    return out
+
+
+def _named(claim: dict) -> set[str]:
+    """The techniques a claim's tests compare."""
+    return {n for t in claim["tests"] for n in [*t.get("among", []), t.get("technique"), t.get("a"), t.get("b")] if n}
+
+
+def _when(claim: dict, recs: list[runs.RunRecord]) -> str | None:
+    """The reason a claim cannot be tested on these records, or None."""
+    when = claim.get("when") or {}
+    if "device" in when:
+        devices = sorted({str(r.environment.get("device_name", "")) for r in recs})
+        if not any(any(d in dev for d in when["device"]) for dev in devices):
+            return f"needs a {' / '.join(when['device'])} GPU; these runs used {', '.join(devices) or 'unknown'}"
+    if "min_params" in when:
+        sizes = [_metric(r, "base_params") or _metric(r, "params") for r in recs]
+        biggest = max((s for s in sizes if s), default=0)
+        if biggest < float(when["min_params"]):
+            return f"needs models of >= {float(when['min_params']):.3g} parameters; the largest here has {biggest:.3g}"
+    return None
+
+
+def tokens_seen(r: runs.RunRecord) -> float | None:
+    """Training tokens a run saw (steps x batch x accumulation x sequence length); None for inference runs."""
+    if _metric(r, "tokens_seen"):
+        return _metric(r, "tokens_seen")
+    p = r.params if isinstance(r.params, dict) else {}
+    if all(isinstance(p.get(k), int) for k in ("steps", "batch_size", "seq_len")):
+        return float(p["steps"] * p["batch_size"] * p.get("grad_accum", 1) * p["seq_len"])
+    return None
+
+
+def evidence_level(recs: list[runs.RunRecord], seeds: int, profile: str) -> str:
+    """The scale a verdict was reached at: level, parameters, tokens, tokens per parameter, seeds."""
+    params = max((s for r in recs if (s := _metric(r, "base_params") or _metric(r, "params"))), default=0.0)
+    tokens = max((t for r in recs if (t := tokens_seen(r))), default=None)
+    tpp = tokens / params if tokens and params else None
+    level = next(name for name, min_p, min_tpp in EVIDENCE_LEVELS
+                 if params >= min_p and (tpp is None or tpp >= min_tpp))
+    if profile == "tiny":
+        level = "smoke"
+    parts = [f"{params / 1e6:.3g}M params" if params else "params unknown"]
+    if tokens:
+        parts.append(f"{tokens / 1e6:.3g}M tokens ({tpp:.2g} tok/param)")
+    return f"{level}: " + ", ".join(parts + [f"{seeds} seed{'s' * (seeds != 1)}"])
+
+
+def _curve_point(rs: list[runs.RunRecord], frac: float) -> float | None:
+    """Mean training loss over the repeats around `frac` of the budget (a window of 10% of the steps)."""
+    vals = []
+    for r in rs:
+        c = r.artifacts.get("loss_curve")
+        if not isinstance(c, list) or len(c) < 10:
+            return None
+        lo = min(int(len(c) * (frac - 0.1 if frac >= 1 else frac - 0.05)), len(c) - 1)
+        hi = max(int(len(c) * min(frac + 0.05, 1.0)), lo + 1)
+        vals.append(sum(c[lo:hi]) / (hi - lo))
+    return sum(vals) / len(vals) if vals else None
+
+
+def stable_ranking(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> str | None:
+    """For a perplexity or loss claim on trained models: None if the order the claim relies on is the same in the
+    training loss at 50% and at 100% of the budget, else the reason it is not."""
+    if test["metric"] not in ("ppl", "loss") or test["kind"] not in ("best", "less"):
+        return None
+    names = [t for t in (test["among"] if test["kind"] == "best" else [test["a"], test["b"]]) if t in by_tech]
+    half = {t: _curve_point(by_tech[t], 0.5) for t in names}
+    end = {t: _curve_point(by_tech[t], 1.0) for t in names}
+    if any(v is None for v in [*half.values(), *end.values()]) or len(names) < 2:
+        return None
+    if test["kind"] == "best":
+        pick = min if test["direction"] == "min" else max
+        first, last = pick(half, key=half.get), pick(end, key=end.get)
+    else:
+        first, last = half[names[0]] < half[names[1]], end[names[0]] < end[names[1]]
+    if first == last:
+        return None
+    return f"ranking unstable: training loss at 50% of the budget {half}, at 100% {end}"
+
+
+def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str, ...], profile: str,
+                   alpha: float = ALPHA) -> dict:
+    """One row of the claims table: the claim's verdict on one group of records, with effect and evidence level."""
+    reason = _when(claim, recs)
+    by_tech = repeats(recs, group_by)
+    seeds = min((len(by_tech[t]) for t in _named(claim) if t in by_tech), default=0)
+    level = evidence_level(recs, seeds, profile)
+    if claim.get("scale"):  # the scale the paper's claim was made at, beside ours
+        paper = claim["scale"]
+        level += (f"; the paper's claim: {float(paper['params']) / 1e9:.3g}B params, "
+                  f"{float(paper['tokens']) / 1e9:.3g}B tokens ({float(paper['tokens']) / float(paper['params']):.2g} "
+                  "tok/param)")
+    row = {"evidence level": level}
+    if reason:
+        return row | {"verdict": UNTESTABLE, "effect": "", "evidence": reason}
+    outcomes, notes = [], []
+    for t in claim["tests"]:
+        values = {tech: [v for r in rs if (v := _metric(r, t["metric"])) is not None] or None
+                  for tech, rs in by_tech.items()}
+        _, evidence, out = run_test(t, values)
+        outcomes.append(out)
+        notes.append(evidence)
+    verdict = decide(outcomes, alpha)
+    if verdict in (REPRODUCED, CONTRADICTED):
+        unstable = [why for t in claim["tests"] if (why := stable_ranking(t, by_tech))]
+        if unstable:
+            verdict = INCONCLUSIVE
+            notes += unstable
+    return row | {"verdict": verdict, "effect": "; ".join(o.effect for o in outcomes if o.effect),
+                  "evidence": " | ".join(notes)}
+
+
+def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPHA):
+    """One row per (claim, group of records): verdict, effect with its interval, evidence level and evidence on our
+    records, and the paper's own numbers."""
+    import pandas as pd
+
+    claims = claims if claims is not None else load_claims()
+    rows = []
+    cache: dict[str, list] = {}
+    for c in claims:
+        if c["study"] not in cache:
+            cache[c["study"]] = [r for r in runs.load_records(profile, c["study"]) if r.status == "ok"]
+        recs = cache[c["study"]]
+        paper_verdict, paper_evidence = paper_check(c)
+        base = {"id": c["id"], "claim": c["claim"], "source": c["source"], "study": c["study"], "profile": profile,
+                "paper's own numbers": paper_verdict, "paper evidence": paper_evidence}
+        if not recs:
+            rows.append(base | {"group": "", "verdict": UNTESTABLE, "effect": "", "evidence level": "",
+                                "evidence": f"no {c['study']} records yet"})
+            continue
+        group_by = registry.get(c["study"]).group_by
+        groups = _groups(recs, group_by)
+        # a group that ran none of the claim's techniques (the DiT fine-tuning methods for a DiT attention claim) is
+        # not a test of it; all groups stay when none did, so the row says what is missing
+        groups = {g: rs for g, rs in groups.items() if {r.technique for r in rs} & _named(c)} or groups
+        for group, grecs in groups.items():
+            rows.append(base | {"group": group} | evaluate_group(c, grecs, group_by, profile, alpha))
+    cols = ["id", "claim", "source", "study", "profile", "group", "verdict", "effect", "evidence level", "evidence",
+            "paper's own numbers", "paper evidence"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# -- the paper's own numbers ---------------------------------------------------------------------------------------
+
+def _params_of(name: str) -> float | None:
+    m = re.search(r"(\d+(?:\.\d+)?)B\b", str(name))
+    return float(m.group(1)) * 1e9 if m else None
+
+
+def paper_check(claim: dict) -> tuple[str, str]:
+    """The claim's tests on the paper's published values (single numbers, compared exactly), over each group of
+    rows; 'agree' if every group holds, 'disagree' if one fails, 'no numbers' where the values were not quoted."""
+    import pandas as pd
+
+    from effllm_utils.report.paper import read_csv
+
+    spec = claim.get("paper")
+    if not spec:
+        return "no numbers", "no table values for this claim"
+    df = read_csv(spec["file"])
+    for col, val in (spec.get("where") or {}).items():
+        df = df[df[col].astype(str) == str(val)]
+    if "min_model_params" in spec:
+        df = df[df["model"].map(lambda m: (_params_of(m) or 0) >= float(spec["min_model_params"]))]
+    df = df[df[spec["method_column"]].isin(list(spec["names"]))]
+    columns = PAPER_COLUMNS | (spec.get("metric_columns") or {})
+    results, evidence = [], []
+    keys = spec.get("group_by") or []
+    groups = df.groupby(keys, sort=False) if keys else [((), df)]
+    for key, sub in groups:
+        vals = {}
+        for _, row in sub.iterrows():
+            tech = spec["names"][row[spec["method_column"]]]
+            vals[tech] = {m: row[c] for m, c in columns.items() if c in row and pd.notna(row[c])}
+        outcomes, es = [], []
+        for t in claim["tests"]:
+            tv = {tech: ([float(v[t["metric"]])] if t["metric"] in v else None) for tech, v in vals.items()}
+            _, e, out = run_test(t, tv, exact=True)
+            outcomes.append(out)
+            es.append(e.replace(" (n=1)", "") + (f" ({out.effect})" if out.effect else ""))
+        verdict = decide(outcomes)
+        if verdict != UNTESTABLE:
+            label = ", ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+            results.append(verdict)
+            evidence.append((f"[{label}] " if label else "") + f"{verdict}: " + " | ".join(es))
+    if not results:
+        return "no numbers", "the quoted rows do not cover this claim's metrics"
+    if all(v == REPRODUCED for v in results):
+        return "agree", "; ".join(evidence)
+    if any(v == CONTRADICTED for v in results):
+        return "disagree", "; ".join(evidence)
+    return "ties", "; ".join(evidence)

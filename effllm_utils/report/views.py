@@ -1,0 +1,383 @@
+"""Each study's tables and figures, drawn from records only (never from study code): the functions the study registry
+names. One module, one section per study family; under 400 lines as long as each section stays small.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from effllm_utils.core import aggregate, runs
+from effllm_utils.engine.adapters import METHODS
+from effllm_utils.engine.quantize import PRECISIONS
+from effllm_utils.measure import metrics
+from effllm_utils.report.tables import write_table
+from effllm_utils.studies import registry
+
+RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
+PRETRAIN_COLUMNS = {  # record column -> table header (units in the header, as in the paper's tables)
+    "technique": "technique", "scale": "scale", "runs": "runs", "params": "params", "ppl": "PPL", "ppl_se": "PPL s.e.",
+    "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "tt": "TT (tokens/param/s)", "tokens_per_s": "tokens/s",
+    "aec_w": "AEC (W)", "pcu": "PCU", "mfu_pct": "MFU (%)", "flops_per_token": "FLOPs/token",
+    "kv_bytes_per_token": "KV bytes/token",
+}
+
+
+# -- tables and figures (from records only) -----------------------------------------------------------------------
+
+def pretraining_table(profile: str, study: str, records: list | None = None):
+    """The study's table as a DataFrame, one row per experiment (`aggregate.load_summary`, or `records` already
+    summarised), paper-style headers; with repeats (other seeds) the values are means and `runs` and `PPL s.e.`
+    say over how many and how far apart."""
+    import pandas as pd
+
+    recs = registry.summary(profile, study) if records is None else records
+    if not recs:
+        return pd.DataFrame(columns=list(PRETRAIN_COLUMNS.values()))
+    df = pd.DataFrame(aggregate.table_rows(recs, ("ppl",)))
+    cols = [c for c in PRETRAIN_COLUMNS if c in df]
+    return df[cols].rename(columns=PRETRAIN_COLUMNS).sort_values(["scale", "technique"]).reset_index(drop=True)
+
+
+def pretraining_figures(profile: str, study: str) -> list[Path]:
+    """Table (CSV/MD/TeX), a radar chart per scale over the six metrics, and the loss curves."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from effllm_utils.report import plots as plotting
+
+    recs = registry.summary(profile, study)
+    if not recs:
+        return []
+    paths = write_table(pretraining_table(profile, study, recs), profile, study)
+    plotting.use_style()
+    for scale in sorted({r.scale for r in recs}):
+        rs = [r for r in recs if r.scale == scale]
+        rows = {r.technique: {**r.metrics, **r.quality} for r in rs}
+        keys = [k for k in RADAR_METRICS if all(rows[t].get(k) is not None for t in rows)]
+        left_out = [plotting.METRIC_LABELS.get(k, k) for k in RADAR_METRICS if k not in keys]
+        fig = plt.figure(figsize=(10, 4), layout="constrained")
+        ax = fig.add_subplot(1, 2, 1, projection="polar")
+        plotting.radar(ax, rows, keys)
+        ax.set_title(f"{study} — {scale} (1 = best)" + (f"\nnot measured here: {', '.join(left_out)}"
+                                                       if left_out else ""), fontsize=9)
+        ax2 = fig.add_subplot(1, 2, 2)
+        for r in rs:
+            curve, n = r.artifacts["loss_curve"], aggregate.n_runs(r)
+            label = f"{r.technique} (val ppl {r.quality['ppl']:.1f}" + (f", mean of {n} runs)" if n > 1 else ")")
+            ax2.plot(np.arange(1, len(curve) + 1), curve, color=plotting.technique_color(r.technique), label=label)
+        ax2.set(xlabel="step", ylabel="train loss (nats/token)", title="loss curves")
+        ax2.legend(fontsize=7)
+        paths += plotting.savefig(fig, f"{study}_{scale}", profile)
+        plt.close(fig)
+    return paths
+
+
+# -- tables and figures (records only) ---------------------------------------------------------------------------
+
+PEFT_COLUMNS = {"scale": "model", "param.dataset": "dataset", "technique": "method", "runs": "runs",
+                "train_loss": "train loss", "loss": "eval loss", "loss_se": "eval loss s.e.",
+                "trainable_params": "trainable params", "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)",
+                "pcu": "PCU", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)",
+                "energy_j": "energy (J)", "efficiency_score": "efficiency score"}
+# table column -> record key for the fine-tuning radar charts (peft and vlm)
+RADAR_COLUMNS = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
+                 "AEC (W)": "aec_w", "PCU": "pcu"}
+SCORE_KEYS = ("amu_gb", "pcu", "al_s", "st", "aec_w")
+
+
+def with_efficiency_score(df, by: list[str] | str):
+    """`df` (one row per record, record keys as columns) with `efficiency_score` computed within each group of `by`
+    over SCORE_KEYS (`metrics.efficiency_score`; a key no record holds counts as not measured). The peft, vlm and
+    lvm fine-tuning tables."""
+    df = df.reindex(columns=list(dict.fromkeys([*df.columns, *SCORE_KEYS])))
+    df["efficiency_score"] = float("nan")
+    for _, idx in df.groupby(by).groups.items():
+        sub = df.loc[idx]
+        df.loc[idx, "efficiency_score"] = metrics.efficiency_score({k: sub[k].astype(float) for k in SCORE_KEYS})
+    return df
+
+
+def peft_table(profile: str):
+    """Tables 7-8 layout: one row per (model, dataset, method) with the efficiency score computed within each
+    (model, dataset) group over the metrics measured there (metrics.efficiency_score)."""
+    import pandas as pd
+
+    recs = registry.summary(profile, "peft")  # repeats (other seeds) averaged
+    if not recs:
+        return pd.DataFrame(columns=list(PEFT_COLUMNS.values()))
+    df = pd.DataFrame(aggregate.table_rows(recs, ("loss",)))
+    df["param.dataset"] = df["param.dataset"].astype(str)
+    df = with_efficiency_score(df, ["scale", "param.dataset"])
+    order = {m: i for i, m in enumerate(METHODS)}
+    df = df.sort_values(["scale", "param.dataset", "technique"], key=lambda s: s.map(order) if s.name == "technique"
+                        else s)
+    return df[[c for c in PEFT_COLUMNS if c in df]].rename(columns=PEFT_COLUMNS).reset_index(drop=True)
+
+
+def peft_figures(profile: str, study: str = "peft") -> list:
+    """Table (CSV/MD/TeX); per (model, dataset): efficiency-score bars (Figure 4), a radar, and a Pareto plot of
+    eval loss against energy (or against latency where energy is not measurable, which the axis says)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from effllm_utils.report import plots as plotting
+    from effllm_utils.report.tables import write_table
+
+    t = peft_table(profile)
+    if t.empty:
+        return []
+    paths = write_table(t, profile, "peft")
+    plotting.use_style()
+    for (model, dataset), sub in t.groupby(["model", "dataset"], sort=False):
+        methods = list(sub["method"])
+        fig = plt.figure(figsize=(13, 3.8), layout="constrained")
+        ax1 = fig.add_subplot(1, 3, 1)
+        plotting.bar(ax1, methods, list(sub["efficiency score"]), "efficiency score (1 = best)", value_fmt="{:.2f}")
+        ax1.set_title(f"{model} / {dataset}")
+        ax2 = fig.add_subplot(1, 3, 2, projection="polar")
+        keys = RADAR_COLUMNS
+        rows = {m: {keys[c]: float(r[c]) for c in keys if c in sub and pd.notna(r[c])} for m, (_, r) in
+                zip(methods, sub.iterrows())}
+        present = [k for k in keys.values() if all(k in rows[m] for m in methods)]
+        plotting.radar(ax2, rows, present)
+        ax3 = fig.add_subplot(1, 3, 3)
+        energy = sub["energy (J)"] if "energy (J)" in sub else None
+        loss_se = list(sub["eval loss s.e."].astype(float)) if "eval loss s.e." in sub else None  # repeats
+        if energy is not None and energy.notna().all():
+            plotting.pareto(ax3, methods, list(energy), list(sub["eval loss"]), "energy (J)", "eval loss",
+                            y_errors=loss_se)
+        else:
+            plotting.pareto(ax3, methods, list(sub["AL (s/iter)"]), list(sub["eval loss"]),
+                            "AL (s/iter) — energy not measurable on this device", "eval loss", y_errors=loss_se)
+        paths += plotting.savefig(fig, f"peft_{model}_{dataset}", profile)
+        plt.close(fig)
+    return paths
+
+
+# -- tables and figures (records only) ---------------------------------------------------------------------------
+
+QUANT_COLUMNS = {"scale": "model", "technique": "precision", "runs": "runs", "ppl": "PPL", "ppl_se": "PPL s.e.",
+                 "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)", "it": "IT (tokens/s)", "it_se": "IT s.e.",
+                 "al_s": "AL (s/request)", "prefill_s": "prefill (s)", "decode_token_p50_s": "decode p50 (s/token)",
+                 "decode_token_p90_s": "decode p90 (s/token)", "latency_batch": "latency at batch",
+                 "aec_w": "AEC (W)", "j_per_token": "J/token", "disk_bytes": "bytes on disk",
+                 "memory_bytes": "bytes in memory", "mcr": "MCR", "mcr_measured": "MCR (measured bytes)",
+                 "decode": "decode path"}
+
+
+def quantization_table(profile: str):
+    import pandas as pd
+
+    recs = registry.summary(profile, "quantization")  # read once; repeats (other seeds) averaged
+    if not recs:
+        return pd.DataFrame(columns=list(QUANT_COLUMNS.values()))
+    order = {p: i for i, p in enumerate(PRECISIONS)}
+    df = pd.DataFrame([row | {"decode": r.artifacts.get("decode_path", "eager")}
+                       for r, row in zip(recs, aggregate.table_rows(recs, ("ppl", "it")))])
+    df = df.sort_values(["scale", "technique"], key=lambda s: s.map(order) if s.name == "technique" else s)
+    return df[[c for c in QUANT_COLUMNS if c in df]].rename(columns=QUANT_COLUMNS).reset_index(drop=True)
+
+
+def quantization_figures(profile: str, study: str = "quantization") -> list:
+    """Table 9 (CSV/MD/TeX) and, per model, Figure 5: latency, throughput and memory per precision, and the
+    quality-vs-size trade-off."""
+    import matplotlib.pyplot as plt
+
+    from effllm_utils.report import plots as plotting
+    from effllm_utils.report.tables import write_table
+
+    t = quantization_table(profile)
+    if t.empty:
+        return []
+    paths = write_table(t, profile, "quantization")
+    plotting.use_style()
+    for model, sub in t.groupby("model", sort=False):
+        ps = list(sub["precision"])
+        fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained")
+        batch = sub["latency at batch"].dropna().unique() if "latency at batch" in sub else []
+        plotting.bar(axes[0], ps, list(sub["AL (s/request)"]),
+                     f"AL (s/request, batch {int(batch[0])})" if len(batch) == 1 else "AL (s/request)")
+        se = {c: list(sub[c].astype(float)) if c in sub else None for c in ("IT s.e.", "PPL s.e.")}  # repeats
+        plotting.bar(axes[1], ps, list(sub["IT (tokens/s)"]), "IT (tokens/s)", value_fmt="{:.0f}",
+                     errors=se["IT s.e."])
+        plotting.bar(axes[2], ps, list(sub["bytes on disk"] / 1e6), "MB on disk", value_fmt="{:.2f}")
+        plotting.pareto(axes[3], ps, list(sub["bytes on disk"] / 1e6), list(sub["PPL"]), "MB on disk", "PPL",
+                        y_errors=se["PPL s.e."])
+        fig.suptitle(f"quantization — {model}", fontsize=10)
+        paths += plotting.savefig(fig, f"quantization_{model}", profile)
+        plt.close(fig)
+    return paths
+
+
+def _sample_grid(fig, recs) -> None:
+    grid = fig.subplots(len(recs), 10, squeeze=False)
+    for i, r in enumerate(recs):
+        for j in range(10):
+            img = np.array(r.artifacts["samples"][j])  # [C, H, W] (older records: [H, W]) in [-1, 1]
+            img = img[0] if img.ndim == 3 and img.shape[0] == 1 else img
+            if img.ndim == 3:
+                grid[i][j].imshow(((img.transpose(1, 2, 0) + 1) / 2).clip(0, 1))
+            else:
+                grid[i][j].imshow(img, cmap="gray_r", vmin=-1, vmax=1)
+            grid[i][j].set_axis_off()
+        grid[i][0].set_title(r.technique, fontsize=7, loc="left")
+
+
+def lvm_tables(profile: str) -> dict:
+    """{'lvm': Table 10 layout (pretraining, per technique), 'lvm_peft': Table 11 layout (PEFT on the DiT, with the
+    efficiency score over AMU, PCU, AL, ST, AEC within each scale)} as DataFrames, from the records."""
+    import pandas as pd
+
+    from effllm_utils.engine.adapters import METHODS
+
+    recs = registry.summary(profile, "lvm")  # repeats (other seeds) averaged
+    pre = [r for r in recs if not r.scale.endswith("-ft")]
+    ft = [r for r in recs if r.scale.endswith("-ft")]
+    out = {}
+    # the FID's name follows its features: digits-FID on the digits, FID (Inception) otherwise
+    fid = "digits-FID" if all(r.artifacts.get("fid_features", "digits").startswith("digits") for r in recs) \
+        else "FID (Inception)"
+    columns = {"technique": "technique", "scale": "scale", "runs": "runs", "fid": fid, "fid_se": f"{fid} s.e.",
+               "fid_real_vs_real": f"{fid} real vs real", "loss": "loss", "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)",
+               "tt": "TT (tokens/param/s)", "aec_w": "AEC (W)", "pcu": "PCU"}
+    if pre:
+        out["lvm"] = aggregate.select_columns(pd.DataFrame(aggregate.table_rows(pre, ("fid",))), columns)
+    if ft:
+        order = {m: i for i, m in enumerate(METHODS)}
+        ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
+        columns = {"technique": "method", "scale": "scale", "task": "task", "runs": "runs", "loss": "loss",
+                   "fid": fid, "fid_se": f"{fid} s.e.", "fid_before": f"{fid} before",
+                   "fid_real_vs_real": f"{fid} real vs real", "trainable_params": "trainable params",
+                   "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)",
+                   "pcu": "PCU", "efficiency_score": "efficiency score"}
+        rows = [row | {"task": r.artifacts.get("task")} for r, row in zip(ft, aggregate.table_rows(ft, ("fid",)))]
+        out["lvm_peft"] = aggregate.select_columns(with_efficiency_score(pd.DataFrame(rows), "scale"), columns)
+    return out
+
+
+def lvm_figures(profile: str, study: str = "lvm") -> list:
+    """Tables 10 and 11 (CSV/MD/TeX); per part a radar and a grid of samples (digits 0-9 per technique)."""
+    import matplotlib.pyplot as plt
+
+    from effllm_utils.report import plots as plotting
+    from effllm_utils.report.tables import write_table
+
+    tables = lvm_tables(profile)
+    paths = []
+    for name, df in tables.items():
+        paths += write_table(df, profile, name)
+    recs = registry.summary(profile, "lvm")
+    plotting.use_style()
+    for name, title, keys in (
+            ("lvm", "DiT pretraining", ("fid", "amu_gb", "al_s", "tt", "aec_w", "pcu")),
+            ("lvm_peft", "PEFT on the DiT", ("fid", "loss", "amu_gb", "al_s", "st", "aec_w", "pcu"))):
+        part = [r for r in recs if r.scale.endswith("-ft") == (name == "lvm_peft")]
+        if not part:
+            continue
+        fig = plt.figure(figsize=(12, 4), layout="constrained")
+        ax = fig.add_subplot(1, 2, 1, projection="polar")  # the first scale (tiny has one)
+        table = {r.technique: {**r.quality, **r.metrics} for r in part if r.scale == part[0].scale}
+        present = [k for k in keys if all(table[t].get(k) is not None for t in table)]
+        plotting.radar(ax, table, present)
+        fid = "digits-FID" if part[0].artifacts.get("fid_features", "digits").startswith("digits") else "Inception"
+        ax.set_title(f"{title}, {part[0].scale} (1 = best; FID is {fid})", fontsize=9)
+        _sample_grid(fig.add_subfigure(fig.add_gridspec(1, 2)[0, 1]), [r for r in part if r.scale == part[0].scale])
+        paths += plotting.savefig(fig, name, profile)
+        plt.close(fig)
+    return paths
+
+
+# -- tables and figures (records only) -----------------------------------------------------------------------------
+
+VLM_COLUMNS = {"scale": "model", "technique": "method", "runs": "runs", "loss": "eval loss",
+               "loss_se": "eval loss s.e.", "frozen_head_floor": "frozen-head floor", "digit_acc": "digit acc",
+               "trainable_params": "trainable params", "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)",
+               "st": "ST (samples/param/s)", "aec_w": "AEC (W)", "pcu": "PCU", "efficiency_score": "efficiency score"}
+
+
+def vlm_table(profile: str):
+    """Table 12 layout: one row per (model, method), the efficiency score within each model; repeats (other
+    seeds) averaged, with `runs` and the eval loss's standard error where there are any."""
+    import pandas as pd
+
+    from effllm_utils.engine.adapters import METHODS
+
+    recs = registry.summary(profile, "vlm")
+    if not recs:
+        return pd.DataFrame()
+    order = {m: i for i, m in enumerate(METHODS)}
+    recs.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
+    df = with_efficiency_score(pd.DataFrame(aggregate.table_rows(recs, ("loss",))), "scale")
+    return aggregate.select_columns(df, VLM_COLUMNS)
+
+
+def vlm_figures(profile: str, study: str = "vlm") -> list:
+    """Table 12 (CSV/MD/TeX) and, per model, efficiency-score bars and a radar."""
+    import matplotlib.pyplot as plt
+
+    from effllm_utils.report import plots as plotting
+    from effllm_utils.report.tables import write_table
+
+    t = vlm_table(profile)
+    if t.empty:
+        return []
+    paths = write_table(t, profile, "vlm")
+    plotting.use_style()
+    keys = RADAR_COLUMNS
+    for model, sub in t.groupby("model", sort=False):
+        fig = plt.figure(figsize=(10, 3.8), layout="constrained")
+        ax1 = fig.add_subplot(1, 2, 1)
+        plotting.bar(ax1, list(sub["method"]), list(sub["efficiency score"]), "efficiency score (1 = best)",
+                     value_fmt="{:.2f}")
+        ax1.set_title(f"vlm: {model} on digits")
+        ax2 = fig.add_subplot(1, 2, 2, projection="polar")
+        rows = {m: {keys[c]: float(r[c]) for c in keys if r[c] == r[c] and r[c] is not None}
+                for m, (_, r) in zip(sub["method"], sub.iterrows())}
+        plotting.radar(ax2, rows, [k for k in keys.values() if all(k in rows[m] for m in rows)])
+        paths += plotting.savefig(fig, f"vlm_{model}", profile)
+        plt.close(fig)
+    return paths
+
+
+def hardware_figures(profile: str, study: str = "hardware") -> list:
+    """The hardware study's figure, drawn from its records only."""
+    import matplotlib.pyplot as plt
+
+    from effllm_utils.report import plots as plotting
+
+    recs = {r.technique: r for r in runs.load_records(profile, "hardware") if r.status == "ok"}
+    if not recs:
+        return []
+    plotting.use_style()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
+    for tech in ("matmul_fp32", "matmul_bf16", "matmul_fp16"):
+        if tech in recs:
+            a = recs[tech].artifacts
+            axes[0].errorbar(a["sizes"], a["tflops_median"],
+                             yerr=[np.subtract(a["tflops_median"], a["tflops_min"]),
+                                   np.subtract(a["tflops_max"], a["tflops_median"])],
+                             marker="o", capsize=3, color=plotting.technique_color(tech), label=tech)
+    axes[0].set(xscale="log", yscale="log", xlabel="matrix size n", ylabel="TFLOP/s", title="matmul throughput")
+    axes[0].legend()
+    if "memory_bandwidth" in recs:
+        plotting.bar(axes[1], ["memory_bandwidth"], [recs["memory_bandwidth"].metrics["mem_bw_gbs"]], "GB/s")
+    axes[1].set_title("copy bandwidth")
+    if "telemetry_overhead" in recs:
+        r = recs["telemetry_overhead"]
+        m = r.metrics
+        plotting.bar(axes[2], ["A/B step time", "sampler duty"], [m["telemetry_overhead_pct"], m["sampler_duty_pct"]],
+                     "overhead (% of step time)", value_fmt="{:.3f}%",
+                     errors=[[m["telemetry_overhead_pct"] - m["overhead_pct_q25"], 0],
+                             [m["overhead_pct_q75"] - m["telemetry_overhead_pct"], 0]])
+        axes[2].axhline(1.0, color="0.5", ls=":", lw=1)
+        axes[2].set_title(f"telemetry overhead at {r.params.get('telemetry_period_s')} s period")
+    device = next(iter(recs.values())).environment.get("device_name", "?")
+    fig.suptitle(f"hardware calibration — {device}", fontsize=10)
+    if "idle_power" in recs:
+        w = recs["idle_power"].metrics.get("idle_power_w")
+        fig.supxlabel(f"idle power: {w:.1f} W" if w is not None else
+                      f"idle power not measurable: {recs['idle_power'].artifacts.get('energy_reason')}", fontsize=8)
+    paths = plotting.savefig(fig, "hardware_calibration", profile)
+    plt.close(fig)
+    return paths

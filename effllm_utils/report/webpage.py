@@ -1,0 +1,126 @@
+"""A static HTML report, outputs/<profile>/report/index.html: every figure, table and the claims check in one folder
+that opens from disk (no server, no network); a small script on the page flags an image that fails to load.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import html
+import shutil
+from pathlib import Path
+
+from effllm_utils import outputs_dir
+from effllm_utils.core import provenance, runs
+from effllm_utils.report.overview import paper_figures
+from effllm_utils.studies import registry
+
+# -- the HTML report -----------------------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 6px;
+text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}img{max-width:100%;
+border:1px solid #eee}.v-reproduced{background:#d9f0d3}.v-contradicted{background:#f6d5d5}.v-inconclusive{
+background:#fdf1c8}.v-untestable{background:#eee}.caption{color:#555;font-size:13px}#broken{display:none;
+background:#f6d5d5;padding:.5em}.claims td{text-align:left;max-width:420px}.warn{background:#fdf1c8;padding:.5em}"""
+CHECK_IMAGES = """window.addEventListener("load", () => {
+  const imgs = [...document.images], bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0));
+  document.body.dataset.imagesLoaded = imgs.length - bad.length;
+  document.body.dataset.imagesFailed = bad.length;
+  if (bad.length) { const b = document.getElementById("broken"); b.style.display = "block";
+    b.textContent = bad.length + " image(s) failed to load: " + bad.map(i => i.getAttribute("src")).join(", "); }
+  bad.forEach(i => console.error("image failed to load: " + i.getAttribute("src")));
+});"""
+
+
+def _table_html(df, claims: bool = False) -> str:
+    import pandas as pd
+
+    if claims:
+        cells = []
+        for _, r in df.iterrows():
+            cls = "v-" + str(r["verdict"]).split()[0].replace("not", "untestable")
+            cells.append("<tr>" + "".join(
+                f'<td class="{cls}">' + html.escape(str(r[c])) + "</td>" if c == "verdict"
+                else "<td>" + html.escape(str(r[c])) + "</td>" for c in df.columns) + "</tr>")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in df.columns)
+        return f'<table class="claims"><tr>{head}</tr>{"".join(cells)}</table>'
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    return df.to_html(index=False, border=0, formatters={c: cell for c in df.columns}, escape=True, na_rep="")
+
+
+def build_report(profile: str, alpha: float = 0.05) -> Path:
+    """outputs/<profile>/report/index.html with every figure, table and the claims check (written atomically as a
+    folder: a reader never sees half a report)."""
+    import pandas as pd
+
+    from effllm_utils import __version__
+
+    made = paper_figures(profile, alpha)
+    out = outputs_dir(profile) / "report"
+    tables_dir = outputs_dir(profile) / "tables"
+    env = provenance.environment()
+    studies = [s for s in registry.names() if s != "paper_figures"]
+    with runs.atomic_dir(out, replace=True) as tmp:
+        (tmp / "figures").mkdir()
+        (tmp / "tables").mkdir()
+
+        def figure(p: Path) -> str:
+            shutil.copy2(p, tmp / "figures" / p.name)
+            return f'<p><img src="figures/{p.name}" alt="{html.escape(p.stem)}"></p>'
+
+        def table(p: Path) -> str:
+            for ext in (".csv", ".md", ".tex"):
+                if p.with_suffix(ext).is_file():
+                    shutil.copy2(p.with_suffix(ext), tmp / "tables" / p.with_suffix(ext).name)
+            md = p.with_suffix(".md").read_text() if p.with_suffix(".md").is_file() else ""
+            caption = md.split("\n\n", 1)[0] if md and not md.startswith("|") else ""
+            return (f"<h3>{html.escape(p.stem)}</h3>" + (f'<p class="caption">{html.escape(caption)}</p>' if caption
+                                                          else "") + _table_html(pd.read_csv(p)) +
+                    f'<p class="caption">as <a href="tables/{p.stem}.csv">CSV</a>, <a href="tables/{p.stem}.md">'
+                    f'Markdown</a>, <a href="tables/{p.stem}.tex">LaTeX</a></p>')
+
+        toc, sections = [("claims", "claims check")], []
+        sections.append('<h2 id="claims">Claims check</h2>' + f'<p class="caption">'
+                        f'{html.escape(made["claims"].attrs["caption"])}</p>' + _table_html(made["claims"], claims=True)
+                        + table(tables_dir / "claims.csv").split("</table>", 1)[1])
+        for study in studies:
+            figs = sorted(p for p in made["figures"] if p.stem == study or p.stem.startswith(study + "_"))
+            tabs = sorted(p for p in tables_dir.glob("*.csv") if p.stem in (study, f"{study}_peft")
+                          or p.stem == f"paper_vs_ours_{study}")
+            if figs or tabs:
+                toc.append((study, study))
+                sections.append(f'<h2 id="{study}">{study}</h2>' + "".join(map(figure, figs)) +
+                                "".join(map(table, tabs)))
+        pareto = sorted(p for p in made["figures"] if p.stem.startswith("pareto_"))
+        if pareto:
+            toc.append(("pareto", "Pareto fronts"))
+            sections.append('<h2 id="pareto">Pareto fronts across studies</h2>' + "".join(map(figure, pareto)))
+        drift = provenance.package_drift([r for s in studies for r in registry.current(profile, s)])
+        warning = ('<div class="warn"><b>Package versions differ</b> between the records shown or from this install '
+                   "(the locked versions): compare their numbers with care, or re-run with "
+                   f"<code>make reproduce PROFILE={profile} ARGS=--force</code>.<ul>"
+                   + "".join(f"<li>{html.escape(d)}</li>" for d in drift) + "</ul></div>") if drift else ""
+        old = provenance.stale([r for s in studies for r in runs.load_records(profile, s) if r.status == "ok"])
+        if old:
+            warning += ('<div class="warn"><b>Stale records</b>: made by other measurement or model code than this '
+                        "checkout's (their code version differs); tables and claims never average them with fresh "
+                        "ones. Refresh with <code>make reproduce PROFILE=" + profile + ' ARGS="--only '
+                        + ",".join(old) + '"</code> (new code, new run ids: they are measured again).<ul>'
+                        + "".join(f"<li>{html.escape(s)}: {len(rs)} record(s), e.g. {html.escape(rs[0].run_id)}</li>"
+                                  for s, rs in old.items()) + "</ul></div>")
+        header = (f"<h1>effllm report — profile <code>{profile}</code></h1>"
+                  f'<p class="caption">effllm {__version__}, git {html.escape(str(env.get("git_sha")))}'
+                  f'{" (dirty)" if env.get("git_dirty") else ""}, built '
+                  f'{dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")} on '
+                  f'{html.escape(str(env.get("device_name")))}. Everything here is drawn from the stored run records '
+                  f'(outputs/{profile}/runs). The paper\'s values are second-hand (reference/efficientllm_paper_values/'
+                  f'README.md) and come from a different scale and hardware.</p>{warning}<div id="broken"></div><ul>'
+                  + "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in toc) + "</ul>")
+        page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>effllm report — {profile}</title>'
+                f"<style>{CSS}</style></head><body>{header}{''.join(sections)}<script>{CHECK_IMAGES}</script>"
+                "</body></html>\n")
+        (tmp / "index.html").write_text(page, encoding="utf-8")
+    return out / "index.html"

@@ -1,0 +1,67 @@
+"""The peft study: every model x dataset x method fine-tuned under telemetry, one record each.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from effllm_utils import check_choices, data
+from effllm_utils.core import runs
+from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
+from effllm_utils.engine.suite import check_model_specs, load_base
+
+_DATASETS: dict[tuple, Any] = {}
+
+
+def load_dataset(name: str, tok, P: dict[str, Any]):
+    """(train, validation) in the forms train.train takes; kept in memory for the other methods of the study."""
+    key = (name, tok.name_or_path, len(tok), P["seq_len"], P["hub_examples"])
+    if key not in _DATASETS:
+        _DATASETS.clear()  # one dataset at a time: the study loops methods inside datasets
+        _DATASETS[key] = _load_dataset(name, tok, P)
+    return _DATASETS[key]
+
+
+def _load_dataset(name: str, tok, P: dict[str, Any]):
+    if name == "milton":
+        return data.token_ids("train", tok, "milton"), data.token_ids("validation", tok, "milton")
+    if name == "dialogue":
+        return (data.sft_examples(data.dialogue_pairs("train"), tok, P["seq_len"]),
+                data.sft_examples(data.dialogue_pairs("validation"), tok, P["seq_len"]))
+    ds = data.load_hub_dataset(name, limit=P["hub_examples"])
+    spec = data.HUB_DATASETS[name]
+    pairs = [(row[spec.prompt], "\n\n".join(str(row[k]) for k in spec.responses if row.get(k))) for row in ds]
+    cut = max(1, int(len(pairs) * 0.95))
+    return data.sft_examples(pairs[:cut], tok, P["seq_len"]), data.sft_examples(pairs[cut:], tok, P["seq_len"])
+
+
+# -- the study ---------------------------------------------------------------------------------------------------
+
+def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    from effllm_utils.engine.train import TrainConfig
+
+    check_choices(P["methods"], METHODS, "fine-tuning method(s)")
+    check_model_specs(P["models"])
+    device = resolve_device(profile, P["device"])
+    records = []
+    for model_name, spec in P["models"].items():
+        for dataset in P["datasets"]:
+            for method in P["methods"]:
+                run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets")} | {
+                    "model": spec, "dataset": dataset, "device": device}
+
+                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method):
+                    seed_everything(P["seed"])
+                    base, tok, base_info = load_base(profile, model_name, spec, P, device)
+                    train_data, val_data = load_dataset(dataset, tok, P)
+                    n_params = sum(p.numel() for p in base.parameters())
+                    model, optimizer, info = apply_method(base, method, P)
+                    cfg = TrainConfig.from_params(P, lr=method_lr(method, P["lr_full"], P["lr_adapter"]),
+                                                  weight_decay=0.0)
+                    result = train_method(model, method, n_params, optimizer, train_data, val_data, cfg, profile,
+                                          device, P["precision"])
+                    result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name)
+                    return result
+
+                records.append(runs.execute("peft", method, profile, run_params, fn, scale=model_name, force=force))
+    return records

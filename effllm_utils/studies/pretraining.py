@@ -1,0 +1,79 @@
+"""Architecture pretraining studies (attention, positional_encoding, moe, attention_free, depth_width): for every
+scale and technique, build a model (models.techniques), pretrain it under telemetry (engine.train), store a record.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from effllm_utils import data, outputs_dir
+from effllm_utils.core import runs
+from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.measure.hardware import device_peak
+from effllm_utils.models import techniques
+from effllm_utils.models.techniques import build_model, check_specs
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+def tokenizer_for(P: dict[str, Any]):
+    """The embedded-corpus BPE (`tokenizer: embedded`) or a Hub tokenizer by name."""
+    if P["tokenizer"] == "embedded":
+        return data.tokenizer(P["vocab_size"])
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(P["tokenizer"])
+    except OSError as e:
+        raise data.DatasetUnavailable(f"tokenizer {P['tokenizer']!r} could not be loaded ({str(e).splitlines()[0]}); "
+                                      f"it needs the Hugging Face Hub or a local copy in $HF_HOME") from None
+
+
+def token_data(P: dict[str, Any], tok):
+    """(train_ids, val_ids): the embedded corpus, or `train_tokens` of a Hub dataset (validation: the next 5%),
+    memory-mapped from the token cache (`data_files`: a local copy of the dataset instead of the Hub)."""
+    if P["dataset"] == "embedded":
+        return data.token_ids("train", tok), data.token_ids("validation", tok)
+    # tokenized once into a memory-mapped int32 file (data.hub_token_ids); the splits are views of it
+    ids = data.hub_token_ids(P["dataset"], tok, int(P["train_tokens"] * 1.05), data_files=P.get("data_files") or None)
+    cut = int(len(ids) / 1.05)
+    return ids[:cut], ids[cut:]
+
+
+# -- one study ---------------------------------------------------------------------------------------------------
+
+def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    """Pretrain every (scale, technique) of a study and store one record each (existing ones are skipped)."""
+    from effllm_utils.engine.train import TrainConfig, train
+
+    check_specs(P)
+    device = resolve_device(profile, P["device"])
+    records = []
+    for scale, dims in techniques.scales(P).items():
+        for technique, spec in P["techniques"].items():
+            data_keys = ("vocab_size", "dataset", "tokenizer", "train_tokens")
+            run_params = TrainConfig.params_of(P) | {k: P[k] for k in data_keys if k in P} | {
+                "dims": dims, "spec": spec, "device": device} | (
+                {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
+
+            def fn(dims=dims, spec=spec, technique=technique, scale=scale):
+                seed_everything(P["seed"])
+                tok = tokenizer_for(P)
+                train_ids, val_ids = token_data(P, tok)
+                model, fpt, kv = build_model(dims, len(tok), spec, P["seq_len"])
+                peak, peak_source = device_peak(profile, device, P["precision"])
+                ckpt = outputs_dir(profile) / "checkpoints" / study / f"{scale}-{technique}"
+                cfg = TrainConfig.from_params(P)
+                result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
+                               checkpoint_dir=ckpt if P["save_checkpoints"] else None)
+                result["metrics"]["kv_bytes_per_token"] = kv
+                result["artifacts"]["peak_flops_source"] = peak_source
+                result["artifacts"]["flops_per_token_source"] = "analytic (effllm_utils.measure.metrics)" if fpt \
+                    else "6 x parameters (transformers baseline)"
+                result["artifacts"]["model_config"] = model.config.to_dict()
+                if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
+                    from effllm_utils.models.mamba_scan import scan_in_use
+
+                    result["artifacts"]["selective_scan"] = scan_in_use(device)
+                return result
+
+            records.append(runs.execute(study, technique, profile, run_params, fn, scale=scale, force=force))
+    return records

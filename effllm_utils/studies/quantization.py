@@ -1,0 +1,106 @@
+"""The quantization study: each model at every precision, held-out perplexity (and lm-eval tasks where reachable),
+memory, latency and throughput from the inference harness, MCR against the bf16 (or fp32) row.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from effllm_utils import check_choices, data, outputs_dir
+from effllm_utils.core import runs
+from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.engine.quantize import DECODE_CHOICES, NOMINAL_BITS, PRECISIONS, build, decode_paths, evaluate_tasks
+from effllm_utils.engine.suite import base_checkpoint, check_model_specs
+from effllm_utils.measure import metrics
+
+
+def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
+    """Build every precision of every model, measure them side by side, store one record per precision."""
+    from effllm_utils.engine.infer import InferConfig, measure, perplexity
+
+    check_choices(P["precisions"], PRECISIONS, "precision(s)")
+    check_model_specs(P["models"])
+    device = resolve_device(profile, P["device"])
+    check_choices([P["decode"]], DECODE_CHOICES, "decode")
+    records = []
+    for name, spec in P["models"].items():
+        keyed = {p: {k: v for k, v in P.items() if k != "precisions"} | {"model": spec, "device": device}
+                 for p in P["precisions"]}
+        pending = [p for p in P["precisions"]
+                   if force or runs.ok_record(profile, "quantization", p, keyed[p], name) is None]
+        results: dict[str, dict] = {}
+        if pending:
+            seed_everything(P["seed"])
+            src, tok = base_checkpoint(profile, name, spec, P, device)
+            work = outputs_dir(profile) / "checkpoints" / "quantization" / name
+            built, errors = {}, {}
+            for p in P["precisions"]:  # all of them: the measurement interleaves every precision
+                try:
+                    built[p] = build(p, src, tok, P, device, work)
+                except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
+                    errors[p] = e
+            val = data.token_ids("validation", tok) if spec["source"] == "suite" else None
+            prompts = _prompts(tok, P, val)
+            cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
+                              min_time_s=P["min_time_s"], min_requests=P["min_requests"])
+            decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
+            measured = measure(decoders, prompts, cfg, device, attribute_memory=True) if built else {}
+            for p, (model, info) in built.items():
+                ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device) if val is not None else None
+                scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
+                    if P["tasks"] else {}
+                results[p] = {"metrics": {**{k: v for k, v in measured[p].items()
+                                             if k not in ("energy_reason", "it_by_batch", "amu_method",
+                                                          "latency_by_batch")},
+                                          "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
+                                          "nominal_bits": NOMINAL_BITS[p]},
+                              "quality": {"ppl": ppl, **scores},
+                              "artifacts": {"it_by_batch": measured[p]["it_by_batch"],
+                                            "latency_by_batch": measured[p]["latency_by_batch"],
+                                            "checkpoint": info["path"],
+                                            "reload_max_abs_diff": info["reload_max_abs_diff"],
+                                            "energy_reason": measured[p]["energy_reason"],
+                                            "amu_method": measured[p]["amu_method"],
+                                            "decode_path": paths[p][0], "decode_note": paths[p][1]}}
+            _add_mcr(results)
+            results.update({p: e for p, e in errors.items()})
+        for p in P["precisions"]:
+            def fn(p=p):
+                r = results[p]
+                if isinstance(r, Exception):
+                    raise r
+                return r
+            records.append(runs.execute("quantization", p, profile, keyed[p], fn, scale=name, force=force))
+    return records
+
+
+def _prompts(tok, P, val):
+    n = max(P["batch_sizes"])
+    if val is not None:
+        starts = torch.linspace(0, len(val) - P["prompt_len"] - 1, n).long().tolist()
+        return torch.stack([val[s:s + P["prompt_len"]] for s in starts])
+    text = data.corpus_text("validation")  # Hub models: the embedded text, in their own tokenizer
+    ids = torch.tensor(tok(text[:200_000])["input_ids"])
+    starts = torch.linspace(0, len(ids) - P["prompt_len"] - 1, n).long().tolist()
+    return torch.stack([ids[s:s + P["prompt_len"]] for s in starts])
+
+
+def _add_mcr(results: dict[str, dict]) -> None:
+    """MCR against bf16 (the paper's baseline), or fp32 where bf16 did not run. Performance is the mean lm-eval task
+    score where tasks ran (as the paper), else 1/ppl."""
+    base = "bf16" if "bf16" in results else "fp32" if "fp32" in results else None
+    if base is None:
+        return
+    b = results[base]
+    use_score = b["quality"].get("score") is not None
+    if not use_score and b["quality"].get("ppl") is None:
+        return
+    for p, r in results.items():
+        retention = r["quality"]["score"] / b["quality"]["score"] if use_score \
+            else b["quality"]["ppl"] / r["quality"]["ppl"]
+        r["artifacts"]["mcr_performance"] = "lm-eval score" if use_score else "1/ppl"
+        r["metrics"]["mcr"] = metrics.mcr(retention, 1.0, NOMINAL_BITS[base], NOMINAL_BITS[p])
+        r["metrics"]["mcr_measured"] = metrics.mcr_measured(b["metrics"]["disk_bytes"], r["metrics"]["disk_bytes"],
+                                                            retention, 1.0)
+        r["artifacts"]["mcr_baseline"] = base
