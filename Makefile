@@ -45,7 +45,7 @@ install: $(STAMP)
 
 lock: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(UV_SPEC)
-	$(PY) scripts/lock.py
+	$(PY) scripts/lock.py $(ARGS)
 
 # The newest versions pyproject's ranges allow, in a venv of its own: drift is found here, on purpose.
 test-latest:

@@ -1,6 +1,10 @@
 """Regenerate the lock files and environment.yml (`make lock`): uv's resolver over pyproject.toml.
 
     python scripts/lock.py            # writes requirements.lock, requirements-lab.lock, environment.yml
+    python scripts/lock.py --upgrade  # the same, moving every pin to the newest version the ranges allow
+
+Without --upgrade, uv keeps the existing pins where they still satisfy pyproject.toml (a stable lock: only what a
+changed range forces moves); `make lock ARGS=--upgrade` re-resolves everything to today's newest.
 
 torch is not in the lock: the Makefile installs it first, pinned (TORCH_SPEC; the CPU build by default), because a
 torch that a resolver picks from PyPI is a multi-GB CUDA build. The lock must still hold torch's own dependencies at
@@ -36,8 +40,8 @@ def uv_config(version: str, requires: list[str]) -> str:
     return (f'[[dependency-metadata]]\nname = "torch"\nversion = "{version}"\nrequires-dist = [{deps}]\n')
 
 
-def compile_lock(out: Path, extras: list[str], config: Path, constraints: list[Path]) -> None:
-    cmd = [sys.executable, "-m", "uv", "pip", "compile", "pyproject.toml", "--universal",
+def compile_lock(out: Path, extras: list[str], config: Path, constraints: list[Path], upgrade: bool = False) -> None:
+    cmd = [sys.executable, "-m", "uv", "pip", "compile", "pyproject.toml", "--universal", *(["--upgrade"] * upgrade),
            "--python-version", PYTHON_FLOOR, "--no-emit-package", "torch", "--quiet", "--no-header",
            "--config-file", str(config), "-o", str(out.relative_to(ROOT))]
     for extra in extras:
@@ -80,7 +84,13 @@ def write_environment_yml(lock: Path) -> None:
     ENV_YML.write_text("\n".join(lines) + "\n")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if set(argv) - {"--upgrade"}:
+        print(f"scripts/lock.py: unknown argument(s) {sorted(set(argv) - {'--upgrade'})}; the only option is "
+              "--upgrade", file=sys.stderr)
+        return 2
+    upgrade = "--upgrade" in argv
     try:
         version, requires = torch_metadata()
     except metadata.PackageNotFoundError:
@@ -91,8 +101,8 @@ def main() -> int:
         config, pinned = Path(tmp) / "uv.toml", Path(tmp) / "torch.txt"
         config.write_text(uv_config(version, requires))
         pinned.write_text(f"torch=={version}\n")  # the torch the Makefile installs, not PyPI's newest
-        compile_lock(LOCK, ["dev"], config, [pinned])
-        compile_lock(LAB_LOCK, ["dev", "lab"], config, [pinned, LOCK])
+        compile_lock(LOCK, ["dev"], config, [pinned], upgrade)
+        compile_lock(LAB_LOCK, ["dev", "lab"], config, [pinned, LOCK], upgrade)
     write_environment_yml(LOCK)
     n = len(pins(LOCK))
     print(f"wrote {LOCK.name} ({n} pins), {LAB_LOCK.name}, {ENV_YML.name} (torch {version} installed first)")

@@ -107,3 +107,11 @@ def test_compare_outputs_finds_changed_quality_and_missing_records(tmp_path):
     assert "quality.ppl: 10.0 -> 10.5" in bad.stdout and "metrics.params: 100 -> 101" in bad.stdout
     assert "only in" in bad.stdout and "'mla'" in bad.stdout and "al_s" not in bad.stdout  # timings not compared
     assert run(a, tmp_path / "nowhere").returncode == 2
+
+
+def test_lock_script_refuses_unknown_arguments():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "lock.py"), "--bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown argument(s) ['--bogus']; the only option is --upgrade" in r.stderr
