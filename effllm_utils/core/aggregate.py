@@ -31,9 +31,14 @@ def settings(r: RunRecord) -> str:
     return params_hash({"params": {k: v for k, v in r.params.items() if k != "seed"}, "code": r.code_version})
 
 
+def group(r: RunRecord, group_by: GroupBy) -> tuple:
+    """The records compared together (one table panel, one claims row): (scale, the study's `group_by` values)."""
+    return (r.scale,) + tuple(r.params.get(k) for k in group_by)
+
+
 def experiment(r: RunRecord, group_by: GroupBy) -> tuple:
-    """What a table row stands for: (technique, scale) and the values of the study's `group_by` params."""
-    return (r.technique, r.scale) + tuple(r.params.get(k) for k in group_by)
+    """What a table row stands for: the technique within its `group`."""
+    return (r.technique,) + group(r, group_by)
 
 
 def current(records: list[RunRecord], group_by: GroupBy) -> list[RunRecord]:

@@ -270,8 +270,7 @@ def _groups(recs: list[runs.RunRecord], group_by: tuple[str, ...]) -> dict[str, 
     """Records compared together: one group per scale and per value of the study's grouping params (peft: dataset)."""
     out: dict[str, list] = {}
     for r in recs:
-        key = " / ".join([r.scale] + [str(r.params.get(k)) for k in group_by if r.params.get(k) is not None])
-        out.setdefault(key, []).append(r)
+        out.setdefault(" / ".join(str(v) for v in aggregate.group(r, group_by) if v is not None), []).append(r)
     return out
 
 

@@ -3,6 +3,7 @@ measurements beside them (different scale and hardware: orderings are comparable
 """
 from __future__ import annotations
 
+from effllm_utils.core import aggregate
 from effllm_utils.studies import registry
 
 UNITS = {"ppl": "PPL", "loss": "loss", "amu_gb": "AMU (GB)", "al_s": "AL (s)", "tt": "TT (tokens/param/s)",
@@ -40,11 +41,7 @@ def paper_values(study: str):
 def first_group(study: str, recs: list) -> list:
     """The records of the first (scale, grouping params) group, in order: one group per comparison or panel."""
     group_by = registry.get(study).group_by
-
-    def key(r):
-        return (r.scale,) + tuple(r.params.get(k) for k in group_by)
-
-    return [r for r in recs if key(r) == key(recs[0])] if recs else []
+    return [r for r in recs if aggregate.group(r, group_by) == aggregate.group(recs[0], group_by)] if recs else []
 
 
 def comparison(profile: str, study: str):
