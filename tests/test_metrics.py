@@ -136,3 +136,19 @@ def test_device_peaks_have_sources_and_measured_fallback():
     assert value == pytest.approx(0.2e12) and "measured" in source
     with pytest.raises(ValueError, match="run the hardware study first"):
         M.peak_flops("AMD EPYC", "bf16")
+
+
+def test_table_headers_come_from_the_metrics_table():
+    from effllm_utils.report import views
+
+    assert M.header("amu_gb") == "AMU (GB)" and M.header("al_s", per="iter") == "AL (s/iter)"
+    assert M.header("pcu") == "PCU" and M.header("ppl_se") == "PPL s.e." and M.header("param.dataset") == "param.dataset"
+    cols = views.columns(("technique", "loss", "loss_se", "fid_before", "al_s"), per={"al_s": "request"},
+                         technique="method", loss="eval loss", fid="digits-FID")
+    assert cols == {"technique": "method", "loss": "eval loss", "loss_se": "eval loss s.e.",
+                    "fid_before": "digits-FID before", "al_s": "AL (s/request)"}
+    # every metric column of every study table is a METRICS entry (or one derived from it): no label table beside it
+    for table in (views.PRETRAIN_COLUMNS, views.PEFT_COLUMNS, views.QUANT_COLUMNS, views.VLM_COLUMNS):
+        for key in table:
+            base = next((key.removesuffix(s) for s in M.DERIVED if key.endswith(s)), key)
+            assert base in M.METRICS or key in views.STRUCTURE, key

@@ -289,12 +289,8 @@ def harness_bench(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from effllm_utils import models
+def _parser() -> argparse.ArgumentParser:
     from effllm_utils.engine.train import COMPILE_MODES
-    from effllm_utils.measure import metrics
-    from effllm_utils.measure.hardware import device_peak
-    from effllm_utils.models import mamba_scan
 
     ap = argparse.ArgumentParser(prog="python -m effllm_utils.cli.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -325,11 +321,75 @@ def main(argv: list[str] | None = None) -> int:
                     help="decode mode: also compile with inductor's max-autotune (Triton GEMV templates; slow compile)")
     ap.add_argument("--trace", action="store_true", help="profile a few training steps of each case (train mode) or "
                     "one request of each decoder (decode mode): the kernels taking the most time, kernels per token")
-    args = ap.parse_args(argv)
-    if args.mode == "decode":
-        return decode_bench(args)
-    if args.mode == "harness":
-        return harness_bench(args)
+    return ap
+
+
+def _train_case(case: str, dims: dict, args):
+    """(model, training FLOPs per token or None for 6 x parameters, active matmul parameters) of a train-mode case,
+    or None for an unknown case."""
+    from effllm_utils import models
+    from effllm_utils.measure import metrics
+
+    def made(cfg):
+        return (models.EffLLMForCausalLM(cfg), metrics.training_flops_per_token(cfg.shape(), args.seq),
+                metrics.forward_flops_per_token(cfg.shape(), 0) / 2)  # active matmul params
+
+    dense_cfg = models.EffLLMConfig(**dims, attention="gqa")
+    if case.startswith("qwen2"):
+        _, fpt, active = made(dense_cfg)
+        return _qwen2(dims), fpt, active
+    if case.startswith("effllm_dense"):  # effllm_dense_ce*: the fused chunked head + loss (--ce-chunk)
+        _, fpt, active = made(dense_cfg)
+        cfg = models.EffLLMConfig(**dims, attention="gqa", ce_chunk=args.ce_chunk if "_ce" in case else 0)
+        return models.EffLLMForCausalLM(cfg), fpt, active
+    if case.startswith("effllm_moe"):
+        return made(models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8,
+                                        num_experts_per_tok=2))
+    if case in ("mamba", "mamba_library"):  # the attention_free baseline: effllm's CPU scan / the library's
+        from effllm_utils.models.baselines import build_baseline
+
+        target = models.EffLLMForCausalLM(dense_cfg).num_parameters()
+        model = build_baseline("mamba", target, dims["num_hidden_layers"], dims["vocab_size"], args.seq)
+        return model, None, model.num_parameters()  # train() counts 6 x parameters, as the study does
+    if case.startswith("effllm_nsa"):  # the attention study's gpu NSA settings; _ref: the dense-mask kernel
+        return made(models.EffLLMConfig(**dims, attention="nsa", nsa_block_size=64, nsa_num_selected=16,
+                                        nsa_window=512, nsa_kernel="reference" if "_ref" in case else "auto"))
+    return None
+
+
+def _print_ratios(by: dict[str, dict], args) -> None:
+    """The side-by-side ratios of the train-mode cases that ran."""
+    from effllm_utils.models import mamba_scan
+
+    def rate(a, b):
+        return by[a]["tokens_per_s"] / by[b]["tokens_per_s"]
+
+    if "qwen2_eager" in by and "effllm_dense_compiled" in by:
+        print(f"effllm dense compiled / transformers Qwen2 eager tokens/s: "
+              f"{rate('effllm_dense_compiled', 'qwen2_eager'):.2f}x")
+    if "effllm_dense_ce_compiled" in by and "effllm_dense_compiled" in by:
+        d, f = by["effllm_dense_compiled"], by["effllm_dense_ce_compiled"]
+        print(f"fused chunked head + loss (ce_chunk {args.ce_chunk}) / plain cross-entropy: tokens/s "
+              f"{rate('effllm_dense_ce_compiled', 'effllm_dense_compiled'):.2f}x, peak memory "
+              f"{f['peak_mem_gb']:.1f} vs {d['peak_mem_gb']:.1f} GB")
+    if "effllm_nsa_compiled" in by and "effllm_nsa_ref_compiled" in by:
+        print(f"NSA FlexAttention / dense-mask reference tokens/s: "
+              f"{rate('effllm_nsa_compiled', 'effllm_nsa_ref_compiled'):.2f}x")
+    if "mamba" in by and "mamba_library" in by:
+        print(f"Mamba tokens/s, {mamba_scan.scan_in_use(args.device)} / transformers' own scan: "
+              f"{rate('mamba', 'mamba_library'):.2f}x")
+    if "effllm_moe_compiled" in by and "effllm_dense_compiled" in by:
+        d, m = by["effllm_dense_compiled"], by["effllm_moe_compiled"]
+        ratio = (m["tokens_per_s"] * m["active_params"]) / (d["tokens_per_s"] * d["active_params"])
+        print(f"MoE vs dense, tokens/s x active matmul params (achieved useful FLOP rate): {ratio:.2f} "
+              f"(MoE {m['active_params'] / 1e6:.0f}M active vs dense {d['active_params'] / 1e6:.0f}M)")
+
+
+def train_bench(args) -> int:
+    """Training throughput and MFU of each `--cases` entry at one shape, then their ratios."""
+    from effllm_utils.measure.hardware import device_peak
+    from effllm_utils.models import mamba_scan
+
     cuda = args.device.startswith("cuda")
     args.shape = args.shape or ("gpu" if cuda else "tiny")
     args.batch, args.seq = args.batch or (16 if cuda else 8), args.seq or (1024 if cuda else 128)
@@ -344,38 +404,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {args.device}, shape {args.shape} {dims}, batch {args.batch}x{args.seq} x {args.grad_accum} "
           f"micro-batch(es) per step, compile mode {args.compile_mode or 'default'}, peak: "
           f"{peak / 1e12 if peak else float('nan'):.1f} TFLOP/s ({source})")
-    dense_cfg = models.EffLLMConfig(**dims, attention="gqa")
-    moe_cfg = models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8, num_experts_per_tok=2)
-    dense_fpt = metrics.training_flops_per_token(dense_cfg.shape(), args.seq)
-    moe_fpt = metrics.training_flops_per_token(moe_cfg.shape(), args.seq)
-    nonemb = lambda cfg: metrics.forward_flops_per_token(cfg.shape(), 0) / 2  # active matmul params  # noqa: E731
-    results = []
+    by = {}
     for case in args.cases.split(","):
         torch.manual_seed(0)
-        if case.startswith("qwen2"):
-            model, fpt, active = _qwen2(dims), dense_fpt, nonemb(dense_cfg)
-        elif case.startswith("effllm_dense"):  # effllm_dense_ce*: the fused chunked head + loss (--ce-chunk)
-            cfg = models.EffLLMConfig(**dims, attention="gqa", ce_chunk=args.ce_chunk if "_ce" in case else 0)
-            model, fpt, active = models.EffLLMForCausalLM(cfg), dense_fpt, nonemb(dense_cfg)
-        elif case.startswith("effllm_moe"):
-            model, fpt, active = models.EffLLMForCausalLM(moe_cfg), moe_fpt, nonemb(moe_cfg)
-        elif case in ("mamba", "mamba_library"):  # the attention_free baseline: effllm's CPU scan / the library's
-            from effllm_utils.models.baselines import build_baseline
-
-            target = models.EffLLMForCausalLM(dense_cfg).num_parameters()
-            model = build_baseline("mamba", target, dims["num_hidden_layers"], dims["vocab_size"], args.seq)
-            fpt, active = None, model.num_parameters()  # train() counts 6 x parameters, as the study does
-        elif case.startswith("effllm_nsa"):  # the attention study's gpu NSA settings; _ref: the dense-mask kernel
-            nsa_cfg = models.EffLLMConfig(**dims, attention="nsa", nsa_block_size=64, nsa_num_selected=16,
-                                          nsa_window=512, nsa_kernel="reference" if "_ref" in case else "auto")
-            model, active = models.EffLLMForCausalLM(nsa_cfg), nonemb(nsa_cfg)
-            fpt = metrics.training_flops_per_token(nsa_cfg.shape(), args.seq)
-        else:
+        made = _train_case(case, dims, args)
+        if made is None:
             print(f"error: unknown case {case!r}", file=sys.stderr)
             return 2
+        model, fpt, active = made
         with mamba_scan.using_library_scan() if case == "mamba_library" else contextlib.nullcontext():
-            results.append(run_case(case, model, fpt, active, args, peak))
-        r = results[-1]
+            r = by[case] = run_case(case, model, fpt, active, args, peak)
         print(f"{r['case']:<24} {r['tokens_per_s']:>12,.0f} tokens/s   MFU {r['mfu_pct'] or float('nan'):6.1f}%   "
               f"{r['al_s'] * 1e3:8.1f} ms/step   peak mem {r['peak_mem_gb']:.1f} GB", flush=True)
         if args.trace:
@@ -383,27 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         del model
         if cuda:
             torch.cuda.empty_cache()
-    by = {r["case"]: r for r in results}
-    if "qwen2_eager" in by and "effllm_dense_compiled" in by:
-        print(f"effllm dense compiled / transformers Qwen2 eager tokens/s: "
-              f"{by['effllm_dense_compiled']['tokens_per_s'] / by['qwen2_eager']['tokens_per_s']:.2f}x")
-    if "effllm_dense_ce_compiled" in by and "effllm_dense_compiled" in by:
-        d, f = by["effllm_dense_compiled"], by["effllm_dense_ce_compiled"]
-        print(f"fused chunked head + loss (ce_chunk {args.ce_chunk}) / plain cross-entropy: tokens/s "
-              f"{f['tokens_per_s'] / d['tokens_per_s']:.2f}x, peak memory {f['peak_mem_gb']:.1f} vs "
-              f"{d['peak_mem_gb']:.1f} GB")
-    if "effllm_nsa_compiled" in by and "effllm_nsa_ref_compiled" in by:
-        print(f"NSA FlexAttention / dense-mask reference tokens/s: "
-              f"{by['effllm_nsa_compiled']['tokens_per_s'] / by['effllm_nsa_ref_compiled']['tokens_per_s']:.2f}x")
-    if "mamba" in by and "mamba_library" in by:
-        print(f"Mamba tokens/s, {mamba_scan.scan_in_use(args.device)} / transformers' own scan: "
-              f"{by['mamba']['tokens_per_s'] / by['mamba_library']['tokens_per_s']:.2f}x")
-    if "effllm_moe_compiled" in by and "effllm_dense_compiled" in by:
-        d, m = by["effllm_dense_compiled"], by["effllm_moe_compiled"]
-        ratio = (m["tokens_per_s"] * m["active_params"]) / (d["tokens_per_s"] * d["active_params"])
-        print(f"MoE vs dense, tokens/s x active matmul params (achieved useful FLOP rate): {ratio:.2f} "
-              f"(MoE {m['active_params'] / 1e6:.0f}M active vs dense {d['active_params'] / 1e6:.0f}M)")
+    _print_ratios(by, args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return {"decode": decode_bench, "harness": harness_bench, "train": train_bench}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -153,6 +153,168 @@ class Data:
         return torch.linspace(0, high, count).long()
 
 
+def _optimizer(model, cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (fused on CUDA)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
+                             fused=device.type == "cuda")
+
+
+class _Loop:
+    """The state of one training run: data, optimizer, schedule, the loss curve and the step times.
+
+    On CUDA the host does not wait for step s before queueing step s+1: each step's loss is copied to pinned memory
+    behind an event and read (and checked) one step later, and step times are CUDA-event intervals (GPU time from the
+    end of one step to the end of the next). On CPU everything is synchronous and timed by the host clock."""
+
+    def __init__(self, model, train_ids, val_ids, cfg: TrainConfig, acc, optimizer):
+        self.cfg, self.acc, self.device = cfg, acc, acc.device
+        self.cuda = self.device.type == "cuda"
+        self.use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.cuda)
+        self.world, self.rank = acc.num_processes, acc.process_index
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {self.world}")
+        self.train_data, self.val_data = Data(train_ids, cfg.seq_len, "train"), Data(val_ids, cfg.seq_len, "validation")
+        torch.manual_seed(cfg.seed)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        opt = optimizer or _optimizer(model, cfg, self.device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        self.model, self.opt = acc.prepare(model, opt)
+        self.step_fn = compiled(self.model, cfg.compile)
+        self.local = cfg.batch_size // self.world
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+        self.mon = Monitor(period_s=cfg.telemetry_period_s, device=str(self.device) if self.cuda else "cpu")
+        self.curve, self.val_curve, self.step_times = [], [], []
+        self.last_end = None  # CUDA: the event that ended the previous step
+        self.pending = None  # CUDA: (step, pinned loss, end event) of the step queued but not yet read
+
+    def _mine(self, picks: torch.Tensor) -> torch.Tensor:
+        return picks[self.rank * self.local:(self.rank + 1) * self.local]
+
+    def evaluate(self) -> float:
+        cfg = self.cfg
+        self.model.eval()
+        picks = self.val_data.eval_picks(cfg.eval_batches * cfg.batch_size)
+        losses = []
+        with torch.no_grad():
+            for b in range(cfg.eval_batches):
+                batch = self.val_data.batch(self._mine(picks[b * cfg.batch_size:(b + 1) * cfg.batch_size]), self.device)
+                with self.autocast:
+                    losses.append(self.step_fn(**batch, use_cache=False).loss.float())
+        self.model.train()
+        return self.acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
+
+    def record_loss(self, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            if self.mon._thread is not None:
+                self.mon.stop()
+            raise TrainingDiverged(f"loss became {value} at step {step} (lr {self.sched.get_last_lr()[0]:.2e}); "
+                                   f"lower the learning rate or enable gradient clipping")
+        self.curve.append(value)
+
+    def settle(self) -> None:
+        """Read the queued CUDA step's loss and time (no-op when none is queued)."""
+        if self.pending is None:
+            return
+        step, buf, end = self.pending
+        end.synchronize()
+        self.step_times.append(self.last_end.elapsed_time(end) / 1e3)
+        self.last_end, self.pending = end, None
+        self.record_loss(step, buf.item())
+
+    def mark(self) -> None:
+        """CUDA: start the next step's interval now (after a validation pass, which is not part of its time)."""
+        if self.cuda:
+            self.last_end = torch.cuda.Event(enable_timing=True)
+            self.last_end.record()
+
+    def step(self, step: int) -> None:
+        """One optimizer step over `grad_accum` micro-batches; its loss is recorded (on CUDA one step later)."""
+        cfg, acc = self.cfg, self.acc
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            picks = self.train_data.train_picks(cfg.batch_size, step, micro, cfg.seed)
+            batch = self.train_data.batch(self._mine(picks), self.device)
+            with self.autocast:
+                loss = self.step_fn(**batch, use_cache=False).loss / cfg.grad_accum
+            acc.backward(loss)
+            total += loss.detach()
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        reduced = acc.reduce(total, reduction="mean")
+        if self.cuda:
+            buf = torch.empty((), pin_memory=True)
+            buf.copy_(reduced, non_blocking=True)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.settle()
+            self.pending = (step, buf, end)
+        else:
+            value = reduced.item()
+            self.step_times.append(time.perf_counter() - t0)
+            self.record_loss(step, value)
+
+    def run(self) -> dict[str, Any]:
+        """All steps, with the telemetry window after `skip_steps` and periodic validation; the Monitor's result."""
+        cfg = self.cfg
+        self.model.train()
+        self.mark()
+        for step in range(cfg.steps):
+            if step == cfg.skip_steps:
+                self.settle()
+                if not self.cuda:
+                    trim_heap()  # free heap pages back to the OS, so the window's RSS growth is the steps' memory
+                self.mon.start()
+            self.step(step)
+            if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                self.settle()
+                self.val_curve.append((step + 1, self.evaluate()))
+                self.mark()
+        self.settle()
+        telem = self.mon.stop()
+        if not self.cuda:  # the run's own memory; RSS also holds the interpreter, libraries and lazily imported code
+            telem.update(own_memory(held_bytes(self.model, self.opt), telem["amu_growth_gb"],
+                                    telem["peak_growth_gb"], "held_bytes_plus_window_growth"))
+        return telem
+
+
+def _metrics(loop: _Loop, telem: dict, flops_per_token: float | None, peak_flops: float | None) -> tuple[dict, dict]:
+    """The run's metrics over its timed steps, and notes (a PCU above 1 warns that the peak is understated)."""
+    cfg, world = loop.cfg, loop.world
+    timed = loop.step_times[cfg.skip_steps:]
+    seconds = sum(timed)
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len * len(timed)
+    fpt = flops_per_token if flops_per_token is not None else 6.0 * loop.n_params
+    m = {
+        "params": loop.n_params, "trainable_params": loop.n_trainable,
+        **metrics.latency(timed), "tokens_per_s": tokens / seconds, "tt": metrics.tt(tokens, loop.n_params, seconds),
+        "samples_per_s": cfg.batch_size * cfg.grad_accum * len(timed) / seconds,
+        "flops_per_token": fpt, "amu_gb": telem["amu_gb"], "amu_frac": telem["amu_frac"],
+        "rss_amu_gb": telem["rss_amu_gb"], "held_gb": telem.get("held_gb"),
+        "peak_mem_gb": telem["peak_mem_gb"], "gpu_util_pct": telem["gpu_util_pct"], "aec_w": telem["aec_w"],
+        "energy_j": telem["energy_j"], "j_per_token": telem["energy_j"] / tokens if telem["energy_j"] else None,
+        "processes": world, "precision": "bf16" if loop.use_bf16 else "fp32",
+    }
+    notes = {}
+    if peak_flops:
+        m["pcu"] = metrics.pcu(fpt * tokens / world, seconds, peak_flops)  # per device
+        m["mfu_pct"] = 100 * m["pcu"]
+        if m["pcu"] > 1:  # more than the peak: the peak is wrong (e.g. a hardware-study run in a slow spell)
+            notes["pcu_warning"] = (f"achieved {m['pcu'] * peak_flops:.3g} FLOP/s per device exceeds the peak given "
+                                    f"({peak_flops:.3g}): the peak is understated; re-run the hardware study "
+                                    f"(make reproduce ARGS='--only hardware --force') and this run")
+            warnings.warn(notes["pcu_warning"], stacklevel=3)
+    return m, notes
+
+
 def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | None = None,
           peak_flops: float | None = None, checkpoint_dir: str | Path | None = None,
           accelerator=None, optimizer=None) -> dict[str, Any]:
@@ -167,146 +329,17 @@ def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | 
 
     # cpu=True is how accelerate picks the gloo backend for several CPU processes under torchrun
     acc = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
-    device = acc.device
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    world, rank = acc.num_processes, acc.process_index
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
-    train_data, val_data = Data(train_ids, cfg.seq_len, "train"), Data(val_ids, cfg.seq_len, "validation")
-    torch.manual_seed(cfg.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    opt = optimizer or torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                          {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas,
-                                         fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    model, opt = acc.prepare(model, opt)
-    step_fn = compiled(model, cfg.compile)
-    local = cfg.batch_size // world
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    def evaluate() -> float:
-        model.eval()
-        picks = val_data.eval_picks(cfg.eval_batches * cfg.batch_size)
-        losses = []
-        with torch.no_grad():
-            for b in range(cfg.eval_batches):
-                window = picks[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                batch = val_data.batch(window[rank * local:(rank + 1) * local], device)
-                with autocast:
-                    losses.append(step_fn(**batch, use_cache=False).loss.float())
-        model.train()
-        return acc.reduce(torch.stack(losses).mean(), reduction="mean").item()
-
-    curve, val_curve, step_times = [], [], []
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    mon = Monitor(period_s=cfg.telemetry_period_s, device=str(device) if device.type == "cuda" else "cpu")
-    # On CUDA the host does not wait for step s before queueing step s+1: each step's loss is copied to pinned memory
-    # behind an event and read (and checked) one step later, and step times are CUDA-event intervals (GPU time from
-    # the end of one step to the end of the next). On CPU everything is synchronous and timed by the host clock.
-    cuda = device.type == "cuda"
-    last_end = None
-    pending = None  # (step, pinned loss, end event) of the step queued but not yet read
-
-    def settle() -> None:
-        nonlocal pending, last_end
-        step_, buf, end = pending
-        end.synchronize()
-        step_times.append(last_end.elapsed_time(end) / 1e3)
-        last_end, pending = end, None
-        record_loss(step_, buf.item())
-
-    def record_loss(step_: int, value: float) -> None:
-        if not math.isfinite(value):
-            if mon._thread is not None:
-                mon.stop()
-            raise TrainingDiverged(f"loss became {value} at step {step_} (lr {sched.get_last_lr()[0]:.2e}); "
-                                   f"lower the learning rate or enable gradient clipping")
-        curve.append(value)
-
-    model.train()
-    if cuda:
-        last_end = torch.cuda.Event(enable_timing=True)
-        last_end.record()
-    for step in range(cfg.steps):
-        if step == cfg.skip_steps:
-            if pending is not None:
-                settle()
-            if not cuda:
-                trim_heap()  # free heap pages back to the OS, so the window's RSS growth is the steps' memory
-            mon.start()
-        t0 = time.perf_counter()
-        total = torch.zeros((), device=device)
-        for micro in range(cfg.grad_accum):
-            picks = train_data.train_picks(cfg.batch_size, step, micro, cfg.seed)
-            batch = train_data.batch(picks[rank * local:(rank + 1) * local], device)
-            with autocast:
-                loss = step_fn(**batch, use_cache=False).loss / cfg.grad_accum
-            acc.backward(loss)
-            total += loss.detach()
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        reduced = acc.reduce(total, reduction="mean")
-        if cuda:
-            buf = torch.empty((), pin_memory=True)
-            buf.copy_(reduced, non_blocking=True)
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            if pending is not None:
-                settle()
-            pending = (step, buf, end)
-        else:
-            value = reduced.item()
-            step_times.append(time.perf_counter() - t0)
-            record_loss(step, value)
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            if pending is not None:
-                settle()
-            val_curve.append((step + 1, evaluate()))
-            if cuda:  # the validation pass is not part of the next step's time
-                last_end = torch.cuda.Event(enable_timing=True)
-                last_end.record()
-    if pending is not None:
-        settle()
-    telem = mon.stop()
-    if not cuda:  # the run's own memory; RSS also holds the interpreter, libraries and lazily imported code
-        telem.update(own_memory(held_bytes(model, opt), telem["amu_growth_gb"], telem["peak_growth_gb"],
-                                "held_bytes_plus_window_growth"))
-    timed = step_times[cfg.skip_steps:]
-    val_loss = evaluate()
-    val_curve.append((cfg.steps, val_loss))
-    seconds = sum(timed)
-    tokens = tokens_per_step * len(timed)
-    fpt = flops_per_token if flops_per_token is not None else 6.0 * n_params
-    m = {
-        "params": n_params, "trainable_params": sum(p.numel() for p in trainable),
-        **metrics.latency(timed), "tokens_per_s": tokens / seconds, "tt": metrics.tt(tokens, n_params, seconds),
-        "samples_per_s": cfg.batch_size * cfg.grad_accum * len(timed) / seconds,
-        "flops_per_token": fpt, "amu_gb": telem["amu_gb"], "amu_frac": telem["amu_frac"],
-        "rss_amu_gb": telem["rss_amu_gb"], "held_gb": telem.get("held_gb"),
-        "peak_mem_gb": telem["peak_mem_gb"], "gpu_util_pct": telem["gpu_util_pct"], "aec_w": telem["aec_w"],
-        "energy_j": telem["energy_j"], "j_per_token": telem["energy_j"] / tokens if telem["energy_j"] else None,
-        "processes": world, "precision": "bf16" if use_bf16 else "fp32",
-    }
-    notes = {}
-    if peak_flops:
-        m["pcu"] = metrics.pcu(fpt * tokens / world, seconds, peak_flops)  # per device
-        m["mfu_pct"] = 100 * m["pcu"]
-        if m["pcu"] > 1:  # more than the peak: the peak is wrong (e.g. a hardware-study run in a slow spell)
-            notes["pcu_warning"] = (f"achieved {m['pcu'] * peak_flops:.3g} FLOP/s per device exceeds the peak given "
-                                    f"({peak_flops:.3g}): the peak is understated; re-run the hardware study "
-                                    f"(make reproduce ARGS='--only hardware --force') and this run")
-            warnings.warn(notes["pcu_warning"], stacklevel=2)
+    loop = _Loop(model, train_ids, val_ids, cfg, acc, optimizer)
+    telem = loop.run()
+    val_loss = loop.evaluate()
+    loop.val_curve.append((cfg.steps, val_loss))
+    m, notes = _metrics(loop, telem, flops_per_token, peak_flops)
     if checkpoint_dir is not None and acc.is_main_process:
-        acc.unwrap_model(model).save_pretrained(checkpoint_dir, safe_serialization=True)
+        acc.unwrap_model(loop.model).save_pretrained(checkpoint_dir, safe_serialization=True)
+    curve = loop.curve
     return {"metrics": m, "quality": {"loss": val_loss, "ppl": math.exp(min(val_loss, 50.0)),
                                       "train_loss": sum(curve[-5:]) / len(curve[-5:])},
-            "artifacts": {"loss_curve": curve, "val_curve": val_curve, "step_s": step_times,
+            "artifacts": {"loss_curve": curve, "val_curve": loop.val_curve, "step_s": loop.step_times,
                           "energy_method": telem["energy_method"], "energy_reason": telem["energy_reason"],
                           "amu_method": telem.get("amu_method"),
                           "telemetry_errors": telem["errors"], **notes}}

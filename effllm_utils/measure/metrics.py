@@ -27,6 +27,25 @@ class Metric:
     better: str | None  # "lower", "higher" or None (descriptive only)
     paper: str  # where the paper defines it ("Eq. 1"), or "—" for our additions
     description: str
+    name: str = ""  # the short name in tables and on axes ("AMU"); the key when empty
+
+
+def header(key: str, per: str | None = None) -> str:
+    """The table header / axis label of a metric key: its name and unit from `METRICS` ("AMU (GB)"; a unit-less
+    metric is its name alone; `per` qualifies the unit: header("al_s", per="iter") is "AL (s/iter)"). A derived
+    column `<metric>_se` / `_before` / `_real_vs_real` gets the metric's header and that qualifier; any other key
+    is returned with its underscores as spaces."""
+    for suffix, words in DERIVED.items():
+        if key.endswith(suffix) and key[: -len(suffix)] in METRICS:
+            return f"{header(key[: -len(suffix)], per)} {words}"
+    m = METRICS.get(key)
+    if m is None:
+        return key.replace("_", " ")
+    unit = m.unit + (f"/{per}" if per else "")
+    return m.name or key if m.unit == "1" else f"{m.name or key} ({unit})"
+
+
+DERIVED = {"_se": "s.e.", "_before": "before", "_real_vs_real": "real vs real"}
 
 
 METRICS: dict[str, Metric] = {m.key: m for m in [
@@ -34,48 +53,60 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
            "Average memory utilisation: time-averaged memory in use per device (NVML device memory on GPU; on CPU "
            "the run's own: the bytes its model and optimizer state, or its decoder, hold plus what the timed work "
            "adds above the window's start — not the process's RSS, mostly Python and libraries). The paper's tables "
-           "report GB, its Eq. 1 a fraction; both are kept."),
-    Metric("amu_frac", "1", "lower", "Eq. 1", "amu_gb divided by the device's memory capacity."),
+           "report GB, its Eq. 1 a fraction; both are kept.", name="AMU"),
+    Metric("amu_frac", "1", "lower", "Eq. 1", "amu_gb divided by the device's memory capacity.", name="AMU fraction"),
     Metric("peak_mem_gb", "GB", "lower", "—",
-           "Peak torch.cuda allocated memory on GPU; on CPU the held bytes plus the peak sampled growth, as amu_gb."),
+           "Peak torch.cuda allocated memory on GPU; on CPU the held bytes plus the peak sampled growth, as amu_gb.", name="peak mem"),
     Metric("rss_amu_gb", "GB", "lower", "—",
-           "Time-averaged RSS of the whole process (Python, libraries and every resident model): what the OS sees."),
+           "Time-averaged RSS of the whole process (Python, libraries and every resident model): what the OS sees.", name="RSS AMU"),
     Metric("pcu", "1", "higher", "Eq. 2",
            "Compute utilisation: achieved FLOP/s divided by the device's peak FLOP/s (MFU-style). The paper's Eq. 2 "
-           "is a time average of NVML busy time; that is kept beside it as gpu_util_pct."),
+           "is a time average of NVML busy time; that is kept beside it as gpu_util_pct.", name="PCU"),
     Metric("mfu_pct", "%", "higher", "—",
-           "Model FLOPs utilisation: analytic model FLOPs per second / peak FLOP/s, in percent (PaLM, App. B)."),
-    Metric("gpu_util_pct", "%", "higher", "Eq. 2", "Time-averaged NVML utilization.gpu (fraction of time busy)."),
+           "Model FLOPs utilisation: analytic model FLOPs per second / peak FLOP/s, in percent (PaLM, App. B).", name="MFU"),
+    Metric("gpu_util_pct", "%", "higher", "Eq. 2", "Time-averaged NVML utilization.gpu (fraction of time busy).", name="GPU util"),
     Metric("al_s", "s", "lower", "Eq. 3",
-           "Average latency: mean seconds per training iteration or per inference request (p50/p90 beside it)."),
-    Metric("al_p50_s", "s", "lower", "—", "Median latency."),
-    Metric("al_p90_s", "s", "lower", "—", "90th-percentile latency."),
-    Metric("tt", "tokens/s/param", "higher", "Eq. 4", "Token throughput per parameter (pretraining)."),
-    Metric("st", "samples/s/param", "higher", "Eq. 5", "Sample throughput per parameter (fine-tuning)."),
-    Metric("it", "tokens/s", "higher", "Eq. 6", "Inference throughput: generated tokens per second."),
-    Metric("tokens_per_s", "tokens/s", "higher", "—", "Plain token throughput."),
+           "Average latency: mean seconds per training iteration or per inference request (p50/p90 beside it).", name="AL"),
+    Metric("al_p50_s", "s", "lower", "—", "Median latency.", name="AL p50"),
+    Metric("al_p90_s", "s", "lower", "—", "90th-percentile latency.", name="AL p90"),
+    Metric("tt", "tokens/param/s", "higher", "Eq. 4", "Token throughput per parameter (pretraining).", name="TT"),
+    Metric("st", "samples/param/s", "higher", "Eq. 5", "Sample throughput per parameter (fine-tuning).", name="ST"),
+    Metric("it", "tokens/s", "higher", "Eq. 6", "Inference throughput: generated tokens per second.", name="IT"),
+    Metric("tokens_per_s", "tokens/s", "higher", "—", "Plain token throughput.", name="throughput"),
     Metric("aec_w", "W", "lower", "Eqs. 7-8",
-           "Average energy consumption: energy / time, i.e. average power per device (the paper's unit is W)."),
-    Metric("energy_j", "J", "lower", "Eq. 7", "Energy over the measured window."),
-    Metric("j_per_token", "J/token", "lower", "—", "Energy per processed or generated token."),
+           "Average energy consumption: energy / time, i.e. average power per device (the paper's unit is W).", name="AEC"),
+    Metric("energy_j", "J", "lower", "Eq. 7", "Energy over the measured window.", name="energy"),
+    Metric("j_per_token", "J/token", "lower", "—", "Energy per processed or generated token.", name="energy per token"),
     Metric("mcr", "1", "higher", "Eq. 9",
-           "Model compression rate, paper definition: nominal size ratio (bit widths) x performance retention."),
-    Metric("mcr_measured", "1", "higher", "—", "Like mcr but with measured bytes instead of nominal bit widths."),
+           "Model compression rate, paper definition: nominal size ratio (bit widths) x performance retention.", name="MCR"),
+    Metric("mcr_measured", "1", "higher", "—", "Like mcr but with measured bytes instead of nominal bit widths.", name="MCR (measured bytes)"),
     Metric("efficiency_score", "1", "higher", "Eqs. 10-12",
-           "Direction-correct composite over AMU, PCU, AL, throughput and AEC (see efficiency_score())."),
-    Metric("ppl", "1", "lower", "—", "Perplexity, exp(mean token cross-entropy in nats)."),
-    Metric("loss", "nats/token", "lower", "—", "Mean token cross-entropy."),
-    Metric("score", "1", "higher", "—", "Task score (accuracy-like, 0-1)."),
-    Metric("fid", "1", "lower", "—", "Frechet distance between feature distributions (the feature net is named)."),
-    Metric("kv_bytes_per_token", "B/token", "lower", "—", "KV-cache bytes stored per token (all layers)."),
-    Metric("flops_per_token", "FLOP/token", None, "—", "Analytic forward FLOPs per token."),
-    Metric("params", "1", None, "—", "Parameter count."),
+           "Direction-correct composite over AMU, PCU, AL, throughput and AEC (see efficiency_score()).", name="efficiency score"),
+    Metric("ppl", "1", "lower", "—", "Perplexity, exp(mean token cross-entropy in nats).", name="PPL"),
+    Metric("loss", "nats/token", "lower", "—", "Mean token cross-entropy.", name="loss"),
+    Metric("score", "1", "higher", "—", "Task score (accuracy-like, 0-1).", name="score"),
+    Metric("fid", "1", "lower", "—", "Frechet distance between feature distributions (the feature net is named).", name="FID"),
+    Metric("kv_bytes_per_token", "B/token", "lower", "—", "KV-cache bytes stored per token (all layers).", name="KV cache"),
+    Metric("flops_per_token", "FLOP/token", None, "—", "Analytic forward FLOPs per token.", name="forward FLOPs"),
+    Metric("params", "1", None, "—", "Parameter count.", name="params"),
+    Metric("trainable_params", "1", None, "—", "Parameters the optimizer updates.", name="trainable params"),
+    Metric("train_loss", "nats/token", "lower", "—", "Mean training loss over the last 5 steps.", name="train loss"),
+    Metric("prefill_s", "s", "lower", "—", "Seconds to process the prompt of one request.", name="prefill"),
+    Metric("decode_token_p50_s", "s/token", "lower", "—", "Median seconds per generated token after the prefill.",
+           name="decode p50"),
+    Metric("decode_token_p90_s", "s/token", "lower", "—", "90th-percentile seconds per generated token.",
+           name="decode p90"),
+    Metric("memory_bytes", "B", "lower", "—", "Bytes the weights occupy in memory.", name="bytes in memory"),
+    Metric("disk_bytes", "B", "lower", "—", "Bytes the saved model occupies on disk.", name="bytes on disk"),
+    Metric("digit_acc", "1", "higher", "—", "Accuracy on the vision-language digit task.", name="digit acc"),
+    Metric("frozen_head_floor", "nats/token", None, "—",
+           "Lowest eval loss reachable with the output head frozen (a fine-tuning ceiling).", name="frozen-head floor"),
     # hardware calibration (the `hardware` study)
     Metric("matmul_tflops", "TFLOP/s", "higher", "—",
-           "Measured dense matmul throughput (2 n^3 FLOPs per n x n GEMM)."),
-    Metric("mem_bw_gbs", "GB/s", "higher", "—", "Measured device memory copy bandwidth (bytes read + written)."),
-    Metric("idle_power_w", "W", "lower", "—", "Average power of the idle device over a window."),
-    Metric("telemetry_overhead_pct", "%", "lower", "—", "Step-time increase with the Monitor sampling vs without."),
+           "Measured dense matmul throughput (2 n^3 FLOPs per n x n GEMM).", name="matmul"),
+    Metric("mem_bw_gbs", "GB/s", "higher", "—", "Measured device memory copy bandwidth (bytes read + written).", name="memory bandwidth"),
+    Metric("idle_power_w", "W", "lower", "—", "Average power of the idle device over a window.", name="idle power"),
+    Metric("telemetry_overhead_pct", "%", "lower", "—", "Step-time increase with the Monitor sampling vs without.", name="telemetry overhead"),
 ]}
 
 

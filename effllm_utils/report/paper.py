@@ -4,12 +4,8 @@ measurements beside them (different scale and hardware: orderings are comparable
 from __future__ import annotations
 
 from effllm_utils.core import aggregate
+from effllm_utils.measure.metrics import header
 from effllm_utils.studies import registry
-
-UNITS = {"ppl": "PPL", "loss": "loss", "amu_gb": "AMU (GB)", "al_s": "AL (s)", "tt": "TT (tokens/param/s)",
-         "st": "ST (samples/param/s)", "aec_w": "AEC (W)", "score": "score", "it": "IT (tokens/s)", "mcr": "MCR",
-         "fid": "FID"}
-
 
 def read_csv(file: str):
     """One of the paper's value tables (reference/efficientllm_paper_values/<file>) as a DataFrame: the one reader."""
@@ -59,8 +55,8 @@ def comparison(profile: str, study: str):
         row = {"technique": r.technique}
         for m in entry.paper.metrics:
             ours = r.metrics.get(m, r.quality.get(m))
-            row[f"ours: {UNITS[m]}"] = ours
-            row[f"paper: {UNITS[m]}"] = paper.get(r.technique, {}).get(m)
+            row[f"ours: {header(m)}"] = ours
+            row[f"paper: {header(m)}"] = paper.get(r.technique, {}).get(m)
         rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["caption"] = (f"ours: {profile} profile, {group}, {recs[0].environment.get('device_name', '?')}; "

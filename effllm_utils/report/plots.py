@@ -42,9 +42,6 @@ def technique_color(technique: str) -> str:
     return PALETTE[int(hashlib.sha256(technique.encode()).hexdigest(), 16) % len(PALETTE)]
 
 
-# the paper's names for the radar axes (record keys -> labels)
-METRIC_LABELS = {"ppl": "PPL", "loss": "loss", "fid": "FID", "amu_gb": "AMU", "al_s": "AL", "tt": "TT", "st": "ST",
-                 "aec_w": "AEC", "pcu": "PCU", "it": "IT", "mcr": "MCR"}
 # Output settings that make files reproducible and fonts editable, applied at save time whatever the style.
 _SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path", "svg.hashsalt": "effllm"}
 
@@ -96,7 +93,7 @@ def radar(ax, table: dict[str, dict[str, float]], metric_keys: Sequence[str], la
     """A radar chart in the paper's convention (its Figure 3): each metric normalised to [0.1, 1] over the
     techniques shown, 1 = best in its direction (effllm_utils.measure.metrics.normalize). `ax` must be polar.
 
-    table: {technique: {metric_key: value}}; axes are labelled with the paper's names (METRIC_LABELS) unless
+    table: {technique: {metric_key: value}}; axes are labelled with the metrics' names (`metrics.METRICS`) unless
     `labels` are given."""
     techniques = list(table)
     angles = np.linspace(0, 2 * np.pi, len(metric_keys), endpoint=False)
@@ -108,7 +105,7 @@ def radar(ax, table: dict[str, dict[str, float]], metric_keys: Sequence[str], la
         ang = np.append(angles, angles[0])
         ax.plot(ang, closed, color=technique_color(t), label=t, lw=1.5)
         ax.fill(ang, closed, color=technique_color(t), alpha=0.08)
-    ax.set_xticks(angles, labels or [METRIC_LABELS.get(k, k) for k in metric_keys])
+    ax.set_xticks(angles, labels or [metrics.METRICS[k].name if k in metrics.METRICS else k for k in metric_keys])
     ax.set_ylim(0, 1.05)
     ax.set_yticks([0.25, 0.5, 0.75, 1.0], ["", "", "", "1"])
     ax.legend(loc="upper left", bbox_to_anchor=(1.05, 1.0))

@@ -15,12 +15,32 @@ from effllm_utils.report.tables import write_table
 from effllm_utils.studies import registry
 
 RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
-PRETRAIN_COLUMNS = {  # record column -> table header (units in the header, as in the paper's tables)
-    "technique": "technique", "scale": "scale", "runs": "runs", "params": "params", "ppl": "PPL", "ppl_se": "PPL s.e.",
-    "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "tt": "TT (tokens/param/s)", "tokens_per_s": "tokens/s",
-    "aec_w": "AEC (W)", "pcu": "PCU", "mfu_pct": "MFU (%)", "flops_per_token": "FLOPs/token",
-    "kv_bytes_per_token": "KV bytes/token",
-}
+
+
+def columns(keys: tuple[str, ...], per: dict[str, str] | None = None, **names: str) -> dict[str, str]:
+    """Record column -> table header for `keys`: a metric's header from `metrics.METRICS` (name and unit, `per`
+    qualifying a unit: {"al_s": "iter"} gives "AL (s/iter)"), `names` for the table's own words (technique="method";
+    a renamed metric's derived columns follow it: loss="eval loss" gives "eval loss s.e." for loss_se), the
+    structural columns as `STRUCTURE` says."""
+    per = per or {}
+
+    def head(k: str) -> str:
+        if k in names or k in STRUCTURE:
+            return names.get(k) or STRUCTURE[k]
+        for suffix, words in metrics.DERIVED.items():  # a renamed metric's derived columns follow its name
+            if k.endswith(suffix) and k.removesuffix(suffix) in names:
+                return f"{names[k.removesuffix(suffix)]} {words}"
+        return metrics.header(k, per.get(k))
+
+    return {k: head(k) for k in keys}
+
+
+STRUCTURE = {"technique": "technique", "scale": "scale", "runs": "runs", "param.dataset": "dataset", "task": "task",
+             "latency_batch": "latency at batch", "decode": "decode path"}
+RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
+PRETRAIN_COLUMNS = columns(("technique", "scale", "runs", "params", "ppl", "ppl_se", "amu_gb", "al_s", "tt",
+                            "tokens_per_s", "aec_w", "pcu", "mfu_pct", "flops_per_token", "kv_bytes_per_token"),
+                           per={"al_s": "iter"})
 
 
 # -- tables and figures (from records only) -----------------------------------------------------------------------
@@ -55,7 +75,7 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
         rs = [r for r in recs if r.scale == scale]
         rows = {r.technique: {**r.metrics, **r.quality} for r in rs}
         keys = [k for k in RADAR_METRICS if all(rows[t].get(k) is not None for t in rows)]
-        left_out = [plotting.METRIC_LABELS.get(k, k) for k in RADAR_METRICS if k not in keys]
+        left_out = [metrics.METRICS[k].name for k in RADAR_METRICS if k not in keys]
         fig = plt.figure(figsize=(10, 4), layout="constrained")
         ax = fig.add_subplot(1, 2, 1, projection="polar")
         plotting.radar(ax, rows, keys)
@@ -75,14 +95,12 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
 
 # -- tables and figures (records only) ---------------------------------------------------------------------------
 
-PEFT_COLUMNS = {"scale": "model", "param.dataset": "dataset", "technique": "method", "runs": "runs",
-                "train_loss": "train loss", "loss": "eval loss", "loss_se": "eval loss s.e.",
-                "trainable_params": "trainable params", "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)",
-                "pcu": "PCU", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)",
-                "energy_j": "energy (J)", "efficiency_score": "efficiency score"}
+FT_NAMES = {"scale": "model", "technique": "method", "loss": "eval loss"}  # the fine-tuning tables' words
+PEFT_COLUMNS = columns(("scale", "param.dataset", "technique", "runs", "train_loss", "loss", "loss_se",
+                        "trainable_params", "amu_gb", "peak_mem_gb", "pcu", "al_s", "st", "aec_w", "energy_j",
+                        "efficiency_score"), per={"al_s": "iter"}, **FT_NAMES)
 # table column -> record key for the fine-tuning radar charts (peft and vlm)
-RADAR_COLUMNS = {"eval loss": "loss", "AMU (GB)": "amu_gb", "AL (s/iter)": "al_s", "ST (samples/param/s)": "st",
-                 "AEC (W)": "aec_w", "PCU": "pcu"}
+RADAR_COLUMNS = {PEFT_COLUMNS[k]: k for k in ("loss", "amu_gb", "al_s", "st", "aec_w", "pcu")}
 SCORE_KEYS = ("amu_gb", "pcu", "al_s", "st", "aec_w")
 
 
@@ -142,14 +160,14 @@ def peft_figures(profile: str, study: str = "peft") -> list:
         present = [k for k in keys.values() if all(k in rows[m] for m in methods)]
         plotting.radar(ax2, rows, present)
         ax3 = fig.add_subplot(1, 3, 3)
-        energy = sub["energy (J)"] if "energy (J)" in sub else None
-        loss_se = list(sub["eval loss s.e."].astype(float)) if "eval loss s.e." in sub else None  # repeats
+        E, L, AL = PEFT_COLUMNS["energy_j"], PEFT_COLUMNS["loss"], PEFT_COLUMNS["al_s"]
+        energy = sub[E] if E in sub else None
+        loss_se = list(sub[PEFT_COLUMNS["loss_se"]].astype(float)) if PEFT_COLUMNS["loss_se"] in sub else None
         if energy is not None and energy.notna().all():
-            plotting.pareto(ax3, methods, list(energy), list(sub["eval loss"]), "energy (J)", "eval loss",
-                            y_errors=loss_se)
+            plotting.pareto(ax3, methods, list(energy), list(sub[L]), E, L, y_errors=loss_se)
         else:
-            plotting.pareto(ax3, methods, list(sub["AL (s/iter)"]), list(sub["eval loss"]),
-                            "AL (s/iter) — energy not measurable on this device", "eval loss", y_errors=loss_se)
+            plotting.pareto(ax3, methods, list(sub[AL]), list(sub[L]), f"{AL} — energy not measurable on this device",
+                            L, y_errors=loss_se)
         paths += plotting.savefig(fig, f"peft_{model}_{dataset}", profile)
         plt.close(fig)
     return paths
@@ -157,13 +175,10 @@ def peft_figures(profile: str, study: str = "peft") -> list:
 
 # -- tables and figures (records only) ---------------------------------------------------------------------------
 
-QUANT_COLUMNS = {"scale": "model", "technique": "precision", "runs": "runs", "ppl": "PPL", "ppl_se": "PPL s.e.",
-                 "amu_gb": "AMU (GB)", "peak_mem_gb": "peak mem (GB)", "it": "IT (tokens/s)", "it_se": "IT s.e.",
-                 "al_s": "AL (s/request)", "prefill_s": "prefill (s)", "decode_token_p50_s": "decode p50 (s/token)",
-                 "decode_token_p90_s": "decode p90 (s/token)", "latency_batch": "latency at batch",
-                 "aec_w": "AEC (W)", "j_per_token": "J/token", "disk_bytes": "bytes on disk",
-                 "memory_bytes": "bytes in memory", "mcr": "MCR", "mcr_measured": "MCR (measured bytes)",
-                 "decode": "decode path"}
+QUANT_COLUMNS = columns(("scale", "technique", "runs", "ppl", "ppl_se", "amu_gb", "peak_mem_gb", "it", "it_se",
+                         "al_s", "prefill_s", "decode_token_p50_s", "decode_token_p90_s", "latency_batch", "aec_w",
+                         "j_per_token", "disk_bytes", "memory_bytes", "mcr", "mcr_measured", "decode"),
+                        per={"al_s": "request"}, scale="model", technique="precision")
 
 
 def quantization_table(profile: str):
@@ -238,21 +253,18 @@ def lvm_tables(profile: str) -> dict:
     # the FID's name follows its features: digits-FID on the digits, FID (Inception) otherwise
     fid = "digits-FID" if all(r.artifacts.get("fid_features", "digits").startswith("digits") for r in recs) \
         else "FID (Inception)"
-    columns = {"technique": "technique", "scale": "scale", "runs": "runs", "fid": fid, "fid_se": f"{fid} s.e.",
-               "fid_real_vs_real": f"{fid} real vs real", "loss": "loss", "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)",
-               "tt": "TT (tokens/param/s)", "aec_w": "AEC (W)", "pcu": "PCU"}
+    columns_ = columns(("technique", "scale", "runs", "fid", "fid_se", "fid_real_vs_real", "loss", "amu_gb", "al_s",
+                        "tt", "aec_w", "pcu"), per={"al_s": "iter"}, fid=fid, loss="loss")
     if pre:
-        out["lvm"] = aggregate.select_columns(pd.DataFrame(aggregate.table_rows(pre, ("fid",))), columns)
+        out["lvm"] = aggregate.select_columns(pd.DataFrame(aggregate.table_rows(pre, ("fid",))), columns_)
     if ft:
         order = {m: i for i, m in enumerate(METHODS)}
         ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
-        columns = {"technique": "method", "scale": "scale", "task": "task", "runs": "runs", "loss": "loss",
-                   "fid": fid, "fid_se": f"{fid} s.e.", "fid_before": f"{fid} before",
-                   "fid_real_vs_real": f"{fid} real vs real", "trainable_params": "trainable params",
-                   "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)", "st": "ST (samples/param/s)", "aec_w": "AEC (W)",
-                   "pcu": "PCU", "efficiency_score": "efficiency score"}
+        columns_ = columns(("technique", "scale", "task", "runs", "loss", "fid", "fid_se", "fid_before",
+                            "fid_real_vs_real", "trainable_params", "amu_gb", "al_s", "st", "aec_w", "pcu",
+                            "efficiency_score"), per={"al_s": "iter"}, technique="method", fid=fid, loss="loss")
         rows = [row | {"task": r.artifacts.get("task")} for r, row in zip(ft, aggregate.table_rows(ft, ("fid",)))]
-        out["lvm_peft"] = aggregate.select_columns(with_efficiency_score(pd.DataFrame(rows), "scale"), columns)
+        out["lvm_peft"] = aggregate.select_columns(with_efficiency_score(pd.DataFrame(rows), "scale"), columns_)
     return out
 
 
@@ -290,10 +302,9 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
 
 # -- tables and figures (records only) -----------------------------------------------------------------------------
 
-VLM_COLUMNS = {"scale": "model", "technique": "method", "runs": "runs", "loss": "eval loss",
-               "loss_se": "eval loss s.e.", "frozen_head_floor": "frozen-head floor", "digit_acc": "digit acc",
-               "trainable_params": "trainable params", "amu_gb": "AMU (GB)", "al_s": "AL (s/iter)",
-               "st": "ST (samples/param/s)", "aec_w": "AEC (W)", "pcu": "PCU", "efficiency_score": "efficiency score"}
+VLM_COLUMNS = columns(("scale", "technique", "runs", "loss", "loss_se", "frozen_head_floor", "digit_acc",
+                       "trainable_params", "amu_gb", "al_s", "st", "aec_w", "pcu", "efficiency_score"),
+                      per={"al_s": "iter"}, **FT_NAMES)
 
 
 def vlm_table(profile: str):
