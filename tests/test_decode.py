@@ -24,17 +24,31 @@ def test_static_decoder_matches_generate(attention):
     torch.testing.assert_close(torch.stack(logits, 1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_qwen2_checkpoint_through_the_fast_path():
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_hf_checkpoint_through_the_fast_path(family):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                      tie_word_embeddings=True)).eval()
-    ours = decode.from_qwen2(hf)
+    dims = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True)
+    hf = (Qwen2ForCausalLM(Qwen2Config(**dims)) if family == "qwen2" else
+          LlamaForCausalLM(LlamaConfig(**dims, rope_theta=100000.0))).eval()
+    ours = decode.from_hf(hf)
     ids = torch.randint(0, 128, (1, 5))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, use_cache=False).logits, hf(ids).logits, atol=1e-5, rtol=1e-4)
     ref = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)[:, 5:]
     assert torch.equal(decode.StaticDecoder(ours, 1, 16).generate(ids, 8)[0], ref)
+    assert ours.config.qkv_bias == (family == "qwen2")
+
+
+def test_other_families_are_refused_with_the_reason():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32))
+    with pytest.raises(ValueError, match="the static decoder runs the effllm backbone and qwen2/llama checkpoints, "
+                                         "not gpt2"):
+        decode.from_hf(gpt2)
 
 
 def test_limits_and_roofline():

@@ -78,9 +78,21 @@ def test_vlm_study_end_to_end(outputs):
         "full trains the head"
     assert 0.0 < lora.quality["frozen_head_floor"] < lora.quality["loss"]  # a bound the adapter cannot go below
     t = views.vlm_table("tiny")
-    assert t["frozen-head floor"].isna().tolist() == [True, False]
+    assert t[views.VLM_COLUMNS["frozen_head_floor"]].isna().tolist() == [True, False]
     assert list(t["method"]) == ["full", "lora"] and t["efficiency score"].between(0, 1).all()
     assert {"vlm.csv", "vlm_micro.png"} <= {p.name for p in views.vlm_figures("tiny")}
+
+
+def test_vlm_on_a_pretrained_packaged_language_model(tiny_package, outputs):
+    """The vlm's language model named by `language_model` (a packaged GGUF model here, SmolLM2 at the small profile)
+    instead of the suite's pretrained backbone: it enters LLaVA as it is (a Llama), with the image token added."""
+    spec = {"source": "suite", "language_model": "tiny-gguf"} | {k: SPEC[k] for k in suite.VLM_ENCODER_KEYS}
+    recs = vlm.run_study("vlm", "tiny", P | {"methods": ["lora"], "models": {"gguf-vlm": spec}})
+    assert [(r.technique, r.status) for r in recs] == [("lora", "ok")], [r.error for r in recs]
+    base = recs[0].artifacts["base"]["base"]  # the vlm's base: the language model's provenance
+    assert base["package"] == "tiny-gguf-pkg==0.0.1" and recs[0].quality["loss"] > 0
+    with pytest.raises(ValueError, match="a suite model needs align_lr"):
+        vlm.run_study("vlm", "tiny", P | {"models": {"bad": {k: v for k, v in spec.items() if k != "align_lr"}}})
 
 
 def test_hub_model_missing_is_one_clear_error(tmp_path):

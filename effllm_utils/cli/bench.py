@@ -8,6 +8,8 @@ and (`--mode decode`) batch-1 decode speed as a fraction of the memory-bandwidth
                                                  # HF eager, static + CUDA graph, + compile (cuBLAS and the
                                                  # Triton GEMV), int4 (tinygemm, Triton W4A16, GemLite)
     python -m effllm_utils.cli.bench --mode harness  # infer.measure: eager vs infer.FastDecode, batch 1 and 4
+    python -m effllm_utils.cli.bench --mode decode --device cpu   # SmolLM2-135M GGUF: every precision vs llama.cpp
+                                                                  # (cli/cpu_decode.py)
 
 Cases: transformers Qwen2ForCausalLM eager and compiled (the reference anchors), the effllm backbone (dense GQA)
 compiled, and the backbone with 8 experts top-2 compiled; optional (`--cases`): `effllm_nsa_compiled` (NSA with
@@ -200,7 +202,7 @@ def decode_bench(args) -> int:
         if not args.skip_eager:
             hf_rate()
             report("hf_generate_eager", statistics.median(hf_rate() for _ in range(3)), decode.weight_bytes(hf))
-        ours = decode.from_qwen2(hf)
+        ours = decode.from_hf(hf)
         del hf
         graph = "_cuda_graph" if cuda else ""
         triton_ok = cuda and w4a16.available(args.device)
@@ -319,6 +321,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="train mode: torch.compile mode of the *_compiled cases (default: inductor's default)")
     ap.add_argument("--autotune", action="store_true",
                     help="decode mode: also compile with inductor's max-autotune (Triton GEMV templates; slow compile)")
+    ap.add_argument("--gguf", default="smollm2-135m", help="decode mode on CPU: the packaged GGUF model (models.packaged)")
+    ap.add_argument("--prompt-len", type=int, default=16, help="decode mode on CPU: prompt tokens")
+    ap.add_argument("--repeats", type=int, default=3, help="decode mode on CPU: timed requests per row (median)")
+    ap.add_argument("--no-compile", action="store_true", help="decode mode on CPU: leave out the torch.compile rows")
+    ap.add_argument("--gptqmodel", action="store_true",
+                    help="decode mode on CPU: also GPTQModel's int4 CPU kernel (quantizes the model first, ~1 min)")
     ap.add_argument("--trace", action="store_true", help="profile a few training steps of each case (train mode) or "
                     "one request of each decoder (decode mode): the kernels taking the most time, kernels per token")
     return ap
@@ -427,6 +435,10 @@ def train_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.mode == "decode" and not args.device.startswith("cuda"):
+        from effllm_utils.cli import cpu_decode
+
+        return cpu_decode.run(args)  # a real GGUF model on CPU, beside llama.cpp
     return {"decode": decode_bench, "harness": harness_bench, "train": train_bench}[args.mode](args)
 
 

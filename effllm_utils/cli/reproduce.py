@@ -10,8 +10,8 @@ the summary table ends the run, and the exit status is 1 if any study failed. Re
 notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) resumes where it stopped.
 `--set KEY=VALUE` overrides one parameter of every selected study for this run (checked against each notebook's
 declaration); the records keep the params they ran with, so an override is never mistaken for the file's run.
-`--seeds 0,1,2` runs each study that has a `seed` parameter once per seed (its executed notebooks
-`<study>.seed<S>.ipynb`): the repeats a study's tables average, with their standard error, and the claims check
+`--seeds 0,1,2` (the small profile's default, PROFILE_SEEDS) runs each study that has a `seed` parameter once per
+seed (its executed notebooks `<study>.seed<S>.ipynb`): the repeats a study's tables average, with their standard error, and the claims check
 weighs; hardware and paper_figures run once, paper_figures last.
 `--submit slurm` runs each study as a Slurm job through submitit (`--slurm-partition`, `--slurm-gpus`, ...; job logs
 under outputs/<profile>/jobs/), `--submit local` the same as local processes; paper_figures starts after the others.
@@ -31,7 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from effllm_utils import PROFILES, outputs_dir, repo_root
+from effllm_utils import PROFILE_SEEDS, PROFILES, outputs_dir, repo_root
 from effllm_utils.core.params import (
     ParamsError,
     effective,
@@ -175,7 +175,7 @@ def plan(studies: list[str], overrides: dict, seeds: list[int], root: Path) -> l
 def job_parameters(args) -> dict:
     """submitit parameters for one study's job: Slurm resources from the --slurm-* options (a GPU per job on the
     gpu/paper profiles unless --slurm-gpus says otherwise); the local executor takes the same timeout and GPUs."""
-    gpus = args.slurm_gpus if args.slurm_gpus is not None else (0 if args.profile == "tiny" else 1)
+    gpus = args.slurm_gpus if args.slurm_gpus is not None else (0 if args.profile in ("tiny", "small") else 1)
     params = {"timeout_min": args.slurm_time, "cpus_per_task": args.slurm_cpus, "name": f"effllm-{args.profile}"}
     if gpus:
         params["gpus_per_node"] = gpus
@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         for st in studies:  # every override must be a parameter of every selected study, before anything runs
             with_overrides(st, {}, overrides, root)
-        tasks = plan(studies, overrides, parse_seeds(args.seeds), root)
+        seeds = parse_seeds(args.seeds) if args.seeds else (  # the profile's default seeds, unless --set seed=
+            [] if "seed" in overrides else list(PROFILE_SEEDS.get(args.profile, ())))
+        tasks = plan(studies, overrides, seeds, root)
         if args.submit and importlib.util.find_spec("submitit") is None:
             raise ValueError("--submit needs submitit (pip install submitit); or run without --submit")
     except (ValueError, ParamsError) as e:

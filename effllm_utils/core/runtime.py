@@ -7,7 +7,7 @@ import gc
 import random
 import sys
 
-PROFILE_DEVICE = {"tiny": "cpu", "gpu": "cuda", "paper": "cuda"}
+PROFILE_DEVICE = {"tiny": "cpu", "small": "cpu", "gpu": "cuda", "paper": "cuda"}
 
 
 def resolve_device(profile: str, device: str = "auto") -> str:

@@ -26,7 +26,8 @@ decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). 
     dec.read_bytes          # bytes the step reads per token (the roofline numerator)
 
 Works for the effllm backbone with mha/gqa/mqa + rope + dense FFN, and for `transformers` Qwen2-family checkpoints
-(Qwen2.5, DeepSeek-R1-Distill-Qwen) through `from_qwen2`, which loads them weight-for-weight into the backbone.
+(Qwen2.5, DeepSeek-R1-Distill-Qwen) and Llama-family ones (SmolLM2) through `from_hf`, which loads them
+weight-for-weight into the backbone.
 On CPU the same step runs without graphs (and is what the tests compare against `generate`).
 
 Long by design: the static decoder and its int4 weight paths are one unit (the kernels share the cache and weight
@@ -45,18 +46,28 @@ from effllm_utils.models import output_cache
 INT4_GROUP = 128
 
 
-def from_qwen2(hf_model):
-    """A transformers Qwen2ForCausalLM as an effllm backbone with the same weights (q/k/v biases kept)."""
+HF_FAMILIES = ("qwen2", "llama")  # transformers model types the backbone holds weight for weight
+
+
+def from_hf(hf_model):
+    """A transformers Qwen2ForCausalLM or LlamaForCausalLM (Qwen2.5, DeepSeek-R1-Distill-Qwen, SmolLM2, ...) as an
+    effllm backbone with the same weights (Qwen2's q/k/v biases kept; Llama's `attention_bias` followed)."""
     from effllm_utils import models
 
     c = hf_model.config
+    if c.model_type not in HF_FAMILIES:
+        raise ValueError(f"the static decoder runs the effllm backbone and {'/'.join(HF_FAMILIES)} checkpoints, not "
+                         f"{c.model_type}")
+    if getattr(c, "mlp_bias", False):
+        raise ValueError("a Llama checkpoint with MLP biases does not map onto the backbone")
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
     cfg = models.EffLLMConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
         num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_theta=theta, attention="gqa", position="rope", ffn="dense", qkv_bias=True,
+        rms_norm_eps=c.rms_norm_eps, rope_theta=theta, attention="gqa", position="rope", ffn="dense",
+        qkv_bias=c.model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
         tie_word_embeddings=c.tie_word_embeddings)
     with torch.device(next(hf_model.parameters()).device):
         ours = models.EffLLMForCausalLM(cfg).to(hf_model.dtype)
@@ -92,6 +103,14 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, group: int = INT4_GROUP) 
     n, k = q.shape
     scale, zero = sz.float().transpose(0, 1).unbind(-1)  # [n, k/g] each
     return ((q.float().reshape(n, k // group, group) - 8) * scale[..., None] + zero[..., None]).reshape(n, k)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of a [out, in] weight: (q int8 [out, in], scales [out] in w's dtype), w ~ q *
+    scale (torchao's int8 weight-only scheme, in the layout of torch's `_weight_int8pack_mm`)."""
+    scale = w.float().abs().amax(1).clamp(min=1e-8) / 127
+    q = (w.float() / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+    return q.contiguous(), scale.to(w.dtype)
 
 
 INT4_KERNELS = ("tinygemm", "triton", "gemlite")
@@ -133,7 +152,7 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, int4: bool, group: int = INT4_GROUP,
                  quantized: tuple[torch.Tensor, torch.Tensor] | None = None, kernel: str = "tinygemm",
-                 dense_kernel: str = "auto"):
+                 dense_kernel: str = "auto", int8: bool = False):
         """quantized: (q, scales_and_zeros) already made (e.g. a GPTQ checkpoint's, `read_gptq`); else RTN.
         dense_kernel: "cublas" (F.linear), "triton" (effllm's GEMV at batch 1, `gemv`) or "auto": the Triton GEMV
         on a CUDA GPU of compute capability >= 8.0 where Triton is installed (measured in bf16 1.12-1.16x the cuBLAS
@@ -142,9 +161,15 @@ class Linear:
         from effllm_utils.engine.gemv import available
 
         self.out_features, self.in_features = weight.shape
-        self.bias, self.int4, self.group = bias, int4, group
+        self.bias, self.int4, self.int8, self.group = bias, int4, int8 and not int4, group
         self.cuda = weight.device.type == "cuda"
-        if not int4:
+        if self.int8:  # per-output-channel symmetric int8, activations in the weight's dtype (torch's CPU kernel)
+            if self.cuda:
+                raise ValueError("int8 decode weights run on CPU (torch's _weight_int8pack_mm); on CUDA use int4")
+            self.weight, self.scales = quantize_int8(weight.detach())
+            self.kernel = "int8pack"
+            self.read_bytes = self.weight.numel() + self.scales.numel() * self.scales.element_size()
+        elif not int4:
             if dense_kernel not in DENSE_KERNELS:
                 raise ValueError(f"dense kernel must be one of {DENSE_KERNELS}, not {dense_kernel!r}")
             if dense_kernel == "auto":  # Ampere or newer (measured on Hopper; Triton's bf16 needs sm_80)
@@ -203,6 +228,9 @@ class Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if self.int8:
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scales).reshape(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         if not self.int4:
             if self.kernel == "triton":
                 from effllm_utils.engine import gemv  # Triton is imported only where a Triton kernel was asked for
@@ -296,16 +324,16 @@ def read_gptq(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
-    """(backbone, int4_weights) of a Qwen2-family GPTQ checkpoint: the backbone in bf16 holds the dequantized weights
+    """(backbone, int4_weights) of a Qwen2- or Llama-family GPTQ checkpoint: the backbone in bf16 holds the dequantized weights
     (so the prefill computes the quantized model's function) and `int4_weights` the ints for
     `StaticDecoder(model, ..., int4_weights=...)` / `DecodeWeights`."""
-    from transformers import AutoConfig, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     floats, quant, group = read_gptq(path)
     cfg = AutoConfig.from_pretrained(path)
     cfg.quantization_config = None
     with torch.device("meta"):
-        shell = Qwen2ForCausalLM(cfg)
+        shell = AutoModelForCausalLM.from_config(cfg)
     state = dict(floats)
     for name, (q, sz) in quant.items():
         state[name + ".weight"] = dequantize_int4(q, sz, group).to(torch.bfloat16)
@@ -313,11 +341,11 @@ def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
     missing, unexpected = shell.load_state_dict({k: v.to(torch.bfloat16) for k, v in state.items()}, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{path}: not a Qwen2-family GPTQ checkpoint (missing {missing[:4]}, unexpected "
+        raise ValueError(f"{path}: not a {'/'.join(HF_FAMILIES)} GPTQ checkpoint (missing {missing[:4]}, unexpected "
                          f"{unexpected[:4]})")
     if cfg.tie_word_embeddings:
         shell.tie_weights()
-    ours = from_qwen2(shell.eval()).to(device)
+    ours = from_hf(shell.eval()).to(device)
     return ours, quant
 
 
@@ -339,8 +367,8 @@ class DecodeWeights:
         if int4_weights:
             q0, sz0 = next(iter(int4_weights.values()))
             weights, group_size = "int4", q0.shape[1] // sz0.shape[0]
-        if weights not in ("native", "int4"):
-            raise ValueError(f"weights must be 'native' (the model's dtype) or 'int4', not {weights!r}")
+        if weights not in ("native", "int8", "int4"):
+            raise ValueError(f"weights must be 'native' (the model's dtype), 'int8' or 'int4', not {weights!r}")
         p = next(model.parameters())
         if weights == "int4" and p.dtype != torch.bfloat16:
             raise ValueError(f"int4 decoding runs with bf16 activations; load the model in bf16, not "
@@ -349,7 +377,8 @@ class DecodeWeights:
         self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                       c.num_key_value_heads * c.head_dim]
         given = int4_weights or {}
-        k = dict(kernel=int4_kernel, dense_kernel=dense_kernel)
+        self.int8 = weights == "int8"
+        k = dict(kernel=int4_kernel, dense_kernel=dense_kernel, int8=self.int8)
 
         def q(*names):  # the given int4 weights of these modules, fused along the output features, or None (RTN)
             if not all(n in given for n in names):
@@ -372,7 +401,7 @@ class DecodeWeights:
             self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
                                   q("lm_head"), **k)
         self.int4_kernel = int4_kernel if int4 else None
-        self.dense_kernel = None if self.lm_head.int4 else self.lm_head.kernel  # resolved ("auto" -> cublas/triton)
+        self.dense_kernel = None if self.lm_head.int4 or self.int8 else self.lm_head.kernel  # "auto" resolved
         norms = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n)
         # per token: every weight once, one embedding row, the norms (the KV cache read is small at these lengths)
         self.read_bytes = (sum(lin.read_bytes for d in self.layers for k, lin in d.items() if k not in ("ln1", "ln2"))

@@ -70,10 +70,7 @@ class FastDecode:
             raise ValueError(f"quantized weights ({', '.join(sorted(odd))}): the static decoder runs plain float "
                              f"weights")
         if not isinstance(model, EffLLMForCausalLM):
-            if getattr(model.config, "model_type", None) != "qwen2":
-                raise ValueError(f"the static decoder runs the effllm backbone and Qwen2-family checkpoints, not "
-                                 f"{getattr(model.config, 'model_type', type(model).__name__)}")
-            model = decode.from_qwen2(model)
+            model = decode.from_hf(model)  # Qwen2 / Llama families; refuses others with the reason
         self.model, self.max_len = model, max_len
         self.prepared = decode.DecodeWeights(model, weights, int4_weights=int4_weights)  # refuses what it cannot run
         self.device = next(model.parameters()).device

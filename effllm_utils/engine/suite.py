@@ -15,6 +15,7 @@ from effllm_utils import check_keys, config_args, data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import seed_everything
 from effllm_utils.data.imagesets import IMAGE_TOKEN, digit_examples
+from effllm_utils.models import packaged
 from effllm_utils.models.convert import export_qwen2
 from effllm_utils.models.hub import ModelUnavailable
 from effllm_utils.models.llava import build_llava
@@ -27,8 +28,8 @@ def _hash(obj) -> str:
 
 SUITE_REQUIRED = ("source", "dims", "pretrain_steps", "pretrain_lr")
 SUITE_OPTIONAL = ("pretrain_seq_len", "pretrain_batch_size")  # the study's seq_len and batch_size by default
-VLM_SUITE_KEYS = ("pretrain_seq_len", "pretrain_batch_size", "encoder", "encoder_steps", "encoder_lr",
-                  "align_steps", "align_lr")  # all required for the vlm study's suite model
+VLM_ENCODER_KEYS = ("encoder", "encoder_steps", "encoder_lr", "align_steps", "align_lr")
+VLM_SUITE_KEYS = ("pretrain_seq_len", "pretrain_batch_size") + VLM_ENCODER_KEYS  # the vlm's suite model needs all
 
 
 def check_model_specs(models: dict[str, Any], vlm: bool = False) -> None:
@@ -44,11 +45,14 @@ def check_model_specs(models: dict[str, Any], vlm: bool = False) -> None:
         if spec["source"] != "suite":
             check_keys(spec, ("source",), where, "Hub-model key")
             continue
-        required = SUITE_REQUIRED + (VLM_SUITE_KEYS if vlm else ())
+        pretrained_lm = vlm and "language_model" in spec  # the vlm on a pretrained LM (e.g. smollm2-135m)
+        required = (("source", "language_model") + VLM_ENCODER_KEYS if pretrained_lm else
+                    SUITE_REQUIRED + (VLM_SUITE_KEYS if vlm else ()))
         check_keys(spec, required if vlm else SUITE_REQUIRED + SUITE_OPTIONAL, where, "suite-model key")
         if missing := [k for k in required if k not in spec]:
             raise ValueError(f"{where}: a suite model needs {', '.join(missing)}")
-        config_fields_check(spec["dims"], f"{where}['dims']")
+        if not pretrained_lm:
+            config_fields_check(spec["dims"], f"{where}['dims']")
         if vlm:
             from transformers import CLIPVisionConfig
 
@@ -68,18 +72,10 @@ def check_vlm_params(P: dict[str, Any]) -> None:
 
 def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
     """(model, tokenizer, info) for one entry of P['models']."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if spec["source"] != "suite":
-        try:
-            tok = AutoTokenizer.from_pretrained(spec["source"])
-            model = AutoModelForCausalLM.from_pretrained(spec["source"], dtype=torch.float32)
-        except OSError as e:
-            raise ModelUnavailable(f"model {spec['source']!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
-                                   f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        return model, tok, {"source": spec["source"]}
+        return _pretrained(profile, spec["source"])
     from effllm_utils import models  # noqa: F401 - registers the backbone with the Auto classes
     from effllm_utils.engine.train import TrainConfig, train
     from effllm_utils.models.techniques import build_model
@@ -108,18 +104,42 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
                         "pretrain": json.loads((ckpt / "pretrain.json").read_text())}
 
 
+def _pretrained(profile: str, source: str):
+    """(model, tokenizer, info) of a Hub id, a local folder or a packaged model (`models.packaged`: converted once
+    from its GGUF file under checkpoints/base/)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = {"source": source}
+    if packaged.is_packaged(source):
+        p = packaged.PACKAGED[source]
+        path = packaged.checkpoint(source, outputs_dir(profile) / "checkpoints" / "base")
+        info |= {"checkpoint": str(path), "package": f"{p.package}=={p.version}", "file": p.file,
+                 "license": p.license, "weights": p.weights}
+        source = str(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except OSError as e:
+        raise ModelUnavailable(f"model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
+                               f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok, info
+
+
 def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
-    """(checkpoint dir in Qwen2 format or Hub id, tokenizer): the suite's backbone (pretrained once, cached, shared
-    with the fine-tuning study) exported to Qwen2, or a Hub model as it is."""
+    """(checkpoint dir in Qwen2 format or Hub id, tokenizer, info): the suite's backbone (pretrained once, cached, shared
+    with the fine-tuning study) exported to Qwen2, a packaged model's converted checkpoint, or a Hub model as it
+    is."""
 
     model, tok, info = load_base(profile, name, spec, P, "cpu")
     if spec["source"] != "suite":
-        return spec["source"], tok
+        return info.get("checkpoint", spec["source"]), tok, info
     out = Path(info["checkpoint"]).with_name(Path(info["checkpoint"]).name + "-qwen2")
     if not (out / "model.safetensors").is_file():
         with runs.atomic_dir(out) as tmp:
             export_qwen2(model, tmp, tok)
-    return out, tok
+    return out, tok, info
 
 
 # -- models --------------------------------------------------------------------------------------------------------
@@ -156,7 +176,8 @@ def vision_encoder(profile: str, spec: dict, seed: int, device: str):
 
 
 def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
-    """(LLaVA model, tokenizer with <image>, info) from the suite's pretrained backbone and digits encoder, its
+    """(LLaVA model, tokenizer with <image>, info) from the suite's pretrained backbone (or the pretrained LM named by
+    spec['language_model'], e.g. smollm2-135m) and digits encoder, its
     projector aligned by LLaVA's stage 1 (projector-only training on the task for spec['align_steps'] steps, cached:
     every method then starts from the same aligned model)."""
     from safetensors.torch import load_file, save_file
@@ -164,16 +185,20 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
     from effllm_utils.engine.train import TrainConfig, train
     from effllm_utils.models.convert import to_qwen2
 
-    lm, tok, base_info = load_base(profile, name, spec, P | {"seq_len": spec["pretrain_seq_len"],
-                                                             "batch_size": spec["pretrain_batch_size"]}, device)
+    if "language_model" in spec:  # a pretrained LM (Hub id, folder or packaged model) as it is
+        text, tok, base_info = _pretrained(profile, spec["language_model"])
+    else:  # the suite's backbone, pretrained here, as Qwen2
+        lm, tok, base_info = load_base(profile, name, spec, P | {"seq_len": spec["pretrain_seq_len"],
+                                                                 "batch_size": spec["pretrain_batch_size"]}, device)
+        text = to_qwen2(lm.cpu())
     tok = copy.deepcopy(tok)
     tok.add_tokens([IMAGE_TOKEN], special_tokens=True)
-    text = to_qwen2(lm.cpu())
     text.resize_token_embeddings(len(tok), mean_resizing=False)
     enc, enc_acc = vision_encoder(profile, spec, P["seed"], device)
     model = build_llava(enc.cpu(), text, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     n_img = model.config.image_seq_length
-    path = Path(base_info["checkpoint"]).with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
+    base = Path(base_info.get("checkpoint") or outputs_dir(profile) / "checkpoints" / "base" / name)  # Hub ids: none
+    path = base.with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
     if not (path / "projector.safetensors").is_file():
         seed_everything(P["seed"])
         model.requires_grad_(False)

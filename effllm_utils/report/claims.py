@@ -65,7 +65,7 @@ METRIC_KIND = {
 }
 # Evidence levels, most demanding first: (name, min parameters, min tokens per parameter for trained models).
 # 20 tokens per parameter is the compute-optimal budget of Hoffmann et al. (2022).
-EVIDENCE_LEVELS = (("paper-scale", 5e8, 20.0), ("small-scale", 1e8, 1.0), ("smoke", 0.0, 0.0))
+EVIDENCE_LEVELS = (("paper-scale", 5e8, 20.0), ("small-scale", 1e8, 1.0), ("cpu-scale", 1e6, 0.25), ("smoke", 0.0, 0.0))
 # our metric key -> column of the paper's value files (efficientllm_paper_values/)
 PAPER_COLUMNS = {"amu_gb": "amu_gb", "al_s": "al_s_per_iter", "aec_w": "aec_w", "ppl": "ppl", "loss": "loss",
                  "tt": "tt_tokens_per_param_s", "st": "st_samples_per_param_s", "score": "avg_perf", "mcr": "mcr",

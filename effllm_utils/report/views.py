@@ -207,18 +207,18 @@ def quantization_figures(profile: str, study: str = "quantization") -> list:
         return []
     paths = write_table(t, profile, "quantization")
     plotting.use_style()
-    for model, sub in t.groupby("model", sort=False):
-        ps = list(sub["precision"])
+    for model, sub in t.groupby(QUANT_COLUMNS["scale"], sort=False):
+        C = QUANT_COLUMNS
+        ps = list(sub[C["technique"]])
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained")
-        batch = sub["latency at batch"].dropna().unique() if "latency at batch" in sub else []
-        plotting.bar(axes[0], ps, list(sub["AL (s/request)"]),
-                     f"AL (s/request, batch {int(batch[0])})" if len(batch) == 1 else "AL (s/request)")
-        se = {c: list(sub[c].astype(float)) if c in sub else None for c in ("IT s.e.", "PPL s.e.")}  # repeats
-        plotting.bar(axes[1], ps, list(sub["IT (tokens/s)"]), "IT (tokens/s)", value_fmt="{:.0f}",
-                     errors=se["IT s.e."])
-        plotting.bar(axes[2], ps, list(sub["bytes on disk"] / 1e6), "MB on disk", value_fmt="{:.2f}")
-        plotting.pareto(axes[3], ps, list(sub["bytes on disk"] / 1e6), list(sub["PPL"]), "MB on disk", "PPL",
-                        y_errors=se["PPL s.e."])
+        batch = sub[C["latency_batch"]].dropna().unique() if C["latency_batch"] in sub else []
+        plotting.bar(axes[0], ps, list(sub[C["al_s"]]),
+                     f"{C['al_s']}, batch {int(batch[0])}" if len(batch) == 1 else C["al_s"])
+        se = {k: list(sub[C[k]].astype(float)) if C[k] in sub else None for k in ("it_se", "ppl_se")}  # repeats
+        plotting.bar(axes[1], ps, list(sub[C["it"]]), C["it"], value_fmt="{:.0f}", errors=se["it_se"])
+        mb = list(sub[C["disk_bytes"]] / 1e6)
+        plotting.bar(axes[2], ps, mb, "MB on disk", value_fmt="{:.2f}")
+        plotting.pareto(axes[3], ps, mb, list(sub[C["ppl"]]), "MB on disk", C["ppl"], y_errors=se["ppl_se"])
         fig.suptitle(f"quantization — {model}", fontsize=10)
         paths += plotting.savefig(fig, f"quantization_{model}", profile)
         plt.close(fig)

@@ -32,7 +32,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
         results: dict[str, dict] = {}
         if pending:
             seed_everything(P["seed"])
-            src, tok = base_checkpoint(profile, name, spec, P, device)
+            src, tok, base_info = base_checkpoint(profile, name, spec, P, device)
             work = outputs_dir(profile) / "checkpoints" / "quantization" / name
             built, errors = {}, {}
             for p in P["precisions"]:  # all of them: the measurement interleaves every precision
@@ -40,14 +40,14 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                     built[p] = build(p, src, tok, P, device, work)
                 except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
                     errors[p] = e
-            val = data.token_ids("validation", tok) if spec["source"] == "suite" else None
-            prompts = _prompts(tok, P, val)
+            val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
+            prompts = _prompts(P, val)
             cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
                               min_time_s=P["min_time_s"], min_requests=P["min_requests"])
             decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
             measured = measure(decoders, prompts, cfg, device, attribute_memory=True) if built else {}
             for p, (model, info) in built.items():
-                ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device) if val is not None else None
+                ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device)
                 scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
                     if P["tasks"] else {}
                 results[p] = {"metrics": {**{k: v for k, v in measured[p].items()
@@ -58,7 +58,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                               "quality": {"ppl": ppl, **scores},
                               "artifacts": {"it_by_batch": measured[p]["it_by_batch"],
                                             "latency_by_batch": measured[p]["latency_by_batch"],
-                                            "checkpoint": info["path"],
+                                            "checkpoint": info["path"], "base": base_info,
                                             "reload_max_abs_diff": info["reload_max_abs_diff"],
                                             "energy_reason": measured[p]["energy_reason"],
                                             "amu_method": measured[p]["amu_method"],
@@ -75,15 +75,10 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     return records
 
 
-def _prompts(tok, P, val):
-    n = max(P["batch_sizes"])
-    if val is not None:
-        starts = torch.linspace(0, len(val) - P["prompt_len"] - 1, n).long().tolist()
-        return torch.stack([val[s:s + P["prompt_len"]] for s in starts])
-    text = data.corpus_text("validation")  # Hub models: the embedded text, in their own tokenizer
-    ids = torch.tensor(tok(text[:200_000])["input_ids"])
-    starts = torch.linspace(0, len(ids) - P["prompt_len"] - 1, n).long().tolist()
-    return torch.stack([ids[s:s + P["prompt_len"]] for s in starts])
+def _prompts(P, val: torch.Tensor) -> torch.Tensor:
+    """max(batch_sizes) prompts of prompt_len tokens, evenly spaced over the held-out text."""
+    starts = torch.linspace(0, len(val) - P["prompt_len"] - 1, max(P["batch_sizes"])).long().tolist()
+    return torch.stack([val[s:s + P["prompt_len"]] for s in starts])
 
 
 def _add_mcr(results: dict[str, dict]) -> None:

