@@ -204,13 +204,28 @@ def test_mcr_uses_the_task_score_when_tasks_ran():
 
 def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoint, tmp_path):
     """FastDecode (the static decoder) decodes a Qwen2 checkpoint inside `measure`; int4 checkpoints decode with
-    their own int4 weights; int8 stays eager under decode: static, with the reason recorded."""
+    their own int4 weights, int8 (torchao) with its own int8 weights; a quantized model FastDecode cannot read is
+    refused with the reason."""
     src, tok = checkpoint
     built = {p: quantize.build(p, src, tok, P, "cpu", tmp_path) for p in ("fp32", "int8", "int4_rtn")}
     decoders, paths = quantize.decode_paths(built, "static", 8 + 6 + 1)
     assert isinstance(decoders["fp32"], infer.FastDecode) and paths["fp32"] == ("static", "")
-    assert decoders["int8"] is built["int8"][0] and paths["int8"][0] == "eager"
-    assert "quantized weights" in paths["int8"][1]
+    assert isinstance(decoders["int8"], infer.FastDecode) and paths["int8"] == ("static+int8(int8pack)", "")
+    int8_model = built["int8"][0]
+    with pytest.raises(ValueError, match="quantized weights"):
+        infer.FastDecode(int8_model, 16)
+    # the int8 decoder reads torchao's integers: its greedy tokens are the torchao model's own (bf16 activations)
+    ids8 = data.token_ids("validation", tok)[:8].view(1, 8)
+    from effllm_utils.engine.decode import StaticDecoder
+
+    dec = StaticDecoder(decoders["int8"].model, 1, 16, cuda_graph=False, prepared=decoders["int8"].prepared)
+    assert dec.layers[0]["qkv"].kernel == "int8pack"
+    with torch.no_grad():
+        eager_logits = int8_model(ids8).logits[0, -1].float()
+        dec.prefill(ids8[:, :7])
+        step_logits = dec.step(ids8[:, 7:8], 7)[0].float()
+    err = ((step_logits - eager_logits).norm() / eager_logits.norm()).item()
+    assert err < 0.03, err  # the same int8 weights; bf16 activations in the kernel
     assert isinstance(decoders["int4_rtn"], infer.FastDecode) and paths["int4_rtn"] == ("static+int4(tinygemm)", "")
     ids = data.token_ids("validation", tok)[:16].view(2, 8)
     r = infer.timed_request(decoders["fp32"], ids, 6, "cpu")
@@ -234,8 +249,8 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
 
 def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
     """The gpu/paper path — a Qwen2-family checkpoint by Hub id or folder, decode: static — run on a local Qwen2
-    folder: float precisions decode through the static decoder, quantized ones eagerly with the reason, and the
-    decode path is a column of Table 9."""
+    folder: float precisions decode through the static decoder, int8 through it with torchao's integers (on CPU;
+    on CUDA eagerly, with the reason), and the decode path is a column of Table 9."""
     src, tok = checkpoint
     Q = dict(device="cpu", precisions=["bf16", "int8"], models={"local-qwen2": {"source": str(src)}}, vocab_size=1024,
              seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8, calibration_len=64,
@@ -244,18 +259,16 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
     recs = quantization.run_study("quantization", "gpu", Q)
     assert [(r.technique, r.status) for r in recs] == [("bf16", "ok"), ("int8", "ok")], [r.error for r in recs]
     bf16, int8 = recs
-    assert bf16.artifacts["decode_path"] == "static" and int8.artifacts["decode_path"] == "eager"
-    assert "quantized weights" in int8.artifacts["decode_note"]
+    assert bf16.artifacts["decode_path"] == "static" and int8.artifacts["decode_path"] == "static+int8(int8pack)"
     # a Hub model's perplexity: the shipped held-out text in the model's own tokenizer (tasks give the score)
     assert 1 < bf16.quality["ppl"] < 1e4 and int8.quality["ppl"] == pytest.approx(bf16.quality["ppl"], rel=0.05)
     assert bf16.metrics["decode_token_p50_s"] > 0 and set(bf16.metrics) >= {"it", "al_s", "prefill_s", "memory_bytes"}
     for r in recs:  # each precision's own memory, not the process holding both
         assert r.artifacts["amu_method"] == "held_bytes_plus_request_growth"
         assert r.metrics["amu_gb"] >= r.metrics["held_gb"] > 0 and "amu_method" not in r.metrics
-    assert int8.metrics["held_gb"] == int8.metrics["memory_bytes"] / 1e9  # eager: the model itself
     assert bf16.metrics["held_gb"] > bf16.metrics["memory_bytes"] / 1e9  # static: + fused copies and the KV cache
     t = views.quantization_table("gpu")
-    assert list(t["decode path"]) == ["static", "eager"] and list(t["latency at batch"]) == [1, 1]
+    assert list(t["decode path"]) == ["static", "static+int8(int8pack)"] and list(t["latency at batch"]) == [1, 1]
     assert {p.name for p in views.quantization_figures("gpu")} >= {"quantization.csv", "quantization_local-qwen2.png"}
     assert bf16.artifacts["latency_by_batch"].keys() == {"1", "2"} and "latency_by_batch" not in bf16.metrics
     with pytest.raises(ValueError, match="unknown decode \\['graph'\\]; choose from eager, static"):

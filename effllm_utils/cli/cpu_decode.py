@@ -91,7 +91,7 @@ def run(args) -> int:
             show("hf_generate_eager_fp32", _hf_rate(hf, ids, new, reps), "F.linear (fp32), transformers eager")
         ours = decode.from_hf(hf)
         for label, dtype, weights in (("fp32", torch.float32, "native"), ("bf16", torch.bfloat16, "native"),
-                                      ("int8", torch.float32, "int8"), ("int4", torch.bfloat16, "int4")):
+                                      ("int8", torch.bfloat16, "int8"), ("int4", torch.bfloat16, "int4")):
             model = ours.to(dtype)
             for comp in (False, True):
                 if comp and args.no_compile:

@@ -35,6 +35,7 @@ layout).
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -166,7 +167,8 @@ class Linear:
         if self.int8:  # per-output-channel symmetric int8, activations in the weight's dtype (torch's CPU kernel)
             if self.cuda:
                 raise ValueError("int8 decode weights run on CPU (torch's _weight_int8pack_mm); on CUDA use int4")
-            self.weight, self.scales = quantize_int8(weight.detach())
+            q8, scales = quantized if quantized is not None else quantize_int8(weight.detach())
+            self.weight, self.scales = q8.to(weight.device), scales.to(weight.device, weight.dtype)
             self.kernel = "int8pack"
             self.read_bytes = self.weight.numel() + self.scales.numel() * self.scales.element_size()
         elif not int4:
@@ -349,6 +351,38 @@ def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
     return ours, quant
 
 
+def from_int8(model, device: str = "cpu") -> tuple[object, dict]:
+    """(backbone, int8_weights) of a Qwen2- or Llama-family model quantized by torchao's int8 weight-only
+    (`Int8Tensor` weights, per output channel, symmetric): the backbone in bf16 holds the dequantized weights (the
+    prefill computes the quantized model's function) and `int8_weights` {module: (int8 [out, in], scale [out])}, the
+    same integers, for `DecodeWeights(..., int8_weights=...)` (torch's `_weight_int8pack_mm`)."""
+    from transformers import AutoModelForCausalLM
+
+    ints, floats = {}, {}
+    for name, t in model.state_dict().items():
+        if type(t).__name__ == "Int8Tensor":
+            flat, _ = t.__tensor_flatten__()
+            qdata, scale = t.qdata, t.scale.reshape(-1).float()
+            zero = getattr(t, "zero_point", None) if "zero_point" in flat else None
+            if qdata.ndim != 2 or scale.numel() != qdata.shape[0] or (zero is not None and bool(zero.any())):
+                raise ValueError(f"{name}: only per-channel symmetric int8 maps onto the int8 decode kernel")
+            ints[name.removesuffix(".weight")] = (qdata.contiguous(), scale)
+            floats[name] = (qdata.float() * scale[:, None]).to(torch.bfloat16)
+        else:
+            floats[name] = t.detach().to(torch.bfloat16) if t.is_floating_point() else t
+    if not ints:
+        raise ValueError("no torchao int8 weight-only layers in this model")
+    cfg = copy.deepcopy(model.config)
+    cfg.quantization_config = None
+    with torch.device("meta"):
+        shell = AutoModelForCausalLM.from_config(cfg)
+    shell = shell.to_empty(device="cpu").to(torch.bfloat16)
+    shell.load_state_dict(floats, strict=False)
+    if cfg.tie_word_embeddings:
+        shell.tie_weights()
+    return from_hf(shell.eval()).to(device), ints
+
+
 # -- the decoder -------------------------------------------------------------------------------------------------
 
 class DecodeWeights:
@@ -359,8 +393,10 @@ class DecodeWeights:
     checkpoint's float lm_head stays float). Refuses, with the reason, a model the static step cannot run."""
 
     def __init__(self, model, weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
-                 int4_kernel: str = "tinygemm", dense_kernel: str = "auto"):
+                 int4_kernel: str = "tinygemm", dense_kernel: str = "auto", int8_weights: dict | None = None):
         c = model.config
+        if int8_weights:
+            weights = "int8"
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":
             raise ValueError(f"StaticDecoder supports mha/gqa/mqa + rope + dense, not {c.attention}/{c.position}/"
                              f"{c.ffn}")
@@ -376,14 +412,15 @@ class DecodeWeights:
         self.int4 = int4 = weights == "int4"
         self.split = [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim,
                       c.num_key_value_heads * c.head_dim]
-        given = int4_weights or {}
         self.int8 = weights == "int8"
+        given = int8_weights or int4_weights or {}
         k = dict(kernel=int4_kernel, dense_kernel=dense_kernel, int8=self.int8)
 
-        def q(*names):  # the given int4 weights of these modules, fused along the output features, or None (RTN)
+        def q(*names):  # the given int weights of these modules, fused along the output features, or None (RTN)
             if not all(n in given for n in names):
-                return None
-            return torch.cat([given[n][0] for n in names]), torch.cat([given[n][1] for n in names], dim=1)
+                return None  # int4 scales_and_zeros are [in/g, out, 2], int8 scales [out]
+            return (torch.cat([given[n][0] for n in names]),
+                    torch.cat([given[n][1] for n in names], dim=0 if self.int8 else 1))
 
         with torch.no_grad():
             self.layers = []
@@ -398,8 +435,9 @@ class DecodeWeights:
                     gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size,
                                    q(pm + "gate_proj", pm + "up_proj"), **k),
                     down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"), **k)))
-            self.lm_head = Linear(model.lm_head.weight, None, int4 and (not given or "lm_head" in given), group_size,
-                                  q("lm_head"), **k)
+            quantized_head = not given or "lm_head" in given  # a GPTQ / torchao checkpoint may keep a float head
+            self.lm_head = Linear(model.lm_head.weight, None, int4 and quantized_head, group_size, q("lm_head"),
+                                  **(k | {"int8": self.int8 and quantized_head}))
         self.int4_kernel = int4_kernel if int4 else None
         self.dense_kernel = None if self.lm_head.int4 or self.int8 else self.lm_head.kernel  # "auto" resolved
         norms = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if "norm" in n)

@@ -131,8 +131,8 @@ def decode_paths(built: dict[str, tuple], how: str, max_len: int) -> tuple[dict[
     """What each precision is decoded through, and (path, why): `eager` — the model's forward, one token per call,
     every precision alike — or `static` — infer.FastDecode (static KV cache; compile + CUDA graph on GPU): float
     precisions as they are, int4 (GPTQ and RTN) with their own int4 weights read from the saved checkpoint into
-    tinygemm's layout, and eager with the reason for what it cannot run (int8). The path is a column of Table 9:
-    compare precisions on the same path."""
+    tinygemm's layout, int8 with torchao's integers through torch's int8 kernel (CPU only), and eager with the reason
+    for what it cannot run (int8 on CUDA). The path is a column of Table 9: compare precisions on the same path."""
     from effllm_utils.engine.infer import FastDecode
 
     check_choices([how], DECODE_CHOICES, "decode")
@@ -141,9 +141,11 @@ def decode_paths(built: dict[str, tuple], how: str, max_len: int) -> tuple[dict[
         out[p], paths[p] = model, ("eager", "")
         if how == "static":
             try:
+                device = str(next(model.parameters()).device)
                 if p.startswith("int4"):  # GPTQModel's checkpoint, read into tinygemm's layout
-                    device = str(next(model.parameters()).device)
                     out[p] = FastDecode.from_gptq(info["path"], max_len, device)
+                elif p == "int8":  # torchao's int8 weights, through torch's int8 kernel (CPU)
+                    out[p] = FastDecode.from_int8(model, max_len, device)
                 else:
                     out[p] = FastDecode(model, max_len)
                 paths[p] = (out[p].path, "")
