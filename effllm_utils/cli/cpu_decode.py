@@ -5,7 +5,7 @@ the suite measures beside llama.cpp on the same file, side by side in one run.
     python -m effllm_utils.cli.bench --mode decode --device cpu --gptqmodel     # + GPTQModel's CPU kernel (~1 min)
 
 Rows: HF `generate` (eager, fp32 = the Q4_1 file dequantized); the static decoder (`engine.decode`) with fp32, bf16,
-int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN) weights, each eager and
+int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN, group 64) weights, each eager and
 under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF generate; llama.cpp
 (`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only (per-token host stamps; the
 prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
@@ -32,8 +32,12 @@ def _hf_rate(model, ids: torch.Tensor, new: int, repeats: int) -> float:
     return statistics.median((new - 1) / max(run(new) - run(1), 1e-9) for _ in range(repeats))
 
 
+GROUP = 64  # int4 group size: divides SmolLM2's widths (576, 1536); llama.cpp's Q4_1 uses blocks of 32
+
+
 def _static_rate(model, ids: torch.Tensor, new: int, repeats: int, compile_: bool, weights: str) -> tuple[float, str]:
-    dec = decode.StaticDecoder(model, 1, ids.shape[1] + new + 1, cuda_graph=False, compile=compile_, weights=weights)
+    dec = decode.StaticDecoder(model, 1, ids.shape[1] + new + 1, cuda_graph=False, compile=compile_, weights=weights,
+                               group_size=GROUP)
     dec.generate(ids, min(new, 8))  # warm-up (compilation)
     rates = []
     for _ in range(repeats):
@@ -45,15 +49,15 @@ def _static_rate(model, ids: torch.Tensor, new: int, repeats: int, compile_: boo
 
 
 def _gptqmodel(ckpt, tok, args, work):
-    """GPTQModel's 4-bit RTN of the checkpoint (group 128, as llama.cpp's Q4 blocks are small), reloaded with the CPU
-    kernel GPTQModel picks here: (model, kernel class name)."""
+    """GPTQModel's 4-bit RTN of the checkpoint (group GROUP), reloaded with the CPU kernel GPTQModel picks here:
+    (model, kernel class name)."""
     import os
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
     from gptqmodel import GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import WeightOnlyConfig
 
-    qm = GPTQModel.load(str(ckpt), QuantizeConfig(bits=4, group_size=128, weight_only=WeightOnlyConfig(method="rtn")),
+    qm = GPTQModel.load(str(ckpt), QuantizeConfig(bits=4, group_size=GROUP, weight_only=WeightOnlyConfig(method="rtn")),
                         device="cpu")
     qm.quantize(None, batch_size=1)
     qm.save(str(work))
