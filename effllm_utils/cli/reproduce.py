@@ -11,8 +11,8 @@ notebooks and existing ones are skipped, so an interrupted batch (Ctrl-C, kill) 
 `--set KEY=VALUE` overrides one parameter of every selected study for this run (checked against each notebook's
 declaration); the records keep the params they ran with, so an override is never mistaken for the file's run.
 `--seeds 0,1,2` (the small profile's default, PROFILE_SEEDS) runs each study that has a `seed` parameter once per
-seed (its executed notebooks `<study>.seed<S>.ipynb`): the repeats a study's tables average, with their standard error, and the claims check
-weighs; hardware and paper_figures run once, paper_figures last.
+seed (its executed notebooks `<study>.seed<S>.ipynb`): the repeats a study's tables average, with their standard
+error, and the claims check weighs; hardware and paper_figures run once, paper_figures last.
 `--submit slurm` runs each study as a Slurm job through submitit (`--slurm-partition`, `--slurm-gpus`, ...; job logs
 under outputs/<profile>/jobs/), `--submit local` the same as local processes; paper_figures starts after the others.
 

@@ -326,8 +326,8 @@ def read_gptq(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 
 def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
-    """(backbone, int4_weights) of a Qwen2- or Llama-family GPTQ checkpoint: the backbone in bf16 holds the dequantized weights
-    (so the prefill computes the quantized model's function) and `int4_weights` the ints for
+    """(backbone, int4_weights) of a Qwen2- or Llama-family GPTQ checkpoint: the backbone in bf16 holds the dequantized
+    weights (so the prefill computes the quantized model's function) and `int4_weights` the ints for
     `StaticDecoder(model, ..., int4_weights=...)` / `DecodeWeights`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -128,8 +128,8 @@ def _pretrained(profile: str, source: str):
 
 
 def base_checkpoint(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
-    """(checkpoint dir in Qwen2 format or Hub id, tokenizer, info): the suite's backbone (pretrained once, cached, shared
-    with the fine-tuning study) exported to Qwen2, a packaged model's converted checkpoint, or a Hub model as it
+    """(checkpoint dir in Qwen2 format or Hub id, tokenizer, info): the suite's backbone (pretrained once, cached,
+    shared with the fine-tuning study) exported to Qwen2, a packaged model's converted checkpoint, or a Hub model as it
     is."""
 
     model, tok, info = load_base(profile, name, spec, P, "cpu")
