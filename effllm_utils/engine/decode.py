@@ -27,7 +27,7 @@ decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). 
 
 Works for the effllm backbone with mha/gqa/mqa + rope + dense FFN, and for `transformers` Qwen2-family checkpoints
 (Qwen2.5, DeepSeek-R1-Distill-Qwen) and Llama-family ones (SmolLM2) through `from_hf`, which loads them
-weight-for-weight into the backbone.
+weight-for-weight into the backbone. `weights="int8"` (CPU): per-channel int8 through `aten._weight_int8pack_mm`.
 On CPU the same step runs without graphs (and is what the tests compare against `generate`).
 
 Long by design: the static decoder and its int4 weight paths are one unit (the kernels share the cache and weight

@@ -15,8 +15,8 @@ resident models its own memory (see `measure`).
 
 A model decodes eagerly through its own forward (any transformers model, quantized or not); on GPU launch overhead
 dominates that for small models. Wrap it in `FastDecode` to decode through `effllm_utils.engine.decode.StaticDecoder`
-instead (static KV cache; torch.compile + a CUDA graph per token on GPU; the backbone and Qwen2-family checkpoints
-with plain float weights): `measure({"bf16": FastDecode(model, max_len=256)}, ...)`. Its per-token timestamps come
+instead (static KV cache; torch.compile + a CUDA graph per token on GPU; the backbone and Qwen2/Llama-family
+checkpoints with plain float weights, or `from_gptq` / `from_int8` for their quantized integers): `measure({"bf16": FastDecode(model, max_len=256)}, ...)`. Its per-token timestamps come
 from CUDA events after each graph replay (the host clock on CPU).
 """
 from __future__ import annotations
@@ -172,44 +172,52 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
                     trim_heap()
                 with Monitor(period_s=cfg.telemetry_period_s, device=device) as mon:
                     r = timed_request(models[n], ids, cfg.new_tokens, device)
-                a, s = acc[n], mon.summary
-                a["prefill"].setdefault(b, []).append(r["prefill_s"])
-                a["token"].setdefault(b, []).extend(r["token_s"])
-                a["e2e"].setdefault(b, []).append(r["e2e_s"])
-                a["wall"] += s["wall_s"]
-                a["amu_x_wall"] += (s["amu_gb"] or 0.0) * s["wall_s"]
-                a["peak"] = max(a["peak"], s["peak_mem_gb"] or 0.0)
-                a["growth_x_wall"] += (s["amu_growth_gb"] or 0.0) * s["wall_s"]
-                a["peak_growth"] = max(a["peak_growth"], s["peak_growth_gb"] or 0.0)
-                a["rss_x_wall"] += (s["rss_amu_gb"] or 0.0) * s["wall_s"]
-                a["tokens"] += r["tokens"]
-                if s["energy_j"] is None:
-                    a["energy_ok"], a["reason"] = False, s["energy_reason"]
-                else:
-                    a["energy"] += s["energy_j"]
+                _accumulate(acc[n], b, r, mon.summary)
                 done[n]["time"] += r["e2e_s"]
                 done[n]["count"] += 1
                 done[n]["tokens"] += r["tokens"]
             rnd += 1
         for n in names:
             acc[n]["it"][b] = done[n]["tokens"] / done[n]["time"]
-    out = {}
-    for n, a in acc.items():
-        by_batch = {str(b): _latencies(a["prefill"][b], a["token"][b], a["e2e"][b]) for b in cfg.batch_sizes}
-        mem = {"amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"], "amu_method": "telemetry_total"}
-        if attribute_memory:
-            mem = own_memory(held_bytes(models[n]), a["growth_x_wall"] / a["wall"], a["peak_growth"],
-                             "held_bytes_plus_request_growth")
-        out[n] = {**by_batch[str(min(cfg.batch_sizes))], "latency_batch": min(cfg.batch_sizes),
-                  "latency_by_batch": by_batch,
-                  "it": max(a["it"].values()), "it_by_batch": {str(b): v for b, v in a["it"].items()},
-                  **mem, "amu_growth_gb": a["growth_x_wall"] / a["wall"], "peak_growth_gb": a["peak_growth"],
-                  "rss_amu_gb": a["rss_x_wall"] / a["wall"],
-                  "energy_j": a["energy"] if a["energy_ok"] else None,
-                  "aec_w": a["energy"] / a["wall"] if a["energy_ok"] else None,
-                  "j_per_token": a["energy"] / a["tokens"] if a["energy_ok"] else None,
-                  "requests": sum(len(v) for v in a["e2e"].values()), "energy_reason": a["reason"]}
-    return out
+    return {n: _summary(a, models[n], cfg, attribute_memory) for n, a in acc.items()}
+
+
+def _accumulate(a: dict, b: int, r: dict, s: dict) -> None:
+    """Add one timed request `r` at batch size `b`, with its telemetry summary `s`, to a model's accumulator."""
+    a["prefill"].setdefault(b, []).append(r["prefill_s"])
+    a["token"].setdefault(b, []).extend(r["token_s"])
+    a["e2e"].setdefault(b, []).append(r["e2e_s"])
+    a["wall"] += s["wall_s"]
+    a["amu_x_wall"] += (s["amu_gb"] or 0.0) * s["wall_s"]
+    a["peak"] = max(a["peak"], s["peak_mem_gb"] or 0.0)
+    a["growth_x_wall"] += (s["amu_growth_gb"] or 0.0) * s["wall_s"]
+    a["peak_growth"] = max(a["peak_growth"], s["peak_growth_gb"] or 0.0)
+    a["rss_x_wall"] += (s["rss_amu_gb"] or 0.0) * s["wall_s"]
+    a["tokens"] += r["tokens"]
+    if s["energy_j"] is None:
+        a["energy_ok"], a["reason"] = False, s["energy_reason"]
+    else:
+        a["energy"] += s["energy_j"]
+
+
+def _summary(a: dict, model, cfg: InferConfig, attribute_memory: bool) -> dict[str, Any]:
+    """One model's metrics from its accumulator: latencies per batch size, IT, memory (its own with
+    `attribute_memory`), energy."""
+    by_batch = {str(b): _latencies(a["prefill"][b], a["token"][b], a["e2e"][b]) for b in cfg.batch_sizes}
+    mem = {"amu_gb": a["amu_x_wall"] / a["wall"], "peak_mem_gb": a["peak"], "amu_method": "telemetry_total"}
+    if attribute_memory:
+        mem = own_memory(held_bytes(model), a["growth_x_wall"] / a["wall"], a["peak_growth"],
+                         "held_bytes_plus_request_growth")
+    return {**by_batch[str(min(cfg.batch_sizes))], "latency_batch": min(cfg.batch_sizes),
+            "latency_by_batch": by_batch,
+            "it": max(a["it"].values()), "it_by_batch": {str(b): v for b, v in a["it"].items()},
+            **mem, "amu_growth_gb": a["growth_x_wall"] / a["wall"], "peak_growth_gb": a["peak_growth"],
+            "rss_amu_gb": a["rss_x_wall"] / a["wall"],
+            "energy_j": a["energy"] if a["energy_ok"] else None,
+            "aec_w": a["energy"] / a["wall"] if a["energy_ok"] else None,
+            "j_per_token": a["energy"] / a["tokens"] if a["energy_ok"] else None,
+            "requests": sum(len(v) for v in a["e2e"].values()), "energy_reason": a["reason"]}
+
 
 
 def _latencies(prefill: list[float], token: list[float], e2e: list[float]) -> dict[str, float]:

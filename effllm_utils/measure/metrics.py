@@ -5,6 +5,9 @@ Every metric key carries its unit (`amu_gb`, `al_s`, `aec_w`); `METRICS` is the 
 means, its unit, which direction is better and which equation of the paper (Yuan et al. 2025, arXiv 2505.13840,
 Sec. 5.1) it implements. Where the paper's printed formula and its tables disagree we follow the tables and say so
 (see `../shared/reference/efficientllm_paper_values/README.md`).
+
+Long by design: the definitions (each with its unit, direction, paper equation and table name), the formulas and the
+per-family FLOP counters are one reference a reader checks against the paper side by side.
 """
 from __future__ import annotations
 

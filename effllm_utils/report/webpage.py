@@ -98,19 +98,7 @@ def build_report(profile: str, alpha: float = 0.05) -> Path:
         if pareto:
             toc.append(("pareto", "Pareto fronts"))
             sections.append('<h2 id="pareto">Pareto fronts across studies</h2>' + "".join(map(figure, pareto)))
-        drift = provenance.package_drift([r for s in studies for r in registry.current(profile, s)])
-        warning = ('<div class="warn"><b>Package versions differ</b> between the records shown or from this install '
-                   "(the locked versions): compare their numbers with care, or re-run with "
-                   f"<code>make reproduce PROFILE={profile} ARGS=--force</code>.<ul>"
-                   + "".join(f"<li>{html.escape(d)}</li>" for d in drift) + "</ul></div>") if drift else ""
-        old = provenance.stale([r for s in studies for r in runs.load_records(profile, s) if r.status == "ok"])
-        if old:
-            warning += ('<div class="warn"><b>Stale records</b>: made by other measurement or model code than this '
-                        "checkout's (their code version differs); tables and claims never average them with fresh "
-                        "ones. Refresh with <code>make reproduce PROFILE=" + profile + ' ARGS="--only '
-                        + ",".join(old) + '"</code> (new code, new run ids: they are measured again).<ul>'
-                        + "".join(f"<li>{html.escape(s)}: {len(rs)} record(s), e.g. {html.escape(rs[0].run_id)}</li>"
-                                  for s, rs in old.items()) + "</ul></div>")
+        warning = _warnings(profile, studies)
         header = (f"<h1>effllm report — profile <code>{profile}</code></h1>"
                   f'<p class="caption">effllm {__version__}, git {html.escape(str(env.get("git_sha")))}'
                   f'{" (dirty)" if env.get("git_dirty") else ""}, built '
@@ -124,3 +112,21 @@ def build_report(profile: str, alpha: float = 0.05) -> Path:
                 "</body></html>\n")
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _warnings(profile: str, studies: list[str]) -> str:
+    """The report's warnings: package versions that differ between records or from this install, stale records."""
+    drift = provenance.package_drift([r for s in studies for r in registry.current(profile, s)])
+    warning = ('<div class="warn"><b>Package versions differ</b> between the records shown or from this install '
+               "(the locked versions): compare their numbers with care, or re-run with "
+               f"<code>make reproduce PROFILE={profile} ARGS=--force</code>.<ul>"
+               + "".join(f"<li>{html.escape(d)}</li>" for d in drift) + "</ul></div>") if drift else ""
+    old = provenance.stale([r for s in studies for r in runs.load_records(profile, s) if r.status == "ok"])
+    if old:
+        warning += ('<div class="warn"><b>Stale records</b>: made by other measurement or model code than this '
+                    "checkout's (their code version differs); tables and claims never average them with fresh "
+                    "ones. Refresh with <code>make reproduce PROFILE=" + profile + ' ARGS="--only '
+                    + ",".join(old) + '"</code> (new code, new run ids: they are measured again).<ul>'
+                    + "".join(f"<li>{html.escape(s)}: {len(rs)} record(s), e.g. {html.escape(rs[0].run_id)}</li>"
+                              for s, rs in old.items()) + "</ul></div>")
+    return warning
