@@ -74,8 +74,9 @@ def test_int4_quantization_is_within_half_a_step():
         decode.quantize_int4(torch.randn(8, 96))
 
 
-def test_int4_decoder_matches_the_dequantized_model():
+def test_int4_decoder_matches_the_dequantized_model(monkeypatch):
     """The packed tinygemm path computes the same function as a bf16 model holding the dequantized weights."""
+    monkeypatch.setattr(decode, "KEEP_INT4_REFERENCE", True)
     torch.manual_seed(0)
     m = EffLLMForCausalLM(models.config("test", attention="gqa")).to(torch.bfloat16).eval()
     dec = decode.StaticDecoder(m, batch_size=2, max_len=24, weights="int4", group_size=32)

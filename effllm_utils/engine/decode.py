@@ -45,6 +45,7 @@ from effllm_utils.core.runtime import synchronize
 from effllm_utils.models import output_cache
 
 INT4_GROUP = 128
+KEEP_INT4_REFERENCE = False  # tests: each int4 Linear keeps its integers (`.q`) beside the packed layout
 
 
 HF_FAMILIES = ("qwen2", "llama")  # transformers model types the backbone holds weight for weight
@@ -210,10 +211,10 @@ class Linear:
             self.sz = sz
             self.read_bytes = sum(t.numel() * t.element_size() for t in stored)
             self._check(q)  # a packed layout can drift between torch versions: verify it computes what (q, sz) mean
-            if self.cuda:  # on CUDA: q dropped (kept on CPU for the tests' reference); sz only where tinygemm reads it
-                self.q, self.sz = None, (sz if self.kernel == "tinygemm" else None)
-            else:
-                self.q = q
+            if self.cuda:  # sz only where tinygemm reads it
+                self.sz = sz if self.kernel == "tinygemm" else None
+            # q only when asked (the tests' reference): kept, it took more memory than the bf16 weight it replaces
+            self.q = q.to(torch.uint8) if KEEP_INT4_REFERENCE else None
         if bias is not None:
             self.read_bytes += bias.numel() * bias.element_size()
 
