@@ -51,3 +51,17 @@ def test_quantization_study_measures_the_packaged_model(tiny_package, outputs):
     assert base["package"] == "tiny-gguf-pkg==0.0.1" and "Q4_1" in base["weights"] and base["license"] == "MIT"
     assert 1 < fp32.quality["ppl"] < 1e4 and int4.quality["ppl"] > 1  # held-out text in the model's own tokenizer
     assert int4.metrics["memory_bytes"] < fp32.metrics["memory_bytes"]
+
+
+def test_a_missing_model_fails_its_own_records_and_the_others_go_on(tiny_package, outputs):
+    from effllm_utils.studies import quantization
+
+    Q = dict(device="cpu", precisions=["fp32"], vocab_size=1024, seq_len=64, batch_size=16, eval_batches=1,
+             group_size=32, calibration_samples=8, calibration_len=64, prompt_len=16, new_tokens=4, decode="static",
+             batch_sizes=[1], min_time_s=0.0, min_requests=1, ppl_seq_len=64, ppl_windows=2, tasks=[], task_limit=0,
+             task_include_path="", seed=0,
+             models={"gone": {"source": str(outputs / "no-such-model")}, "tiny-gguf": {"source": "tiny-gguf"}})
+    gone, ok = quantization.run_study("quantization", "tiny", Q)
+    assert gone.status == "failed" and "could not be loaded" in gone.error and ok.status == "ok"
+    with pytest.raises(ValueError, match="unknown packaged model 'smollm3'; known: "):
+        packaged.gguf_path("smollm3")

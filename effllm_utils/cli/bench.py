@@ -306,7 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--profile", default="tiny", help="whose hardware records give the peak of an unknown device")
     ap.add_argument("--mode", choices=("train", "decode", "harness"), default="train")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode mode: tokens generated per request")
-    ap.add_argument("--decode-shapes", default="", help=f"decode mode: comma-separated, of {', '.join(DECODE_SHAPES)}")
+    ap.add_argument("--decode-shapes", default="", help=f"decode mode: comma-separated, of {', '.join(DECODE_SHAPES)} "
+                    "(random weights; on CPU without it: the packaged GGUF model beside llama.cpp)")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                     help="decode mode: weight dtype (default bf16 on CUDA, fp32 on CPU; int4 runs from bf16 only)")
     ap.add_argument("--skip-eager", action="store_true", help="decode mode: leave out HF generate (slow)")
@@ -339,18 +340,19 @@ def _train_case(case: str, dims: dict, args):
     from effllm_utils import models
     from effllm_utils.measure import metrics
 
+    def counts(cfg):  # training FLOPs per token, active matmul parameters (analytic: no model is built)
+        shape = cfg.shape()
+        return metrics.training_flops_per_token(shape, args.seq), metrics.forward_flops_per_token(shape, 0) / 2
+
     def made(cfg):
-        return (models.EffLLMForCausalLM(cfg), metrics.training_flops_per_token(cfg.shape(), args.seq),
-                metrics.forward_flops_per_token(cfg.shape(), 0) / 2)  # active matmul params
+        return (models.EffLLMForCausalLM(cfg), *counts(cfg))
 
     dense_cfg = models.EffLLMConfig(**dims, attention="gqa")
     if case.startswith("qwen2"):
-        _, fpt, active = made(dense_cfg)
-        return _qwen2(dims), fpt, active
+        return _qwen2(dims), *counts(dense_cfg)
     if case.startswith("effllm_dense"):  # effllm_dense_ce*: the fused chunked head + loss (--ce-chunk)
-        _, fpt, active = made(dense_cfg)
         cfg = models.EffLLMConfig(**dims, attention="gqa", ce_chunk=args.ce_chunk if "_ce" in case else 0)
-        return models.EffLLMForCausalLM(cfg), fpt, active
+        return models.EffLLMForCausalLM(cfg), *counts(dense_cfg)
     if case.startswith("effllm_moe"):
         return made(models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8,
                                         num_experts_per_tok=2))
@@ -436,7 +438,7 @@ def train_bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.mode == "decode" and not args.device.startswith("cuda"):
+    if args.mode == "decode" and not args.device.startswith("cuda") and not args.decode_shapes:
         from effllm_utils.cli import cpu_decode
 
         return cpu_decode.run(args)  # a real GGUF model on CPU, beside llama.cpp

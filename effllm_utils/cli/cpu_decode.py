@@ -7,8 +7,8 @@ the suite measures beside llama.cpp on the same file, side by side in one run.
 Rows: HF `generate` (eager, fp32 = the Q4_1 file dequantized); the static decoder (`engine.decode`) with fp32,
 bf16, int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN, group 64) weights,
 each eager and under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF
-generate; llama.cpp (`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only (per-token host stamps; the
-prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
+generate; llama.cpp (`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only
+(per-token host stamps; the prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
 measured rates and the ratios; asserts nothing.
 """
 from __future__ import annotations
@@ -120,10 +120,10 @@ def run(args) -> int:
 
 
 def _ratios(rates: dict[str, float]) -> None:
-    base = rates.get("static_fp32")
-    for k in ("static_compiled_int4", "static_int4", "static_compiled_int8", "static_int8"):
-        if base and k in rates:
-            print(f"{k} / static_fp32 tokens/s: {rates[k] / base:.2f}x")
+    for k in ("static_int4", "static_int8", "static_compiled_int4", "static_compiled_int8"):
+        base = "static_compiled_fp32" if "compiled" in k else "static_fp32"  # like with like
+        if base in rates and k in rates:
+            print(f"{k} / {base} tokens/s: {rates[k] / rates[base]:.2f}x")
     ours = {k: v for k, v in rates.items() if not k.startswith("llama.cpp")}
     if ours and "llama.cpp_Q4_1" in rates:
         best = max(ours, key=ours.get)

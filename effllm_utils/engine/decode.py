@@ -62,6 +62,10 @@ def from_hf(hf_model):
                          f"{c.model_type}")
     if getattr(c, "mlp_bias", False):
         raise ValueError("a Llama checkpoint with MLP biases does not map onto the backbone")
+    rope = (getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {}).get("rope_type", "default")
+    if rope != "default" or getattr(c, "use_sliding_window", False):
+        raise ValueError(f"the static decoder implements plain RoPE over the full context, not rope_type {rope!r}"
+                         f"{' with a sliding window' if getattr(c, 'use_sliding_window', False) else ''}")
     theta = (getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000.0))
     cfg = models.EffLLMConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
@@ -378,7 +382,11 @@ def from_int8(model, device: str = "cpu") -> tuple[object, dict]:
     with torch.device("meta"):
         shell = AutoModelForCausalLM.from_config(cfg)
     shell = shell.to_empty(device="cpu").to(torch.bfloat16)
-    shell.load_state_dict(floats, strict=False)
+    missing, unexpected = shell.load_state_dict(floats, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:  # to_empty left those uninitialised: refuse rather than decode garbage
+        raise ValueError(f"not a {'/'.join(HF_FAMILIES)} int8 model (missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]})")
     if cfg.tie_word_embeddings:
         shell.tie_weights()
     return from_hf(shell.eval()).to(device), ints
@@ -396,6 +404,8 @@ class DecodeWeights:
     def __init__(self, model, weights: str = "native", group_size: int = INT4_GROUP, int4_weights: dict | None = None,
                  int4_kernel: str = "tinygemm", dense_kernel: str = "auto", int8_weights: dict | None = None):
         c = model.config
+        if int8_weights and int4_weights:
+            raise ValueError("give int4_weights or int8_weights, not both")
         if int8_weights:
             weights = "int8"
         if c.attention not in ("mha", "gqa", "mqa") or c.position != "rope" or c.ffn != "dense":

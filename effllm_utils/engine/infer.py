@@ -16,8 +16,9 @@ resident models its own memory (see `measure`).
 A model decodes eagerly through its own forward (any transformers model, quantized or not); on GPU launch overhead
 dominates that for small models. Wrap it in `FastDecode` to decode through `effllm_utils.engine.decode.StaticDecoder`
 instead (static KV cache; torch.compile + a CUDA graph per token on GPU; the backbone and Qwen2/Llama-family
-checkpoints with plain float weights, or `from_gptq` / `from_int8` for their quantized integers): `measure({"bf16": FastDecode(model, max_len=256)}, ...)`. Its per-token timestamps come
-from CUDA events after each graph replay (the host clock on CPU).
+checkpoints with plain float weights, or `from_gptq` / `from_int8` for their quantized integers):
+`measure({"bf16": FastDecode(model, max_len=256)}, ...)`. Its per-token timestamps come from CUDA events after each
+graph replay (the host clock on CPU).
 """
 from __future__ import annotations
 

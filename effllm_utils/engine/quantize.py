@@ -144,11 +144,13 @@ def decode_paths(built: dict[str, tuple], how: str, max_len: int) -> tuple[dict[
                 device = str(next(model.parameters()).device)
                 if p.startswith("int4"):  # GPTQModel's checkpoint, read into tinygemm's layout
                     out[p] = FastDecode.from_gptq(info["path"], max_len, device)
-                elif p == "int8":  # torchao's int8 weights, through torch's int8 kernel (CPU)
+                elif p == "int8":  # torchao's int8 weights, through torch's int8 kernel (CPU only)
+                    if device != "cpu":
+                        raise ValueError("the int8 decode kernel (_weight_int8pack_mm) runs on CPU only")
                     out[p] = FastDecode.from_int8(model, max_len, device)
                 else:
                     out[p] = FastDecode(model, max_len)
                 paths[p] = (out[p].path, "")
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - any refusal (shape, kernel, format): eager, noted
                 paths[p] = ("eager", str(e))
     return out, paths

@@ -43,6 +43,8 @@ def is_packaged(source: str) -> bool:
 
 def gguf_path(name: str) -> Path:
     """The installed GGUF file of a packaged model; one line naming the install command when it is missing."""
+    if name not in PACKAGED:
+        raise ValueError(f"unknown packaged model {name!r}; known: {', '.join(PACKAGED)}")
     p = PACKAGED[name]
     spec = importlib.util.find_spec(p.module)
     path = Path(spec.origin).parent / p.file if spec is not None and spec.origin else None
@@ -70,11 +72,13 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def checkpoint(name: str, root: Path) -> Path:
-    """The converted checkpoint of a packaged model under `root` (converted on first use, atomically)."""
+    """The converted checkpoint of a packaged model under `root`/<name>-<version> (converted on first use, atomically;
+    a new package version converts again)."""
     from effllm_utils.core.runs import atomic_dir
 
-    out = Path(root) / name
+    gguf = gguf_path(name)
+    out = Path(root) / f"{name}-{PACKAGED[name].version}"
     if not (out / "model.safetensors").is_file():
         with atomic_dir(out) as tmp:
-            convert_gguf(gguf_path(name), tmp)
+            convert_gguf(gguf, tmp)
     return out

@@ -13,6 +13,7 @@ from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine.quantize import DECODE_CHOICES, NOMINAL_BITS, PRECISIONS, build, decode_paths, evaluate_tasks
 from effllm_utils.engine.suite import base_checkpoint, check_model_specs
 from effllm_utils.measure import metrics
+from effllm_utils.models.hub import ModelUnavailable
 
 
 def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
@@ -32,7 +33,11 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
         results: dict[str, dict] = {}
         if pending:
             seed_everything(P["seed"])
-            src, tok, base_info = base_checkpoint(profile, name, spec, P, device)
+            try:
+                src, tok, base_info = base_checkpoint(profile, name, spec, P, device)
+            except ModelUnavailable as e:  # this model cannot be had: its records say why, the other models go on
+                results, pending = {p: e for p in P["precisions"]}, []
+        if pending:
             work = outputs_dir(profile) / "checkpoints" / "quantization" / name
             built, errors = {}, {}
             for p in P["precisions"]:  # all of them: the measurement interleaves every precision
