@@ -72,11 +72,11 @@ def run(args) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from effllm_utils import cache_dir, data
+    from effllm_utils import data
     from effllm_utils.models import packaged
 
     gguf = packaged.gguf_path(args.gguf)
-    ckpt = packaged.checkpoint(args.gguf, cache_dir() / "packaged")
+    ckpt = packaged.checkpoint(args.gguf)  # the studies' copy
     tok = AutoTokenizer.from_pretrained(ckpt)
     hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     ids = torch.tensor([tok(data.corpus_text("validation")[:2000])["input_ids"][:args.prompt_len]])

@@ -112,7 +112,7 @@ def _pretrained(profile: str, source: str):
     info = {"source": source}
     if packaged.is_packaged(source):
         p = packaged.PACKAGED[source]
-        path = packaged.checkpoint(source, outputs_dir(profile) / "checkpoints" / "base")
+        path = packaged.checkpoint(source)  # one converted copy, shared by every profile and the bench
         info |= {"checkpoint": str(path), "package": f"{p.package}=={p.version}", "file": p.file,
                  "license": p.license, "weights": p.weights}
         source = str(path)
@@ -197,7 +197,9 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
     enc, enc_acc = vision_encoder(profile, spec, P["seed"], device)
     model = build_llava(enc.cpu(), text, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     n_img = model.config.image_seq_length
-    base = Path(base_info.get("checkpoint") or outputs_dir(profile) / "checkpoints" / "base" / name)  # Hub ids: none
+    # beside the suite's base; a pretrained LM's projector goes under this profile's outputs, not the shared cache
+    base = (outputs_dir(profile) / "checkpoints" / "base" / name if "language_model" in spec
+            else Path(base_info["checkpoint"]))
     path = base.with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
     if not (path / "projector.safetensors").is_file():
         seed_everything(P["seed"])

