@@ -3,6 +3,7 @@ errors for what cannot run; and the inference harness measures what it says."""
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,6 +113,19 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     with torch.no_grad():
         m.lm_head.weight.zero_()
     assert infer.perplexity(m, torch.arange(500) % 128, 32, 4, "cpu") == pytest.approx(128.0, rel=1e-5)
+
+
+def test_perplexity_batches_windows_without_changing_the_value():
+    torch.manual_seed(0)
+    m = EffLLMForCausalLM(models.config("test")).eval()
+    ids = torch.randint(0, 128, (700,))
+    with torch.no_grad():  # by hand: each window alone, exp of the mean of the window means
+        starts = torch.linspace(0, 700 - 32 - 1, 5).long().tolist()
+        nll = [torch.nn.functional.cross_entropy(m(ids[s:s + 32][None]).logits[0, :-1], ids[s + 1:s + 32]).item()
+               for s in starts]
+    want = float(np.exp(np.mean(nll)))
+    for per_forward in (32, 64, 2048):  # one window, two (a ragged last chunk), all five per forward
+        assert infer.perplexity(m, ids, 32, 5, "cpu", per_forward) == pytest.approx(want, rel=1e-5)
 
 
 def test_harness_times_every_token_and_measures_side_by_side():
@@ -233,14 +247,18 @@ def test_fast_decode_in_the_harness_matches_eager_and_refuses_quantized(checkpoi
     ref = built["fp32"][0].generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[:, 8:]
     assert torch.equal(decoders["fp32"].decoders[2].generate(ids, 6)[0], ref)
     assert decoders["fp32"].decoders[2].layers is decoders["fp32"].prepared.layers  # one fused copy per model
-    # what the decoder holds: the model, its fused q/k/v and gate/up copies, the static KV cache of batch 2
+    # what the decoder holds: the model's weights once (its q/k/v and gate/up are views of the fused weights) and
+    # the static KV cache of batch 2; an int decoder holds its integers, not the dequantized float projections
     from effllm_utils.measure.telemetry import held_bytes
 
-    fp32 = built["fp32"][0]
-    fused = sum(4 * sum(m.weight.numel() for m in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                    layer.self_attn.v_proj, layer.mlp.gate_proj, layer.mlp.up_proj))
-                for layer in fp32.model.layers)
-    assert held_bytes(decoders["fp32"]) >= quantize.memory_bytes(fp32) + fused
+    fp32, dec2 = built["fp32"][0], decoders["fp32"].decoders[2]
+    cache = sum(t.numel() * t.element_size() for t in (*dec2.k, *dec2.v))
+    extra = held_bytes(decoders["fp32"]) - cache - quantize.memory_bytes(fp32)
+    assert 0 <= extra < 4096, extra  # + the decoder's position and token buffers
+    for p in ("int8", "int4_rtn"):
+        layer = decoders[p].model.model.layers[0]
+        assert layer.self_attn.q_proj.weight.is_meta and layer.mlp.down_proj.weight.is_meta
+        assert held_bytes(decoders[p]) < held_bytes(decoders["fp32"]) / 2
     eager, _ = quantize.decode_paths(built, "eager", 15)
     assert all(eager[p] is built[p][0] for p in built)
     with pytest.raises(ValueError, match="unknown decode \\['fast'\\]; choose from eager, static"):
@@ -284,6 +302,11 @@ def test_gptq_checkpoint_read_without_gptq_kernels_matches_gptqmodel(checkpoint,
 
     src, tok = checkpoint
     _, info = quantize.build("int4_gptq", src, tok, P, "cpu", tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(Path(info["path"]) / "model.safetensors", "pt") as f:  # calibrated in fp32, stored as a bf16 load
+        dtypes = {k.rsplit(".", 1)[-1]: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    assert dtypes["weight"] == "BF16" and dtypes["scales"] == "F16" and dtypes["qweight"] == "I32", dtypes
     ref = GPTQModel.load(info["path"], device="cpu").model
     ours, q4 = decode.from_gptq(info["path"])
     ids = data.token_ids("validation", tok)[:24].view(2, 12)

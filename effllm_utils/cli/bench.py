@@ -326,6 +326,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="decode mode on CPU: the packaged GGUF model (models.packaged)")
     ap.add_argument("--prompt-len", type=int, default=16, help="decode mode on CPU: prompt tokens")
     ap.add_argument("--repeats", type=int, default=3, help="decode mode on CPU: timed requests per row (median)")
+    ap.add_argument("--rounds", type=int, default=10, help="decode mode on CPU: alternating rounds of the fastest "
+                    "static row against llama.cpp for their ratio's confidence interval (0: skip)")
     ap.add_argument("--no-compile", action="store_true", help="decode mode on CPU: leave out the torch.compile rows")
     ap.add_argument("--gptqmodel", action="store_true",
                     help="decode mode on CPU: also GPTQModel's int4 CPU kernel (quantizes the model first, ~1 min)")

@@ -9,7 +9,8 @@ bf16, int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_m
 each eager and under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF
 generate; llama.cpp (`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only
 (per-token host stamps; the prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
-measured rates and the ratios; asserts nothing.
+measured rates and the ratios; then the fastest static row and llama.cpp alternate for `--rounds` rounds (one request
+each) and their ratio is printed with a 95% confidence interval. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -35,17 +36,22 @@ def _hf_rate(model, ids: torch.Tensor, new: int, repeats: int) -> float:
 GROUP = 64  # int4 group size: divides SmolLM2's widths (576, 1536); llama.cpp's Q4_1 uses blocks of 32
 
 
-def _static_rate(model, ids: torch.Tensor, new: int, repeats: int, compile_: bool, weights: str) -> tuple[float, str]:
+def _static(model, ids: torch.Tensor, new: int, compile_: bool, weights: str):
+    """(one request's decode tokens/s as a function, kernel name) of the static decoder, warmed up (compiled)."""
     dec = decode.StaticDecoder(model, 1, ids.shape[1] + new + 1, cuda_graph=False, compile=compile_, weights=weights,
                                group_size=GROUP)
     dec.generate(ids, min(new, 8))  # warm-up (compilation)
-    rates = []
-    for _ in range(repeats):
+
+    def rate() -> float:
         _, stamps = dec.generate(ids, new)
-        rates.append((new - 1) / (stamps[-1] - stamps[0]))
+        return (new - 1) / (stamps[-1] - stamps[0])
+
     lin = dec.layers[0]["qkv"]
-    kernel = lin.kernel if lin.int4 or lin.int8 else f"F.linear ({str(model.dtype).removeprefix('torch.')})"
-    return statistics.median(rates), kernel
+    return rate, lin.kernel if lin.int4 or lin.int8 else f"F.linear ({str(model.dtype).removeprefix('torch.')})"
+
+
+STATIC = {"fp32": (torch.float32, "native"), "bf16": (torch.bfloat16, "native"), "int8": (torch.bfloat16, "int8"),
+          "int4": (torch.bfloat16, "int4")}  # label -> (activations, weights)
 
 
 def _gptqmodel(ckpt, tok, args, work):
@@ -94,15 +100,14 @@ def run(args) -> int:
         if not args.skip_eager:
             show("hf_generate_eager_fp32", _hf_rate(hf, ids, new, reps), "F.linear (fp32), transformers eager")
         ours = decode.from_hf(hf)
-        for label, dtype, weights in (("fp32", torch.float32, "native"), ("bf16", torch.bfloat16, "native"),
-                                      ("int8", torch.bfloat16, "int8"), ("int4", torch.bfloat16, "int4")):
-            model = ours.to(dtype)
+        for label, (dtype, weights) in STATIC.items():
             for comp in (False, True):
                 if comp and args.no_compile:
                     continue
                 name = f"static{'_compiled' if comp else ''}_{label}"
                 try:
-                    show(name, *_static_rate(model, ids, new, reps, comp, weights))
+                    rate, kernel = _static(ours.to(dtype), ids, new, comp, weights)
+                    show(name, statistics.median(rate() for _ in range(reps)), kernel)
                 except (ValueError, RuntimeError) as e:  # a kernel this torch/CPU cannot run: say so, go on
                     print(f"  {name:<28} skipped: {str(e).splitlines()[0][:160]}", flush=True)
         if args.gptqmodel:
@@ -115,8 +120,31 @@ def run(args) -> int:
                  f"llama.cpp {llamacpp.version()} (the GGUF file as shipped)")
         else:
             print("  llama.cpp                    not installed (make llama-cpp builds it, ~5 min)", flush=True)
-    _ratios(rates)
+        _ratios(rates)
+        static = {k: v for k, v in rates.items() if k.startswith("static")}
+        if llamacpp.available() and static and args.rounds > 1:  # the fastest static row, built again, vs llama.cpp
+            best = max(static, key=static.get)
+            dtype, weights = STATIC[best.rsplit("_", 1)[1]]
+            ours_rate, _ = _static(ours.to(dtype), ids, new, "compiled" in best, weights)
+            head_to_head(best, ours_rate, "llama.cpp",
+                         lambda: llamacpp.request_rate(llm, ids[0].tolist(), new), args.rounds)
     return 0
+
+
+def head_to_head(name_a: str, rate_a, name_b: str, rate_b, rounds: int) -> tuple[float, float, float]:
+    """Two decoders, one request each per round (`rate_*()`: a request's tokens/s) for `rounds` rounds, the order
+    alternating so drift hits both alike: prints and returns their ratio a/b with a 95% confidence interval (Welch's
+    t on the log rates, `report.stats`)."""
+    from effllm_utils.report.stats import log_diff
+
+    a, b = [], []
+    for r in range(rounds):
+        for first in ((True, False) if r % 2 == 0 else (False, True)):
+            (a if first else b).append(rate_a() if first else rate_b())
+    ratio, lo, hi = log_diff(a, b).ratio_ci()
+    print(f"head to head, {rounds} alternating rounds: {name_a} {statistics.median(a):.1f} vs {name_b} "
+          f"{statistics.median(b):.1f} tok/s (medians): ratio {ratio:.3f}x, 95% CI [{lo:.3f}, {hi:.3f}]", flush=True)
+    return ratio, lo, hi
 
 
 def _ratios(rates: dict[str, float]) -> None:

@@ -7,8 +7,10 @@ decodes a Qwen2.5-1.5B shape at ~2% of the memory-bandwidth roofline that way). 
 - the KV cache is preallocated ([layers] x [B, kv_heads, max_len, head_dim]); the step writes the new K/V at the
   current position with `index_copy_` and attends over the whole buffer under a position mask, so every tensor has a
   fixed shape and address and the step can be `torch.compile`d and replayed as one CUDA graph per token;
-- each layer's q/k/v and gate/up projections are read as ONE weight each (the decoder holds fused copies: fewer,
-  larger matrix-vector products, which is what decides a memory-bound step's speed);
+- each layer's q/k/v and gate/up projections are read as ONE weight each: fewer, larger matrix-vector products,
+  which is what decides a memory-bound step's speed (a dense model's own q/k/v and gate/up weights become views of
+  the fused ones, so model and decoder hold one copy); the prompt runs through the same weights and kernels in one
+  pass (prefill), so an int8/int4 decoder holds no float copy of its projections;
 - the greedy choice, the next position and the token history are updated inside the step, so decoding a token is
   one graph replay with no host round trip; per-token timestamps come from CUDA events recorded after each replay
   (on CPU, from the host clock after each step), not from dividing a total;
@@ -42,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from effllm_utils.core.runtime import synchronize
-from effllm_utils.models import output_cache
 
 INT4_GROUP = 128
 KEEP_INT4_REFERENCE = False  # tests: each int4 Linear keeps its integers (`.q`) beside the packed layout
@@ -77,7 +78,8 @@ def from_hf(hf_model):
         tie_word_embeddings=c.tie_word_embeddings)
     with torch.device(next(hf_model.parameters()).device):
         ours = models.EffLLMForCausalLM(cfg).to(hf_model.dtype)
-    missing, unexpected = ours.load_state_dict(hf_model.state_dict(), strict=False)
+    # assign: the backbone takes the checkpoint's tensors themselves (no second copy of the weights)
+    missing, unexpected = ours.load_state_dict(hf_model.state_dict(), strict=False, assign=True)
     if unexpected or [k for k in missing if k != "lm_head.weight" or not c.tie_word_embeddings]:
         raise ValueError(f"{type(hf_model).__name__} does not map onto the backbone: missing {missing}, "
                          f"unexpected {unexpected}")
@@ -283,6 +285,32 @@ def _fused(*mods) -> tuple[torch.Tensor, torch.Tensor | None]:
     return w, b
 
 
+def _share(lin: "Linear", *mods) -> None:
+    """Point the modules' weights (and biases) at slices of the fused dense `lin`: the model and its decoder then
+    hold one copy of them, with the same values."""
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(lin.weight[start:start + n], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(lin.bias[start:start + n], requires_grad=False)
+        start += n
+
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
+def release_projections(model) -> None:
+    """Free a backbone's per-layer projection weights (left as meta tensors) once a `DecodeWeights` of it holds its
+    own integer weights: the decoder reads only those, the embeddings, the norms and lm_head. The backbone's own
+    forward cannot run afterwards."""
+    for layer in model.model.layers:
+        for name in PROJECTIONS:
+            mod = layer.get_submodule(name)
+            mod.weight = torch.nn.Parameter(mod.weight.to("meta"), requires_grad=False)
+
+
 def _unpack_int4(packed: torch.Tensor, dim: int) -> torch.Tensor:
     """int32 words holding 8 int4 values (lowest nibble first) -> int32 values, unpacked along `dim`."""
     shifts = torch.arange(0, 32, 4, dtype=torch.int32)
@@ -332,8 +360,9 @@ def read_gptq(path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]],
 
 def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
     """(backbone, int4_weights) of a Qwen2- or Llama-family GPTQ checkpoint: the backbone in bf16 holds the dequantized
-    weights (so the prefill computes the quantized model's function) and `int4_weights` the ints for
-    `StaticDecoder(model, ..., int4_weights=...)` / `DecodeWeights`."""
+    weights (its forward computes the quantized model's function: a reference) and `int4_weights` the ints for
+    `StaticDecoder(model, ..., int4_weights=...)` / `DecodeWeights`, whose prefill and steps read only the ints
+    (`infer.FastDecode.from_gptq` then frees the dequantized copies: `release_projections`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     floats, quant, group = read_gptq(path)
@@ -358,8 +387,8 @@ def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
 
 def from_int8(model, device: str = "cpu") -> tuple[object, dict]:
     """(backbone, int8_weights) of a Qwen2- or Llama-family model quantized by torchao's int8 weight-only
-    (`Int8Tensor` weights, per output channel, symmetric): the backbone in bf16 holds the dequantized weights (the
-    prefill computes the quantized model's function) and `int8_weights` {module: (int8 [out, in], scale [out])}, the
+    (`Int8Tensor` weights, per output channel, symmetric): the backbone in bf16 holds the dequantized weights (its
+    forward computes the quantized model's function; `FastDecode.from_int8` frees them) and `int8_weights` {module: (int8 [out, in], scale [out])}, the
     same integers, for `DecodeWeights(..., int8_weights=...)` (torch's `_weight_int8pack_mm`)."""
     from transformers import AutoModelForCausalLM
 
@@ -396,7 +425,8 @@ def from_int8(model, device: str = "cpu") -> tuple[object, dict]:
 
 class DecodeWeights:
     """The weights a decode step reads, laid out once per model and shared by the decoders of every batch size:
-    per layer the norms, one fused q/k/v and one fused gate/up weight (copies), o and down; lm_head. Dense in the
+    per layer the norms, one fused q/k/v and one fused gate/up weight, o and down; lm_head. Dense (the model's
+    q/k/v and gate/up weights are then re-pointed at slices of the fused ones: one copy in memory) in the
     model's dtype, or int4 for tinygemm — RTN-quantized here, or a GPTQ checkpoint's own ints (`int4_weights`,
     {module name: (q, scales_and_zeros)} from `from_gptq`; their group size follows from the shapes, and a GPTQ
     checkpoint's float lm_head stays float). Refuses, with the reason, a model the static step cannot run."""
@@ -446,6 +476,10 @@ class DecodeWeights:
                     gate_up=Linear(*_fused(f.gate_proj, f.up_proj), int4, group_size,
                                    q(pm + "gate_proj", pm + "up_proj"), **k),
                     down=Linear(f.down_proj.weight, None, int4, group_size, q(pm + "down_proj"), **k)))
+            if not (int4 or self.int8):  # the model's q/k/v and gate/up become views of the fused weights
+                for layer, d in zip(model.model.layers, self.layers):
+                    _share(d["qkv"], layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+                    _share(d["gate_up"], layer.mlp.gate_proj, layer.mlp.up_proj)
             quantized_head = not given or "lm_head" in given  # a GPTQ / torchao checkpoint may keep a float head
             self.lm_head = Linear(model.lm_head.weight, None, int4 and quantized_head, group_size, q("lm_head"),
                                   **(k | {"int8": self.int8 and quantized_head}))
@@ -491,28 +525,34 @@ class StaticDecoder:
             self._advance_fn = self._advance
         self.graph = None
 
-    def _forward_one(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits [B, vocab] for one token per sequence at position `pos`; writes its K/V into the cache."""
-        c, B = self.c, self.B
-        freqs = pos.float() * self.inv_freq
-        emb = torch.cat((freqs, freqs))
+    def _forward(self, tok: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] of the last of T tokens per sequence ([B, T] at `positions` [T]); writes their K/V into
+        the cache. T = 1 is the decode step; the prompt runs through it too (prefill), with the same weights and
+        kernels, so a quantized decoder needs no float copy of its weights."""
+        c, B, T = self.c, self.B, tok.shape[1]
+        freqs = positions[:, None].float() * self.inv_freq  # [T, head_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
-        mask = (self.slots <= pos)[None, None, None, :]
+        mask = (self.slots[None, :] <= positions[:, None])[None, None]  # causal over the cache: [1, 1, T, max_len]
         x = self.model.model.embed_tokens(tok)
         for i, L in enumerate(self.layers):
             q, k, v = L["qkv"](L["ln1"](x)).split(self.split, dim=-1)
-            q = q.view(B, 1, c.num_attention_heads, c.head_dim).transpose(1, 2)
-            k = k.view(B, 1, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-            v = v.view(B, 1, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+            q = q.view(B, T, c.num_attention_heads, c.head_dim).transpose(1, 2)
+            k = k.view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+            v = v.view(B, T, c.num_key_value_heads, c.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            self.k[i].index_copy_(2, pos.view(1), k)
-            self.v[i].index_copy_(2, pos.view(1), v)
+            self.k[i].index_copy_(2, positions, k)
+            self.v[i].index_copy_(2, positions, v)
             o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=mask, enable_gqa=self.gqa)
-            x = x + L["o"](o.transpose(1, 2).reshape(B, 1, -1))
+            x = x + L["o"](o.transpose(1, 2).reshape(B, T, -1))
             gate, up = L["gate_up"](L["ln2"](x)).chunk(2, dim=-1)
             x = x + L["down"](F.silu(gate) * up)
-        return self.lm_head(self.model.model.norm(x))[:, -1]
+        return self.lm_head(self.model.model.norm(x[:, -1:]))[:, -1]
+
+    def _forward_one(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits [B, vocab] for one token per sequence at position `pos` (a 0-d tensor)."""
+        return self._forward(tok, pos.view(1))
 
     def _advance(self) -> None:
         """One greedy step on the static buffers: feed tok at pos, then tok <- argmax, pos += 1, record it."""
@@ -528,14 +568,11 @@ class StaticDecoder:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt through the model once and copy its K/V into the static cache; returns the last logits."""
+        """Run the prompt through the decoder's own weights in one pass (its K/V into the static cache); returns the
+        last position's logits [B, vocab]."""
         if ids.shape[0] != self.B or ids.shape[1] >= self.max_len:
             raise ValueError(f"prompt must be [{self.B}, < {self.max_len}], got {tuple(ids.shape)}")
-        out = self.model(input_ids=ids, use_cache=True)
-        for i, layer in enumerate(output_cache(out).layers):
-            self.k[i][:, :, :ids.shape[1]].copy_(layer.keys)
-            self.v[i][:, :, :ids.shape[1]].copy_(layer.values)
-        return out.logits[:, -1]
+        return self._forward(ids.to(self.device), self.slots[:ids.shape[1]])
 
     def _capture(self) -> None:
         saved = [t.clone() for t in (*self.k, *self.v, self.tok, self.pos, self.history)]

@@ -92,7 +92,7 @@ class FastDecode:
         from effllm_utils.engine.decode import from_gptq
 
         model, q4 = from_gptq(path, device)
-        return cls(model, max_len, int4_weights=q4, **kw)
+        return cls(model, max_len, int4_weights=q4, **kw)._release()
 
     @classmethod
     def from_int8(cls, model, max_len: int, device: str, **kw) -> "FastDecode":
@@ -101,7 +101,15 @@ class FastDecode:
         from effllm_utils.engine.decode import from_int8
 
         backbone, q8 = from_int8(model, device)
-        return cls(backbone, max_len, int8_weights=q8, **kw)
+        return cls(backbone, max_len, int8_weights=q8, **kw)._release()
+
+    def _release(self) -> "FastDecode":
+        """Drop the float projection weights of this decoder's own backbone (its integers are in `prepared`):
+        what it holds is then what an int8/int4 deployment holds."""
+        from effllm_utils.engine.decode import release_projections
+
+        release_projections(self.model)
+        return self
 
     def request(self, ids: torch.Tensor, new_tokens: int) -> dict[str, Any]:
         from effllm_utils.engine.decode import StaticDecoder
@@ -229,15 +237,19 @@ def _latencies(prefill: list[float], token: list[float], e2e: list[float]) -> di
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int, device: str) -> float:
-    """exp(mean token cross-entropy) over up to `max_windows` evenly spaced, non-overlapping windows of `ids`."""
+def perplexity(model, ids: torch.Tensor, seq_len: int, max_windows: int, device: str,
+               tokens_per_forward: int = 2048) -> float:
+    """exp(mean over windows of each window's mean token cross-entropy) over up to `max_windows` evenly spaced,
+    non-overlapping windows of `ids`, several windows per forward (about `tokens_per_forward` tokens)."""
     n = min(max_windows, (len(ids) - 1) // seq_len)
     if n < 1:
         raise ValueError(f"need more than {seq_len} tokens for perplexity, got {len(ids)}")
-    starts = torch.linspace(0, len(ids) - seq_len - 1, n).long()
+    starts = torch.linspace(0, len(ids) - seq_len - 1, n).long().tolist()
+    windows = torch.stack([ids[s:s + seq_len] for s in starts])
     losses = []
-    for s in starts.tolist():
-        x = ids[s:s + seq_len][None].to(device)
+    for x in windows.split(max(1, tokens_per_forward // seq_len)):
+        x = x.to(device)
         logits = model(input_ids=x, use_cache=False).logits.float()
-        losses.append(torch.nn.functional.cross_entropy(logits[0, :-1], x[0, 1:]).item())
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        losses.extend(nll.view(len(x), -1).mean(1).tolist())
     return float(np.exp(np.mean(losses)))

@@ -43,16 +43,18 @@ def greedy_stamps(llm, prompt: list[int], new_tokens: int) -> tuple[list[int], l
     return out, stamps
 
 
+def request_rate(llm, prompt: list[int], new_tokens: int) -> float:
+    """One request's decode tokens/s (the prefill excluded)."""
+    _, stamps = greedy_stamps(llm, prompt, new_tokens)
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
 def decode_rate(llm, prompt: list[int], new_tokens: int, repeats: int = 3) -> float:
     """Median decode tokens/s over `repeats` requests (one warm-up first)."""
     import statistics
 
     greedy_stamps(llm, prompt, min(new_tokens, 8))
-    rates = []
-    for _ in range(repeats):
-        _, stamps = greedy_stamps(llm, prompt, new_tokens)
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates)
+    return statistics.median(request_rate(llm, prompt, new_tokens) for _ in range(repeats))
 
 
 def version() -> str:

@@ -71,17 +71,7 @@ def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: 
         before.save_pretrained(out)
         model = AutoModelForCausalLM.from_pretrained(out)
     else:
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
-        from gptqmodel import GPTQModel, QuantizeConfig
-        from gptqmodel.quantization.config import WeightOnlyConfig
-
-        kw = {"weight_only": WeightOnlyConfig(method="rtn")} if precision == "int4_rtn" else {}
-        qdev = "cpu" if device == "cpu" else device
-        qm = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=P["group_size"], **kw), device=qdev)
-        calib = calibration_texts(tok, P["calibration_samples"], P["calibration_len"])
-        qm.quantize(calib if precision == "int4_gptq" else None, batch_size=4)
-        qm.save(str(out))
-        model = GPTQModel.load(str(out), device=qdev).model
+        model = _gptqmodel_int4(precision, src, tok, P, device, out)
         expected = None  # GPTQModel packs the weights on save: the reloaded model is the first runnable one
     model = model.to(device).eval()
     got = logits(model)
@@ -94,6 +84,45 @@ def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: 
                            f"(max |logit difference| {diff:.3g})")
     return model, {"disk_bytes": disk_bytes(out), "memory_bytes": memory_bytes(model), "path": str(out),
                    "reload_max_abs_diff": diff}
+
+
+def _gptqmodel_int4(precision: str, src: Path, tok, P: dict[str, Any], device: str, out: Path):
+    """GPTQModel's 4-bit GPTQ (calibrated on the training split) or RTN of `src`, saved to `out` and reloaded.
+    GPTQModel's per-module INFO tables are held back (its progress bars stay): thousands of lines per model."""
+    import logging
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(min(2, os.cpu_count() or 1)))
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel.quantization.config import WeightOnlyConfig
+
+    kw = {"weight_only": WeightOnlyConfig(method="rtn")} if precision == "int4_rtn" else {}
+    cpu = device == "cpu"
+    # on CPU the calibration forwards run in fp32 (GPTQModel's default bf16 is slow without AVX-512-BF16) and
+    # finished layers stay in memory (no disk offload): SmolLM2-135M's GPTQ took 240 s, 82 s so
+    log = logging.getLogger("logbar")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        qm = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=P["group_size"], **kw,
+                                                     **({"offload_to_disk": False} if cpu else {})),
+                            device=device, **({"dtype": torch.float32} if cpu else {}))
+        calib = calibration_texts(tok, P["calibration_samples"], P["calibration_len"])
+        qm.quantize(calib if precision == "int4_gptq" else None, batch_size=4)
+        if cpu:  # store the unquantized tensors (embeddings, norms) in bf16, as a bf16 load would have
+            _floats_to_bf16(qm.model)
+        qm.save(str(out))
+        return GPTQModel.load(str(out), device=device).model
+    finally:
+        log.setLevel(level)
+
+
+def _floats_to_bf16(model) -> None:
+    """Cast a quantized model's fp32 parameters (embeddings, norms, a float head) to bf16 and say so in its config;
+    the packed int4 tensors and their fp16 scales are buffers and stay as they are."""
+    for p in model.parameters():
+        if p.dtype == torch.float32:
+            p.data = p.data.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
 
 
 # The metric read from each lm-eval task, first match wins (the paper's six leaderboard tasks use these).
