@@ -198,3 +198,31 @@ def test_with_none_of_the_claims_techniques_every_group_says_so(outputs):
     rows = rows[rows["id"] == "dit_gqa_mqa_beat_mha_fid"]
     assert list(rows["group"]) == ["tiny-ft"] and rows["verdict"].iloc[0] == UNTESTABLE
     assert "needs mqa and mha" in rows["evidence"].iloc[0]
+
+
+def test_power_claims_report_energy_per_token_and_flag_a_reversal():
+    """The H100 records' case (issue 25): NSA drew less power (549 vs 659 W) but spent more energy per token
+    (2.00 vs 1.32 mJ): the power verdict stands as the paper states it, J/token beside it, the reversal flagged."""
+    from effllm_utils.report.webpage import _energy_warning
+
+    recs = [_rec(t, 100.0, s, aec_w=w * (1 + 0.004 * s), j_per_token=j * (1 - 0.004 * s))
+            for t, w, j in (("nsa", 549.0, 2.00e-3), ("gqa", 659.0, 1.32e-3)) for s in range(3)]
+    claim = {"id": "nsa_lowest_power", "claim": "c", "source": "s", "study": "attention",
+             "tests": [{"kind": "less", "a": "nsa", "b": "gqa", "metric": "aec_w"}]}
+    row = claims.evaluate_group(claim, recs, (), "tiny")
+    assert row["verdict"] == REPRODUCED
+    assert row[claims.ENERGY_COLUMN].startswith("J/token: contradicted (j_per_token nsa/gqa 1.5")
+    assert row[claims.ENERGY_COLUMN].endswith(claims.DISAGREE)
+    agree = [_rec(r.technique, 100.0, int(r.params["seed"]), aec_w=r.metrics["aec_w"],
+                  j_per_token=r.metrics["j_per_token"] * (0.5 if r.technique == "nsa" else 1.0)) for r in recs]
+    both = claims.evaluate_group(claim, agree, (), "tiny")
+    assert both[claims.ENERGY_COLUMN].startswith("J/token: reproduced") and claims.DISAGREE not in both[
+        claims.ENERGY_COLUMN]
+    ppl_claim = claims.evaluate_group(claims.load_claims()[1], recs, (), "tiny")
+    assert ppl_claim[claims.ENERGY_COLUMN] == ""  # only power claims carry it
+    import pandas as pd
+
+    table = pd.DataFrame([{"id": "nsa_lowest_power", "group": "s"} | row, {"id": "x", "group": "s"} | both])
+    flag = _energy_warning(table)
+    assert "Power and energy per token disagree" in flag and "nsa_lowest_power [s]: reproduced on power" in flag
+    assert "<li>x" not in flag and _energy_warning(table.iloc[1:]) == ""

@@ -9,7 +9,7 @@ from effllm_utils.studies import pretraining
 
 DIMS = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 64, "max_position_embeddings": 64, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-        "qk_rope_head_dim": 4, "v_head_dim": 8, "nsa_block_size": 8, "nsa_num_selected": 2, "nsa_window": 16}
+        "qk_rope_head_dim": 4, "v_head_dim": 8, "nsa_block_size": 8, "nsa_num_selected": 2, "nsa_window": 8}
 P = dict(device="auto", scales={"micro": DIMS}, vocab_size=512, dataset="embedded", tokenizer="embedded",
          train_tokens=0, steps=4, batch_size=4, grad_accum=1, seq_len=32, lr=0.003, warmup_steps=1, eval_every=1000,
          eval_batches=1, precision="auto", compile=False, seed=0, save_checkpoints=True)
@@ -30,7 +30,10 @@ def test_build_model_backbone_and_baseline():
     assert fpt == metrics.training_flops_per_token(model.config.shape(), 32)
     backbone, _, _ = techniques.build_model(DIMS, 512, {}, context=32)
     mamba, fpt, kv = techniques.build_model(DIMS, 512, {"baseline": "mamba"}, context=32)
-    assert type(mamba).__name__ == "MambaForCausalLM" and fpt is None and kv is None
+    from effllm_utils.models import baselines
+
+    assert type(mamba).__name__ == "MambaForCausalLM" and kv is None
+    assert fpt == 3 * baselines.forward_flops_per_token(mamba, "mamba", 32)  # the one FLOP convention
     assert abs(mamba.num_parameters() - backbone.num_parameters()) <= 0.1 * backbone.num_parameters()
     with pytest.raises(ValueError, match="unknown baseline family 'lstm'"):
         techniques.build_model(DIMS, 512, {"baseline": "lstm"}, context=32)
@@ -89,12 +92,15 @@ def test_run_study_records_tables_figures_and_skips(outputs):
     assert recs[3].artifacts["selective_scan"].startswith("effllm CPU") and "selective_scan" not in recs[2].artifacts
     gqa = recs[0]
     assert gqa.scale == "micro" and gqa.metrics["kv_bytes_per_token"] == 2 * 2 * 2 * 8 * 2
+    assert gqa.metrics["tokens_seen"] == 4 * 4 * 32  # the budget: steps x batch x seq_len, per parameter beside it
+    assert gqa.metrics["tokens_per_param"] == pytest.approx(512 / gqa.metrics["params"])
     assert gqa.quality["ppl"] > 1 and len(gqa.artifacts["loss_curve"]) == 4
     assert "pcu" in gqa.metrics or "no peak" in gqa.artifacts["peak_flops_source"]
-    assert recs[2].artifacts["flops_per_token_source"].startswith("6 x parameters")
+    assert recs[2].artifacts["flops_per_token_source"].startswith("analytic, baseline convention")
     assert (outputs / "tiny" / "checkpoints" / "attention" / "micro-gqa" / "model.safetensors").is_file()
     table = views.pretraining_table("tiny", "attention")
     assert list(table["technique"]) == ["gqa", "mamba", "nsa", "rwkv"] and "AMU (GB)" in table and "PPL" in table
+    assert list(table["tokens seen (tokens)"]) == [512] * 4 and "tokens/param" in table
     paths = {p.name for p in views.pretraining_figures("tiny", "attention")}
     assert {"attention.csv", "attention.md", "attention.tex", "attention_micro.pdf", "attention_micro.png",
             "attention_micro.svg"} <= paths
@@ -141,3 +147,35 @@ def test_tables_escape_what_would_break_markdown_and_latex(outputs):
     assert r"ppl: a 1 \| amu: a 2" in md and "nan" not in md.lower()
     assert r"moe\_8x" in tex and r"MFU (\%)" in tex and "--" in tex and "NaN" not in tex
     assert "moe_8x,41.5,ppl: a 1 | amu: a 2" in csv  # the CSV keeps the values as they are
+
+
+def test_an_nsa_that_covers_its_context_is_refused_and_the_profiles_are_sparse():
+    old_gpu = {"attention": "nsa", "nsa_block_size": 64, "nsa_num_selected": 16, "nsa_window": 512}
+    with pytest.raises(ValueError, match=r"techniques\['nsa'\]: NSA's 16 selected blocks x 64 tokens \+ a 512-token "
+                                         r"window cover the 1024-token context, so it would be dense attention"):
+        techniques.check_specs(P | {"seq_len": 1024, "techniques": {"nsa": old_gpu}})
+    with pytest.raises(ValueError, match=r"match_params must be true \(solve the width\), ffn"):
+        techniques.check_specs(P | {"techniques": {"x": {"match_params": "depth"}}})
+    from effllm_utils.core import params
+
+    for profile in ("tiny", "small", "gpu", "paper"):  # every profile's attention study passes the check
+        techniques.check_specs(params.effective("attention", params.study_params("attention", profile)))
+
+
+def test_attention_variants_hold_gqas_non_embedding_parameters_and_mha_is_a_row():
+    from effllm_utils.core import params
+
+    Q = params.effective("attention", params.study_params("attention", "tiny"))
+    assert set(Q["techniques"]) == {"mha", "mqa", "gqa", "mla", "nsa"}
+    dims = techniques.scales(Q)["tiny"]
+    base = techniques.non_embedding_params(techniques._base_config(dims, Q["vocab_size"], {}))
+    counts = {}
+    for name, spec in Q["techniques"].items():
+        model, _, _ = techniques.build_model(dims, Q["vocab_size"], spec, Q["seq_len"])
+        counts[name] = sum(p.numel() for k, p in model.named_parameters()
+                           if "embed_tokens" not in k and "lm_head" not in k)
+        assert model.config.hidden_size == dims["hidden_size"] and model.config.attention == name
+        assert abs(counts[name] - base) / base < 0.01, (name, counts[name], base)
+    unmatched, _, _ = techniques.build_model(dims, Q["vocab_size"], {"attention": "mla"}, Q["seq_len"])
+    assert unmatched.config.intermediate_size > techniques.build_model(
+        dims, Q["vocab_size"], Q["techniques"]["mla"], Q["seq_len"])[0].config.intermediate_size  # MLA gave up FFN

@@ -337,7 +337,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_case(case: str, dims: dict, args):
-    """(model, training FLOPs per token or None for 6 x parameters, active matmul parameters) of a train-mode case,
+    """(model, training FLOPs per token, active matmul parameters) of a train-mode case,
     or None for an unknown case."""
     from effllm_utils import models
     from effllm_utils.measure import metrics
@@ -359,11 +359,11 @@ def _train_case(case: str, dims: dict, args):
         return made(models.EffLLMConfig(**dims, attention="gqa", ffn="moe", num_local_experts=8,
                                         num_experts_per_tok=2))
     if case in ("mamba", "mamba_library"):  # the attention_free baseline: effllm's CPU scan / the library's
-        from effllm_utils.models.baselines import build_baseline
+        from effllm_utils.models.baselines import build_baseline, forward_flops_per_token
 
         target = models.EffLLMForCausalLM(dense_cfg).num_parameters()
         model = build_baseline("mamba", target, dims["num_hidden_layers"], dims["vocab_size"], args.seq)
-        return model, None, model.num_parameters()  # train() counts 6 x parameters, as the study does
+        return model, 3.0 * forward_flops_per_token(model, "mamba", args.seq), model.num_parameters()  # as the study
     if case.startswith("effllm_nsa"):  # the attention study's gpu NSA settings; _ref: the dense-mask kernel
         return made(models.EffLLMConfig(**dims, attention="nsa", nsa_block_size=64, nsa_num_selected=16,
                                         nsa_window=512, nsa_kernel="reference" if "_ref" in case else "auto"))

@@ -16,7 +16,7 @@ GroupBy = tuple  # record params that split an experiment, e.g. ("dataset",)
 
 
 def _newest(records: list[RunRecord], group_by: GroupBy) -> dict[tuple, RunRecord]:
-    """{experiment: its newest record}."""
+    """{experiment: its newest record} (started_at to the microsecond: a re-run in the same second is newer)."""
     newest: dict[tuple, RunRecord] = {}
     for r in records:
         k = experiment(r, group_by)

@@ -222,7 +222,7 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
         return rec
     rec = RunRecord(run_id=run_id, study=study, technique=technique, profile=profile, scale=scale,
                     params=params, environment=environment(), code_version=code_version(study),
-                    started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                    started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
     t0 = time.perf_counter()
     try:
         release_memory()  # what the previous run left is not this run's memory

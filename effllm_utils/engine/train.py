@@ -293,8 +293,10 @@ def _metrics(loop: _Loop, telem: dict, flops_per_token: float | None, peak_flops
     seconds = sum(timed)
     tokens = cfg.batch_size * cfg.grad_accum * cfg.seq_len * len(timed)
     fpt = flops_per_token if flops_per_token is not None else 6.0 * loop.n_params
+    budget = cfg.batch_size * cfg.grad_accum * cfg.seq_len * cfg.steps  # every step, the untimed ones too
     m = {
         "params": loop.n_params, "trainable_params": loop.n_trainable,
+        "tokens_seen": budget, "tokens_per_param": budget / loop.n_params,
         **metrics.latency(timed), "tokens_per_s": tokens / seconds, "tt": metrics.tt(tokens, loop.n_params, seconds),
         "samples_per_s": cfg.batch_size * cfg.grad_accum * len(timed) / seconds,
         "flops_per_token": fpt, "amu_gb": telem["amu_gb"], "amu_frac": telem["amu_frac"],

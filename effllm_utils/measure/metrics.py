@@ -102,8 +102,20 @@ METRICS: dict[str, Metric] = {m.key: m for m in [
     Metric("kv_bytes_per_token", "B/token", "lower", "—", "KV-cache bytes stored per token (all layers).",
            name="KV cache"),
     Metric("flops_per_token", "FLOP/token", None, "—",
-           "Analytic FLOPs per token a run counts for PCU/MFU (training runs: forward + backward).", name="FLOPs"),
+           "Analytic FLOPs per token a run counts for PCU/MFU (training runs: forward + backward = 3 x forward). One "
+           "convention for every model family: 2 x the matmul weights a token passes through (linear and "
+           "convolution weights; embeddings excluded, the LM head included; MoE: the active experts) plus the "
+           "family's sequence mixing per layer: attention 2 x heads x (qk + v head dims) x context (PaLM; NSA: its "
+           "selected context), Mamba's selective scan 8 x d_inner x d_state, RWKV's WKV recurrence 25 x channels; "
+           "elementwise work (norms, activations, gates) is not counted in any family "
+           "(metrics.forward_flops_per_token, baselines.forward_flops_per_token).", name="FLOPs"),
     Metric("params", "1", None, "—", "Parameter count.", name="params"),
+    Metric("tokens_seen", "tokens", None, "—",
+           "The training budget: tokens the run trained on (steps x batch x accumulation x sequence length).",
+           name="tokens seen"),
+    Metric("tokens_per_param", "1", None, "—",
+           "tokens_seen / params: the budget relative to the model (compute-optimal is ~20, Hoffmann et al. 2022).",
+           name="tokens/param"),
     Metric("trainable_params", "1", None, "—", "Parameters the optimizer updates.", name="trainable params"),
     Metric("train_loss", "nats/token", "lower", "—", "Mean training loss over the last 5 steps.", name="train loss"),
     Metric("prefill_s", "s", "lower", "—", "Seconds to process the prompt of one request.", name="prefill"),
@@ -326,7 +338,11 @@ def attention_matmul_params(s: TransformerShape) -> int:
             + s.kv_lora_rank * s.n_heads * (s.qk_nope_head_dim + s.v_head_dim)
         return q + kv + s.n_heads * s.v_head_dim * s.d_model
     hd = s.hd
-    return s.d_model * s.n_heads * hd * 2 + s.d_model * s.kv_heads * hd * 2  # q, o ; k, v
+    qkvo = s.d_model * s.n_heads * hd * 2 + s.d_model * s.kv_heads * hd * 2  # q, o ; k, v
+    if s.attention == "nsa":  # + the branch gate (d -> 3 x heads) and the K/V block compressions: a (block x hd)
+        # -> hd map per block and KV head is hd^2 multiply-adds per token and KV head, for K and for V
+        return qkvo + 3 * s.n_heads * s.d_model + 2 * s.kv_heads * hd * hd
+    return qkvo
 
 
 def ffn_matmul_params_active(s: TransformerShape) -> int:
@@ -352,8 +368,10 @@ def forward_flops_per_token(s: TransformerShape, seq_len: int) -> float:
     ctx = seq_len
     if s.attended_tokens is not None:
         ctx = min(s.attended_tokens, seq_len)
-    elif s.attention == "nsa":
-        ctx = min(seq_len, seq_len / s.nsa_block + (s.nsa_selected + 2) * s.nsa_block + s.nsa_window)
+    elif s.attention == "nsa":  # three branches, each over its own keys: compressed blocks, selected blocks (+ the
+        # first and the current), the window; a context they cover costs more than dense attention
+        ctx = (min(seq_len, seq_len / s.nsa_block) + min(seq_len, (s.nsa_selected + 2) * s.nsa_block)
+               + min(seq_len, s.nsa_window))
     attn = 2 * s.n_layers * s.n_heads * (qk + v) * ctx
     return float(matmul + attn)
 

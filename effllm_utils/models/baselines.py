@@ -52,6 +52,32 @@ _CLASSES = {"mamba": MambaForCausalLM, "rwkv": RwkvForCausalLM, "pythia": GPTNeo
 _CONFIGS = {"mamba": MambaConfig, "rwkv": RwkvConfig, "pythia": GPTNeoXConfig}
 
 
+# Sequence-mixing FLOPs per token and layer beyond the weight matmuls, counted as transformers' reference code runs
+# them (exp and max count one each): Mamba's selective scan per state element (d_inner x d_state): dt*A, exp, dt*B,
+# *x, the state update (mul + add) and the readout by C (mul + add) = 8; RWKV's WKV per channel: the output
+# (k + u, max, two exps with their shifts, two mul-adds, a mul-add, a division: 13) and the state update (12) = 25;
+# Pythia's attention as the backbone's (PaLM): QK^T and AV, 2 FLOPs per multiply-add, each query over the context.
+SCAN_FLOPS_PER_STATE = 8
+WKV_FLOPS_PER_CHANNEL = 25
+
+
+def forward_flops_per_token(model, family: str, context: int) -> float:
+    """Forward FLOPs per token of a baseline under the suite's one convention (metrics.METRICS["flops_per_token"]):
+    2 x the linear and convolution weights a token passes through (embeddings excluded, the LM head included) plus
+    the family's sequence mixing per layer (see SCAN_FLOPS_PER_STATE, WKV_FLOPS_PER_CHANNEL)."""
+    c = model.config
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)))
+    if family == "mamba":
+        mix = SCAN_FLOPS_PER_STATE * c.intermediate_size * c.state_size
+    elif family == "rwkv":
+        mix = WKV_FLOPS_PER_CHANNEL * c.attention_hidden_size
+    elif family == "pythia":
+        mix = 2 * 2 * c.hidden_size * context  # heads x (qk + v head dims) = 2 x hidden
+    else:
+        raise ValueError(f"unknown baseline family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return float(2 * weights + c.num_hidden_layers * mix)
+
+
 def count_params(family: str, hidden: int, n_layers: int, vocab_size: int, context: int,
                  overrides: dict | None = None) -> int:
     """Parameter count without allocating weights (built on the meta device)."""

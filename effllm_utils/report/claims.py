@@ -361,6 +361,25 @@ def stable_ranking(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> str 
     return f"ranking unstable: training loss at 50% of the budget {half}, at 100% {end}"
 
 
+def _values(by_tech: dict[str, list[runs.RunRecord]], metric: str) -> dict[str, list[float] | None]:
+    return {tech: [v for r in rs if (v := _metric(r, metric)) is not None] or None for tech, rs in by_tech.items()}
+
+
+ENERGY_COLUMN = "energy per token"
+DISAGREE = "power and energy per token disagree"
+
+
+def _per_token(test: dict, power: Outcome, by_tech: dict[str, list[runs.RunRecord]]) -> str:
+    """A power (aec_w) comparison made again on J/token: average power rewards slow kernels (a technique drawing
+    fewer watts for longer can spend more energy per token), so every power claim reports both, and says where
+    their decisive verdicts point opposite ways."""
+    verdict, _, out = run_test(dict(test, metric="j_per_token"), _values(by_tech, "j_per_token"))
+    text = f"J/token: {verdict}" + (f" ({out.effect})" if out.effect else "")
+    if {verdict, power.verdict} == {REPRODUCED, CONTRADICTED}:
+        text += f" — {DISAGREE}"
+    return text
+
+
 def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str, ...], profile: str,
                    alpha: float = ALPHA) -> dict:
     """One row of the claims table: the claim's verdict on one group of records, with effect and evidence level."""
@@ -373,16 +392,17 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
         level += (f"; the paper's claim: {float(paper['params']) / 1e9:.3g}B params, "
                   f"{float(paper['tokens']) / 1e9:.3g}B tokens ({float(paper['tokens']) / float(paper['params']):.2g} "
                   "tok/param)")
-    row = {"evidence level": level}
+    row = {"evidence level": level, ENERGY_COLUMN: ""}
     if reason:
         return row | {"verdict": UNTESTABLE, "effect": "", "evidence": reason}
-    outcomes, notes = [], []
+    outcomes, notes, per_token = [], [], []
     for t in claim["tests"]:
-        values = {tech: [v for r in rs if (v := _metric(r, t["metric"])) is not None] or None
-                  for tech, rs in by_tech.items()}
-        _, evidence, out = run_test(t, values)
+        _, evidence, out = run_test(t, _values(by_tech, t["metric"]))
         outcomes.append(out)
         notes.append(evidence)
+        if t["metric"] == "aec_w":
+            per_token.append(_per_token(t, out, by_tech))
+    row[ENERGY_COLUMN] = " | ".join(per_token)
     verdict = decide(outcomes, alpha)
     if verdict in (REPRODUCED, CONTRADICTED):
         unstable = [why for t in claim["tests"] if (why := stable_ranking(t, by_tech))]
@@ -410,7 +430,7 @@ def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPH
                 "paper's own numbers": paper_verdict, "paper evidence": paper_evidence}
         if not recs:
             rows.append(base | {"group": "", "verdict": UNTESTABLE, "effect": "", "evidence level": "",
-                                "evidence": f"no {c['study']} records yet"})
+                                "evidence": f"no {c['study']} records yet", ENERGY_COLUMN: ""})
             continue
         group_by = registry.get(c["study"]).group_by
         groups = _groups(recs, group_by)
@@ -420,7 +440,7 @@ def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPH
         for group, grecs in groups.items():
             rows.append(base | {"group": group} | evaluate_group(c, grecs, group_by, profile, alpha))
     cols = ["id", "claim", "source", "study", "profile", "group", "verdict", "effect", "evidence level", "evidence",
-            "paper's own numbers", "paper evidence"]
+            ENERGY_COLUMN, "paper's own numbers", "paper evidence"]
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -38,8 +38,9 @@ def columns(keys: tuple[str, ...], per: dict[str, str] | None = None, **names: s
 STRUCTURE = {"technique": "technique", "scale": "scale", "runs": "runs", "param.dataset": "dataset", "task": "task",
              "latency_batch": "latency at batch", "decode": "decode path"}
 RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
-PRETRAIN_COLUMNS = columns(("technique", "scale", "runs", "params", "ppl", "ppl_se", "amu_gb", "al_s", "tt",
-                            "tokens_per_s", "aec_w", "pcu", "mfu_pct", "flops_per_token", "kv_bytes_per_token"),
+PRETRAIN_COLUMNS = columns(("technique", "scale", "runs", "params", "tokens_seen", "tokens_per_param", "ppl", "ppl_se", "amu_gb", "al_s", "tt",
+                            "tokens_per_s", "aec_w", "j_per_token", "pcu", "mfu_pct", "flops_per_token",
+                            "kv_bytes_per_token"),
                            per={"al_s": "iter"})
 
 
@@ -57,6 +58,16 @@ def pretraining_table(profile: str, study: str, records: list | None = None):
     df = pd.DataFrame(aggregate.table_rows(recs, ("ppl",)))
     cols = [c for c in PRETRAIN_COLUMNS if c in df]
     return df[cols].rename(columns=PRETRAIN_COLUMNS).sort_values(["scale", "technique"]).reset_index(drop=True)
+
+
+def budget(recs) -> str:
+    """The training budget of a figure's runs for its title: "\n0.0819M tokens (0.046 tokens/param)" (the largest
+    budget and the smallest ratio where the runs differ), or "" for records without one."""
+    seen = [r.metrics.get("tokens_seen") for r in recs]
+    ratio = [r.metrics.get("tokens_per_param") for r in recs]
+    if any(v is None for v in seen + ratio):
+        return ""
+    return f"\n{max(seen) / 1e6:.3g}M tokens ({min(ratio):.2g} tokens/param)"
 
 
 def pretraining_figures(profile: str, study: str) -> list[Path]:
@@ -79,8 +90,8 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
         fig = plt.figure(figsize=(10, 4), layout="constrained")
         ax = fig.add_subplot(1, 2, 1, projection="polar")
         plotting.radar(ax, rows, keys)
-        ax.set_title(f"{study} — {scale} (1 = best)" + (f"\nnot measured here: {', '.join(left_out)}"
-                                                       if left_out else ""), fontsize=9)
+        ax.set_title(f"{study} — {scale} (1 = best){budget(rs)}" + (f"\nnot measured here: {', '.join(left_out)}"
+                                                                  if left_out else ""), fontsize=9)
         ax2 = fig.add_subplot(1, 2, 2)
         for r in rs:
             curve, n = r.artifacts["loss_curve"], aggregate.n_runs(r)
@@ -97,8 +108,8 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
 
 FT_NAMES = {"scale": "model", "technique": "method", "loss": "eval loss"}  # the fine-tuning tables' words
 PEFT_COLUMNS = columns(("scale", "param.dataset", "technique", "runs", "train_loss", "loss", "loss_se",
-                        "trainable_params", "amu_gb", "peak_mem_gb", "pcu", "al_s", "st", "aec_w", "energy_j",
-                        "efficiency_score"), per={"al_s": "iter"}, **FT_NAMES)
+                        "trainable_params", "amu_gb", "peak_mem_gb", "pcu", "al_s", "st", "aec_w", "j_per_token",
+                        "energy_j", "efficiency_score"), per={"al_s": "iter"}, **FT_NAMES)
 # table column -> record key for the fine-tuning radar charts (peft and vlm)
 RADAR_COLUMNS = {PEFT_COLUMNS[k]: k for k in ("loss", "amu_gb", "al_s", "st", "aec_w", "pcu")}
 SCORE_KEYS = ("amu_gb", "pcu", "al_s", "st", "aec_w")
@@ -254,15 +265,15 @@ def lvm_tables(profile: str) -> dict:
     fid = "digits-FID" if all(r.artifacts.get("fid_features", "digits").startswith("digits") for r in recs) \
         else "FID (Inception)"
     columns_ = columns(("technique", "scale", "runs", "fid", "fid_se", "fid_real_vs_real", "loss", "amu_gb", "al_s",
-                        "tt", "aec_w", "pcu"), per={"al_s": "iter"}, fid=fid, loss="loss")
+                        "tt", "aec_w", "j_per_token", "pcu"), per={"al_s": "iter"}, fid=fid, loss="loss")
     if pre:
         out["lvm"] = aggregate.select_columns(pd.DataFrame(aggregate.table_rows(pre, ("fid",))), columns_)
     if ft:
         order = {m: i for i, m in enumerate(METHODS)}
         ft.sort(key=lambda r: (r.scale, order.get(r.technique, 99)))
         columns_ = columns(("technique", "scale", "task", "runs", "loss", "fid", "fid_se", "fid_before",
-                            "fid_real_vs_real", "trainable_params", "amu_gb", "al_s", "st", "aec_w", "pcu",
-                            "efficiency_score"), per={"al_s": "iter"}, technique="method", fid=fid, loss="loss")
+                            "fid_real_vs_real", "trainable_params", "amu_gb", "al_s", "st", "aec_w", "j_per_token",
+                            "pcu", "efficiency_score"), per={"al_s": "iter"}, technique="method", fid=fid, loss="loss")
         rows = [row | {"task": r.artifacts.get("task")} for r, row in zip(ft, aggregate.table_rows(ft, ("fid",)))]
         out["lvm_peft"] = aggregate.select_columns(with_efficiency_score(pd.DataFrame(rows), "scale"), columns_)
     return out
@@ -303,7 +314,8 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
 # -- tables and figures (records only) -----------------------------------------------------------------------------
 
 VLM_COLUMNS = columns(("scale", "technique", "runs", "loss", "loss_se", "frozen_head_floor", "digit_acc",
-                       "trainable_params", "amu_gb", "al_s", "st", "aec_w", "pcu", "efficiency_score"),
+                       "trainable_params", "amu_gb", "al_s", "st", "aec_w", "j_per_token", "pcu",
+                       "efficiency_score"),
                       per={"al_s": "iter"}, **FT_NAMES)
 
 

@@ -98,7 +98,7 @@ def build_report(profile: str, alpha: float = 0.05) -> Path:
         if pareto:
             toc.append(("pareto", "Pareto fronts"))
             sections.append('<h2 id="pareto">Pareto fronts across studies</h2>' + "".join(map(figure, pareto)))
-        warning = _warnings(profile, studies)
+        warning = _warnings(profile, studies) + _energy_warning(made["claims"])
         header = (f"<h1>effllm report — profile <code>{profile}</code></h1>"
                   f'<p class="caption">effllm {__version__}, git {html.escape(str(env.get("git_sha")))}'
                   f'{" (dirty)" if env.get("git_dirty") else ""}, built '
@@ -112,6 +112,20 @@ def build_report(profile: str, alpha: float = 0.05) -> Path:
                 "</body></html>\n")
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _energy_warning(checked) -> str:
+    """A flag for every claim on average power whose verdict J/token reverses (`claims.DISAGREE`)."""
+    from effllm_utils.report.claims import DISAGREE, ENERGY_COLUMN
+
+    rows = checked[checked[ENERGY_COLUMN].astype(str).str.contains(DISAGREE, regex=False)]
+    if rows.empty:
+        return ""
+    return ('<div class="warn"><b>Power and energy per token disagree</b>: average power rewards slow kernels; '
+            "these power claims come out the other way in J/token (see the claims check).<ul>"
+            + "".join(f"<li>{html.escape(str(r['id']))} [{html.escape(str(r['group']))}]: {html.escape(str(r['verdict']))}"
+                      f" on power; {html.escape(str(r[ENERGY_COLUMN]))}</li>" for _, r in rows.iterrows())
+            + "</ul></div>")
 
 
 def _warnings(profile: str, studies: list[str]) -> str:

@@ -66,8 +66,9 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                                checkpoint_dir=ckpt if P["save_checkpoints"] else None)
                 result["metrics"]["kv_bytes_per_token"] = kv
                 result["artifacts"]["peak_flops_source"] = peak_source
-                result["artifacts"]["flops_per_token_source"] = "analytic (effllm_utils.measure.metrics)" if fpt \
-                    else "6 x parameters (transformers baseline)"
+                result["artifacts"]["flops_per_token_source"] = (
+                    "analytic, baseline convention (effllm_utils.models.baselines.forward_flops_per_token)"
+                    if spec.get("baseline") else "analytic (effllm_utils.measure.metrics.forward_flops_per_token)")
                 result["artifacts"]["model_config"] = model.config.to_dict()
                 if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
                     from effllm_utils.models.mamba_scan import scan_in_use
