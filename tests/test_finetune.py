@@ -234,3 +234,14 @@ def test_the_shipped_model_specs_pass_and_a_bad_one_stops_the_study(outputs):
     with pytest.raises(ValueError, match="unknown suite-model key 'pretrain_step'"):
         quantization.run_study("quantization", "tiny", P | {"models": bad})
     assert not (outputs / "tiny" / "checkpoints").exists()  # nothing was pretrained
+
+
+def test_adapter_methods_hold_their_frozen_base_in_bf16_on_gpu_only():
+    import torch
+
+    from effllm_utils.studies.finetuning import weights_dtype
+
+    for method in ("lora", "lora_plus", "rslora", "dora", "pissa"):
+        assert weights_dtype(method, "cuda", "auto") == torch.bfloat16 == weights_dtype(method, "cuda:1", "bf16")
+        assert weights_dtype(method, "cpu", "auto") == torch.float32 == weights_dtype(method, "cuda", "fp32")
+    assert weights_dtype("full", "cuda", "auto") == weights_dtype("freeze", "cuda", "bf16") == torch.float32

@@ -272,6 +272,7 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
     src, tok = checkpoint
     Q = dict(device="cpu", precisions=["bf16", "int8"], models={"local-qwen2": {"source": str(src)}}, vocab_size=1024,
              seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8, calibration_len=64,
+             calibration_data="embedded", one_at_a_time=True,
              prompt_len=16, new_tokens=4, decode="static", batch_sizes=[1, 2], min_time_s=0.0, min_requests=2,
              ppl_seq_len=64, ppl_windows=4, tasks=[], task_limit=0, task_include_path="", seed=0)
     recs = quantization.run_study("quantization", "gpu", Q)
@@ -281,6 +282,8 @@ def test_gpu_profile_path_on_a_local_checkpoint(checkpoint, outputs):
     # a Hub model's perplexity: the shipped held-out text in the model's own tokenizer (tasks give the score)
     assert 1 < bf16.quality["ppl"] < 1e4 and int8.quality["ppl"] == pytest.approx(bf16.quality["ppl"], rel=0.05)
     assert bf16.metrics["decode_token_p50_s"] > 0 and set(bf16.metrics) >= {"it", "al_s", "prefill_s", "memory_bytes"}
+    assert bf16.artifacts["resident"] == "one at a time"  # the gpu/paper way: each built, measured, freed
+    assert bf16.artifacts["base"]["calibration"].startswith("embedded training split")
     for r in recs:  # each precision's own memory, not the process holding both
         assert r.artifacts["amu_method"] == "held_bytes_plus_request_growth"
         assert r.metrics["amu_gb"] >= r.metrics["held_gb"] > 0 and "amu_method" not in r.metrics
@@ -326,3 +329,25 @@ def test_gptq_checkpoint_read_without_gptq_kernels_matches_gptqmodel(checkpoint,
     cfg.write_text(cfg.read_text().replace('"desc_act": false', '"desc_act": true'))
     with pytest.raises(ValueError, match="only 4-bit GPTQ without act-order maps onto tinygemm"):
         decode.read_gptq(info["path"])
+
+
+def test_calibration_text_from_a_dataset_or_the_shipped_text_declared(checkpoint, monkeypatch):
+    """GPTQ's calibration windows: in-distribution text from a Hub dataset where reachable (the token cache's
+    windows, decoded), else the shipped training split, with the reason in the records."""
+    from effllm_utils.studies.quantization import calibration
+
+    _, tok = checkpoint
+    Q = P | {"calibration_samples": 3, "calibration_len": 16}
+    texts, source = calibration(tok, Q | {"calibration_data": "embedded"})
+    assert len(texts) == 3 and source == "embedded training split (Shakespeare/Milton)"
+
+    def offline(key, tok, n, **kw):
+        raise data.DatasetUnavailable(f"dataset {key!r} could not be loaded (offline)")
+
+    monkeypatch.setattr(data, "hub_token_ids", offline)
+    texts2, source = calibration(tok, Q | {"calibration_data": "fineweb_edu"})
+    assert texts2 == texts and source.startswith("embedded training split (fineweb_edu unreachable: dataset")
+    ids = torch.arange(100, 100 + 48)
+    monkeypatch.setattr(data, "hub_token_ids", lambda key, tok, n, **kw: ids[:n])
+    texts3, source = calibration(tok, Q | {"calibration_data": "fineweb_edu"})
+    assert texts3 == [tok.decode(ids[i * 16:(i + 1) * 16]) for i in range(3)] and source.startswith("fineweb_edu")

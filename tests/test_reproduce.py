@@ -221,16 +221,42 @@ def test_submit_local_runs_each_study_as_a_job_and_prints_the_table(root, output
     assert [s["status"] for s in summary["studies"]] == ["ok", "failed", "ok"]
 
 
-def test_job_parameters_follow_the_profile_and_options():
+def test_job_resources_profile_defaults_then_the_params_block_then_flags(tmp_path, capsys):
+    """A job asks for what its profile needs (tiny: a laptop-sized node; gpu: one GPU), a study's `slurm:` block
+    in its params file changes that, and the --slurm-* flags given change it again; --dry-run prints the script."""
     import argparse
+    import shutil
 
-    args = argparse.Namespace(profile="paper", slurm_gpus=None, slurm_time=600, slurm_cpus=32, slurm_mem_gb=256,
-                              slurm_partition="h100")
-    assert reproduce.job_parameters(args) == {"timeout_min": 600, "cpus_per_task": 32, "name": "effllm-paper",
-                                              "gpus_per_node": 1, "mem_gb": 256, "slurm_partition": "h100"}
-    tiny = reproduce.job_parameters(argparse.Namespace(**{**vars(args), "profile": "tiny", "slurm_mem_gb": None,
-                                                          "slurm_partition": None}))
-    assert "gpus_per_node" not in tiny and "mem_gb" not in tiny and "slurm_partition" not in tiny
+    from effllm_utils import repo_root
+    from effllm_utils.cli import slurm
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo_root() / "notebooks", root / "notebooks")
+    shutil.copytree(repo_root() / "params", root / "params")
+    hw = root / "params" / "gpu" / "hardware.yaml"
+    hw.write_text(hw.read_text() + "slurm: {gpus: 2, time_min: 30}\n")
+    flags = dict(slurm_gpus=None, slurm_time=None, slurm_cpus=None, slurm_mem_gb=None, slurm_partition=None)
+    tiny = reproduce.job_resources("hardware", argparse.Namespace(profile="tiny", **flags), root)
+    assert tiny == slurm.PROFILE_RESOURCES["tiny"] | {"partition": None} and tiny["cpus"] == 2 and tiny["gpus"] == 0
+    gpu = reproduce.job_resources("hardware", argparse.Namespace(profile="gpu", **flags), root)
+    assert gpu["gpus"] == 2 and gpu["time_min"] == 30 and gpu["cpus"] == 16  # the block, over the defaults
+    given = reproduce.job_resources("hardware", argparse.Namespace(profile="gpu", **flags | {
+        "slurm_gpus": 1, "slurm_partition": "h100"}), root)
+    assert given["gpus"] == 1 and given["partition"] == "h100" and given["time_min"] == 30
+    assert slurm.submitit_parameters(given, "effllm-hardware") == {
+        "timeout_min": 30, "cpus_per_task": 16, "mem_gb": 96, "name": "effllm-hardware", "gpus_per_node": 1,
+        "slurm_partition": "h100"}
+    assert "gpus_per_node" not in slurm.submitit_parameters(tiny, "x")
+    for block, msg in (({"cpu": 2}, "unknown slurm key 'cpu'"), ({"gpus": -1}, "slurm gpus must be a whole number"),
+                       ([2], "slurm must be a mapping")):
+        with pytest.raises(ValueError, match=msg):
+            slurm.check_block(block, "params/gpu/hardware.yaml")
+    assert reproduce.main(["--profile", "gpu", "--only", "hardware", "--dry-run", "--submit", "slurm",
+                           "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --gpus-per-node=2" in out and "#SBATCH --cpus-per-task=16" in out and "#SBATCH --time=30" in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("hardware: notebooks/hardware.ipynb"))
+    assert '"slurm"' not in line  # the block is the job's, not a notebook parameter
 
 
 def test_cuda_only_torchao_kernels_are_not_reported_on_a_cpu_host(caplog):
@@ -247,3 +273,21 @@ def test_cuda_only_torchao_kernels_are_not_reported_on_a_cpu_host(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert "something else torchao says" in messages
     assert any("_C_mxfp8" in m for m in messages) == torch.cuda.is_available()
+
+
+def test_one_study_in_process_for_torchrun_and_only_rank_0_records(outputs, capsys, monkeypatch):
+    """`python -m effllm_utils.cli.study`: the study's runs without its notebook (what torchrun / accelerate launch
+    start on every rank); params checked as the batch checks them; records written by rank 0 only."""
+    from effllm_utils.cli import study
+
+    one = ["--set", 'techniques={"gqa": {"attention": "gqa"}}', "--set", "steps=3", "--set", "eval_batches=1"]
+    monkeypatch.setenv("RANK", "1")
+    assert study.main(["--profile", "tiny", "--study", "attention", *one]) == 0
+    assert not list((outputs / "tiny").rglob("runs/attention/*.json"))  # rank 1 trained, wrote nothing
+    monkeypatch.setenv("RANK", "0")
+    assert study.main(["--profile", "tiny", "--study", "attention", *one]) == 0
+    out = capsys.readouterr().out
+    assert out.strip().endswith(": ok") and len(list((outputs / "tiny" / "runs" / "attention").glob("*.json"))) == 1
+    assert study.main(["--profile", "tiny", "--study", "atention"]) == 2
+    assert "unknown study 'atention'" in capsys.readouterr().err
+    assert study.main(["--profile", "tiny", "--study", "attention", "--set", "stepz=3"]) == 2

@@ -179,3 +179,22 @@ def test_inception_fid_without_torchmetrics_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchmetrics", None)  # as on a machine without the [vision] extra
     with pytest.raises(fid.FeatureNetUnavailable, match=r"pip install -e '\.\[vision\]'"):
         fid.inception_fid(torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8))
+
+
+def test_dit_technique_sizes_follow_the_width_not_tinys():
+    """MLA's head dims and latent rank and a MoE's expert width are derived from the scale where the technique
+    leaves them out (issue 25: DiT-XL had tiny's 96-wide experts beside a 3,072 dense FFN)."""
+    from effllm_utils import models
+    from effllm_utils.studies.lvm import scaled_overrides
+
+    tiny = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": 176}
+    assert scaled_overrides(tiny, {"attention": "mla"}) == {
+        "attention": "mla", "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16, "kv_lora_rank": 32}
+    xl = models.scale_dims("dit-xl")
+    assert scaled_overrides(xl, {"attention": "mla"})["kv_lora_rank"] == 2 * 1152 // 16
+    moe = {"attention": "mha", "ffn": "moe", "num_local_experts": 4, "num_experts_per_tok": 2}
+    assert scaled_overrides(xl, moe)["moe_intermediate_size"] == 3072 // 2
+    assert scaled_overrides(tiny, moe)["moe_intermediate_size"] == 88
+    assert scaled_overrides(xl, moe | {"moe_intermediate_size": 96})["moe_intermediate_size"] == 96  # given: kept
+    assert scaled_overrides(tiny, {"attention": "gqa"}) == {"attention": "gqa"}

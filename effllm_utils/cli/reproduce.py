@@ -38,6 +38,7 @@ from effllm_utils.core.params import (
     notebook_parameters,
     notebook_path,
     parse_overrides,
+    job_block,
     study_params,
     with_overrides,
 )
@@ -172,18 +173,15 @@ def plan(studies: list[str], overrides: dict, seeds: list[int], root: Path) -> l
     return tasks
 
 
-def job_parameters(args) -> dict:
-    """submitit parameters for one study's job: Slurm resources from the --slurm-* options (a GPU per job on the
-    gpu/paper profiles unless --slurm-gpus says otherwise); the local executor takes the same timeout and GPUs."""
-    gpus = args.slurm_gpus if args.slurm_gpus is not None else (0 if args.profile in ("tiny", "small") else 1)
-    params = {"timeout_min": args.slurm_time, "cpus_per_task": args.slurm_cpus, "name": f"effllm-{args.profile}"}
-    if gpus:
-        params["gpus_per_node"] = gpus
-    if args.slurm_mem_gb:
-        params["mem_gb"] = args.slurm_mem_gb
-    if args.slurm_partition:
-        params["slurm_partition"] = args.slurm_partition
-    return params
+def job_resources(study: str, args, root: Path) -> dict:
+    """One study's job resources (cli/slurm.py): the profile's defaults, the `slurm:` block of its params file,
+    the --slurm-* flags given."""
+    from effllm_utils.cli import slurm
+
+    block, where = job_block(study, args.profile, root)
+    flags = {"cpus": args.slurm_cpus, "mem_gb": args.slurm_mem_gb, "gpus": args.slurm_gpus,
+             "time_min": args.slurm_time, "partition": args.slurm_partition}
+    return slurm.resources(args.profile, slurm.check_block(block, where), flags)
 
 
 def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
@@ -193,31 +191,50 @@ def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
     outputs/<profile>/jobs/."""
     import submitit  # main() checked it imports before anything ran
 
+    from effllm_utils.cli import slurm
+
     folder = outputs_dir(args.profile) / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
-    executor.update_parameters(**job_parameters(args))
+    requests = {t.name: job_resources(t.study, args, root) for t in tasks}
+
+    refused: dict[str, Outcome] = {}
 
     def launch(group: list[Task]) -> dict:
-        jobs = {t.name: executor.submit(run_study, t.study, args.profile, root, args.force, args.timeout, args.kernel,
-                                        t.overrides, t.name) for t in group}
-        for name, job in jobs.items():
-            print(f"submitted {name}: job {job.job_id} ({args.submit}; log {folder})", file=sys.stderr, flush=True)
+        jobs = {}
+        for t in group:
+            executor.update_parameters(**slurm.submitit_parameters(requests[t.name], f"effllm-{t.name}"))
+            try:
+                jobs[t.name] = executor.submit(run_study, t.study, args.profile, root, args.force, args.timeout,
+                                               args.kernel, t.overrides, t.name)
+            except Exception as e:  # noqa: BLE001 - sbatch refused the request outright: one line, the rest go on
+                why = slurm.refused_message(t.name, requests[t.name], e, args.submit)
+                print(why, file=sys.stderr, flush=True)
+                refused[t.name] = Outcome(t.name, "failed", 0.0, why)
+                continue
+            r = requests[t.name]
+            print(f"submitted {t.name}: job {jobs[t.name].job_id} ({args.submit}: {r['cpus']} CPUs, {r['mem_gb']} GB, "
+                  f"{r['gpus']} GPUs, {r['time_min']} min; log {folder})", file=sys.stderr, flush=True)
         return jobs
 
     def wait(jobs: dict) -> dict[str, Outcome]:
-        done = {}
+        cancelled = slurm.watch(jobs, requests) if args.submit == "slurm" else {}
+        done = {s: Outcome(s, "failed", 0.0, why) for s, why in cancelled.items()}
         for s, job in jobs.items():
+            if s in done:
+                continue
             try:
                 done[s] = job.result()
             except Exception as e:  # noqa: BLE001 - the job itself died (Slurm timeout, node failure, ...)
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 done[s] = Outcome(s, "failed", 0.0, f"job {job.job_id}: {first}"[:500])
+                if args.submit == "slurm":
+                    print(f"{s}: job {job.job_id} failed; the end of its log:\n{slurm.log_tail(job)}", file=sys.stderr)
         return done
 
     last = [t for t in tasks if registry.get(t.study).reads_all]
     outcomes = wait(launch([t for t in tasks if t not in last]))
     outcomes |= wait(launch(last)) if last else {}
-    return [outcomes[t.name] for t in tasks]
+    return [(outcomes | refused)[t.name] for t in tasks]
 
 
 def _table(outcomes: list[Outcome]) -> str:
@@ -249,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="run each study as a job through submitit, on a Slurm cluster or as local processes "
                          "(paper_figures after the others); waits and prints the same table")
     ap.add_argument("--slurm-partition", default=None, help="Slurm partition of the jobs")
-    ap.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job (default: 1, or 0 on tiny)")
-    ap.add_argument("--slurm-cpus", type=int, default=16, help="CPUs per job")
-    ap.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per job in GB (default: Slurm's)")
-    ap.add_argument("--slurm-time", type=int, default=24 * 60, help="time limit per job in minutes")
+    ap.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per job (default: the profile's, "
+                    "cli/slurm.py PROFILE_RESOURCES, or the study's slurm: block)")
+    ap.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per job (default: as --slurm-gpus)")
+    ap.add_argument("--slurm-mem-gb", type=int, default=None, help="memory per job in GB (default: as --slurm-gpus)")
+    ap.add_argument("--slurm-time", type=int, default=None, help="time limit per job in minutes (default: as "
+                    "--slurm-gpus)")
     args = ap.parse_args(argv)
     if args.root:
         os.environ["EFFLLM_ROOT"] = str(args.root.resolve())  # kernels inherit it
@@ -285,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
                 # technique and model specs: config fields, checked, not just typed
                 registry.check(s, effective(s, values, root))
                 print(f"{t.name}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
+                if args.submit == "slurm":  # the job script each study is submitted with
+                    from effllm_utils.cli import slurm
+
+                    print(slurm.sbatch_script(job_resources(s, args, root), f"effllm-{t.name}",
+                                              outputs_dir(args.profile) / "jobs"))
             except (ParamsError, ValueError) as e:
                 bad += 1
                 print(f"{t.name}: error: {e}")

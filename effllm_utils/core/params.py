@@ -156,15 +156,26 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+JOB_KEY = "slurm"  # a params file's block for the job that runs the study (cli/slurm.py), not a notebook parameter
+
+
 def study_params(study: str, profile: str, root: Path | None = None) -> dict[str, Any]:
-    """The validated values of params/<profile>/<study>.yaml (keys it leaves out keep the notebook default)."""
+    """The validated values of params/<profile>/<study>.yaml (keys it leaves out keep the notebook default; its
+    `slurm:` block is the job's, see `job_block`)."""
     path = params_path(profile, study, root)
     values = load_yaml(path)
+    values.pop(JOB_KEY, None)
     for key in RUNNER_KEYS:
         if key in values:
             raise ParamsError(f"{path}: key {key!r} is set by the runner (from the file's folder and --force), "
                               f"remove it from the file")
     return validate(values, notebook_parameters(notebook_path(study, root)), str(path))
+
+
+def job_block(study: str, profile: str, root: Path | None = None) -> tuple[Any, str]:
+    """(the `slurm:` block of params/<profile>/<study>.yaml or None, the file's path)."""
+    path = params_path(profile, study, root)
+    return load_yaml(path).get(JOB_KEY), str(path)
 
 
 def effective(study: str, values: dict[str, Any], root: Path | None = None) -> dict[str, Any]:

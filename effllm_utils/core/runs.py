@@ -241,7 +241,8 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
         if verbose:
             print(f"[failed] {run_id}: {rec.error}")
     rec.duration_s = time.perf_counter() - t0
-    write_record(rec)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: the main process records
+        write_record(rec)
     if verbose and rec.status == "ok":
         print(f"[ok] {run_id} ({rec.duration_s:.1f} s)")
     return rec

@@ -40,8 +40,9 @@ def calibration_texts(tok, n: int, length: int) -> list[str]:
     return [tok.decode(ids[s:s + length]) for s in starts]
 
 
-def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: Path):
-    """Quantize/cast the checkpoint at `src`, save it under work/<precision>, reload it: (model, info)."""
+def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: Path, calib: list[str] | None = None):
+    """Quantize/cast the checkpoint at `src`, save it under work/<precision>, reload it: (model, info). `calib`:
+    GPTQ's calibration texts (default: P's number of windows of the shipped training split)."""
     from transformers import AutoModelForCausalLM
 
     if precision not in PRECISIONS:
@@ -71,7 +72,7 @@ def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: 
         before.save_pretrained(out)
         model = AutoModelForCausalLM.from_pretrained(out)
     else:
-        model = _gptqmodel_int4(precision, src, tok, P, device, out)
+        model = _gptqmodel_int4(precision, src, tok, P, device, out, calib)
         expected = None  # GPTQModel packs the weights on save: the reloaded model is the first runnable one
     model = model.to(device).eval()
     got = logits(model)
@@ -86,7 +87,8 @@ def build(precision: str, src: Path, tok, P: dict[str, Any], device: str, work: 
                    "reload_max_abs_diff": diff}
 
 
-def _gptqmodel_int4(precision: str, src: Path, tok, P: dict[str, Any], device: str, out: Path):
+def _gptqmodel_int4(precision: str, src: Path, tok, P: dict[str, Any], device: str, out: Path,
+                    calib: list[str] | None = None):
     """GPTQModel's 4-bit GPTQ (calibrated on the training split) or RTN of `src`, saved to `out` and reloaded.
     GPTQModel's per-module INFO tables are held back (its progress bars stay): thousands of lines per model."""
     import logging
@@ -106,7 +108,8 @@ def _gptqmodel_int4(precision: str, src: Path, tok, P: dict[str, Any], device: s
         qm = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=P["group_size"], **kw,
                                                      **({"offload_to_disk": False} if cpu else {})),
                             device=device, **({"dtype": torch.float32} if cpu else {}))
-        calib = calibration_texts(tok, P["calibration_samples"], P["calibration_len"])
+        if precision == "int4_gptq" and calib is None:
+            calib = calibration_texts(tok, P["calibration_samples"], P["calibration_len"])
         qm.quantize(calib if precision == "int4_gptq" else None, batch_size=4)
         if cpu:  # store the unquantized tensors (embeddings, norms) in bf16, as a bf16 load would have
             _floats_to_bf16(qm.model)

@@ -70,12 +70,13 @@ def check_vlm_params(P: dict[str, Any]) -> None:
     check_params(P, vlm=True)
 
 
-def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str):
-    """(model, tokenizer, info) for one entry of P['models']."""
+def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], device: str,
+              dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, info) for one entry of P['models'], its weights in `dtype`."""
     from transformers import AutoModelForCausalLM
 
     if spec["source"] != "suite":
-        return _pretrained(profile, spec["source"])
+        return _pretrained(profile, spec["source"], dtype)
     from effllm_utils import models  # noqa: F401 - registers the backbone with the Auto classes
     from effllm_utils.engine.train import TrainConfig, train
     from effllm_utils.models.techniques import build_model
@@ -99,14 +100,14 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
         with runs.atomic_dir(ckpt) as tmp:
             model.save_pretrained(tmp)
             (tmp / "pretrain.json").write_text(json.dumps(result["quality"]))
-    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
     return model, tok, {"source": "suite", "checkpoint": str(ckpt),
                         "pretrain": json.loads((ckpt / "pretrain.json").read_text())}
 
 
-def _pretrained(profile: str, source: str):
+def _pretrained(profile: str, source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer, info) of a Hub id, a local folder or a packaged model (`models.packaged`: converted once
-    from its GGUF file under checkpoints/base/)."""
+    from its GGUF file under $EFFLLM_CACHE/packaged/), its weights in `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = {"source": source}
@@ -118,7 +119,7 @@ def _pretrained(profile: str, source: str):
         source = str(path)
     try:
         tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as e:
         raise ModelUnavailable(f"model {source!r} could not be loaded ({str(e).splitlines()[0][:160]}); "
                                f"the {profile} profile needs the Hugging Face Hub or a copy in $HF_HOME") from None

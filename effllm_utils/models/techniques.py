@@ -51,7 +51,8 @@ def check_specs(P: dict[str, Any]) -> None:
                 check_overrides(spec.pop("baseline"), spec, where)
                 continue
             models.config_fields_check(spec, where)
-            check_nsa_sparse(dims | spec, P["seq_len"], where)
+            if "seq_len" in P:  # a language model's training context (the DiT's tokens are its patches)
+                check_nsa_sparse(dims | spec, P["seq_len"], where)
             if matched is True:  # the width is solved per run; the spec's values are checked at that width
                 continue
             try:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effllm_utils.core import aggregate, runs
+from effllm_utils.engine.sweep import is_sweep_point
 from effllm_utils.report.stats import Diff, holm, log_diff
 from effllm_utils.studies import registry
 
@@ -423,7 +424,8 @@ def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPH
     cache: dict[str, list] = {}
     for c in claims:
         if c["study"] not in cache:
-            cache[c["study"]] = [r for r in runs.load_records(profile, c["study"]) if r.status == "ok"]
+            cache[c["study"]] = [r for r in runs.load_records(profile, c["study"])  # each at its best LR: no sweeps
+                                 if r.status == "ok" and not is_sweep_point(r)]
         recs = cache[c["study"]]
         paper_verdict, paper_evidence = paper_check(c)
         base = {"id": c["id"], "claim": c["claim"], "source": c["source"], "study": c["study"], "profile": profile,

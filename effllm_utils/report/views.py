@@ -36,9 +36,9 @@ def columns(keys: tuple[str, ...], per: dict[str, str] | None = None, **names: s
 
 
 STRUCTURE = {"technique": "technique", "scale": "scale", "runs": "runs", "param.dataset": "dataset", "task": "task",
-             "latency_batch": "latency at batch", "decode": "decode path"}
+             "latency_batch": "latency at batch", "decode": "decode path", "param.lr": "LR"}
 RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
-PRETRAIN_COLUMNS = columns(("technique", "scale", "runs", "params", "tokens_seen", "tokens_per_param", "ppl", "ppl_se", "amu_gb", "al_s", "tt",
+PRETRAIN_COLUMNS = columns(("technique", "scale", "param.lr", "runs", "params", "tokens_seen", "tokens_per_param", "ppl", "ppl_se", "amu_gb", "al_s", "tt",
                             "tokens_per_s", "aec_w", "j_per_token", "pcu", "mfu_pct", "flops_per_token",
                             "kv_bytes_per_token"),
                            per={"al_s": "iter"})
@@ -52,7 +52,7 @@ def pretraining_table(profile: str, study: str, records: list | None = None):
     say over how many and how far apart."""
     import pandas as pd
 
-    recs = registry.summary(profile, study) if records is None else records
+    recs = registry.summary(profile, study, sweep_points=True) if records is None else records
     if not recs:
         return pd.DataFrame(columns=list(PRETRAIN_COLUMNS.values()))
     df = pd.DataFrame(aggregate.table_rows(recs, ("ppl",)))
@@ -80,7 +80,7 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
     recs = registry.summary(profile, study)
     if not recs:
         return []
-    paths = write_table(pretraining_table(profile, study, recs), profile, study)
+    paths = write_table(pretraining_table(profile, study), profile, study)  # with any LR sweep's points
     plotting.use_style()
     for scale in sorted({r.scale for r in recs}):
         rs = [r for r in recs if r.scale == scale]
@@ -132,7 +132,7 @@ def peft_table(profile: str):
     (model, dataset) group over the metrics measured there (metrics.efficiency_score)."""
     import pandas as pd
 
-    recs = registry.summary(profile, "peft")  # repeats (other seeds) averaged
+    recs = registry.summary(profile, "peft", sweep_points=True)  # repeats (other seeds) averaged
     if not recs:
         return pd.DataFrame(columns=list(PEFT_COLUMNS.values()))
     df = pd.DataFrame(aggregate.table_rows(recs, ("loss",)))

@@ -2,12 +2,16 @@
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
+
+import torch
 
 from effllm_utils import check_choices, data
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
+from effllm_utils.engine.sweep import at_best_lr, sweep_settings
 from effllm_utils.engine.suite import check_model_specs, load_base
 
 _DATASETS: dict[tuple, Any] = {}
@@ -37,6 +41,14 @@ def _load_dataset(name: str, tok, P: dict[str, Any]):
 
 # -- the study ---------------------------------------------------------------------------------------------------
 
+def weights_dtype(method: str, device: str, precision: str) -> torch.dtype:
+    """The dtype the base model's weights are loaded in: bf16 on GPU for the adapter methods (their frozen base as
+    the paper holds it, so AMU compares; the adapters stay fp32, peft's default), fp32 on CPU and for the methods
+    that train base weights (full, freeze: fp32 master weights under bf16 autocast)."""
+    bf16 = device.startswith("cuda") and precision in ("auto", "bf16")
+    return torch.bfloat16 if bf16 and method not in ("full", "freeze") else torch.float32
+
+
 def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
     from effllm_utils.engine.train import TrainConfig
 
@@ -50,18 +62,25 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets")} | {
                     "model": spec, "dataset": dataset, "device": device}
 
-                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method):
+                lr_key = "lr_adapter" if method_lr(method, "lr_full", "lr_adapter") == "lr_adapter" else "lr_full"
+
+                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key, lr=None):
+                    Pm = P if lr is None else P | {lr_key: lr}  # a point of the LR sweep
                     seed_everything(P["seed"])
-                    base, tok, base_info = load_base(profile, model_name, spec, P, device)
+                    dtype = weights_dtype(method, device, P["precision"])
+                    base, tok, base_info = load_base(profile, model_name, spec, P, device, dtype)
                     train_data, val_data = load_dataset(dataset, tok, P)
                     n_params = sum(p.numel() for p in base.parameters())
-                    model, optimizer, info = apply_method(base, method, P)
-                    cfg = TrainConfig.from_params(P, lr=method_lr(method, P["lr_full"], P["lr_adapter"]),
+                    model, optimizer, info = apply_method(base, method, Pm)
+                    cfg = TrainConfig.from_params(P, lr=method_lr(method, Pm["lr_full"], Pm["lr_adapter"]),
                                                   weight_decay=0.0)
                     result = train_method(model, method, n_params, optimizer, train_data, val_data, cfg, profile,
                                           device, P["precision"])
-                    result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name)
+                    result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name,
+                                               weights_dtype=str(dtype).removeprefix("torch."))
                     return result
 
-                records.append(runs.execute("peft", method, profile, run_params, fn, scale=model_name, force=force))
+                records.append(at_best_lr("peft", method, profile, run_params, lr_key,
+                                          lambda lr, fn=fn: partial(fn, lr=lr), model_name, "loss", force,
+                                          *sweep_settings(P)))
     return records

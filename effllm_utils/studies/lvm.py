@@ -48,10 +48,27 @@ def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str):
     return model, result
 
 
+def scaled_overrides(dims: dict, spec: dict) -> dict:
+    """A technique's overrides with the sizes that must follow the model's width derived from the scale where the
+    spec leaves them out (values it gives stay): MLA's head dims (nope = v = the head dim, rope = half of it) and
+    latent rank (2 x the head dim; 32 at tiny's width 64, 144 at DiT-XL's 1,152), and a MoE's expert width (the
+    dense FFN width / experts per token, in steps of 8: the active FFN is the dense one's width)."""
+    from effllm_utils import models
+
+    c = models.EffLLMConfig(**(dims | spec))
+    hd = c.hidden_size // c.num_attention_heads
+    out = dict(spec)
+    if c.attention == "mla":
+        out = {"qk_nope_head_dim": hd, "qk_rope_head_dim": hd // 2, "v_head_dim": hd, "kv_lora_rank": 2 * hd} | out
+    if c.ffn == "moe":
+        out = {"moe_intermediate_size": max(8, round(c.intermediate_size / c.num_experts_per_tok / 8) * 8)} | out
+    return out
+
+
 def _dit(P: dict, dims: dict, spec: dict, imgs: ImageSet) -> DiT:
     if imgs.size % P["patch"]:
         raise ValueError(f"patch {P['patch']} does not divide the {imgs.size}x{imgs.size} images of {imgs.name}")
-    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | spec))
+    cfg = EffLLMConfig(**({"vocab_size": 1, "position": "none"} | dims | scaled_overrides(dims, spec)))
     return DiT(cfg, image_size=imgs.size, patch=P["patch"], channels=imgs.channels, n_classes=imgs.classes)
 
 

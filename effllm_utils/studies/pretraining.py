@@ -3,11 +3,13 @@ scale and technique, build a model (models.techniques), pretrain it under teleme
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from effllm_utils import data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.engine.sweep import at_best_lr, sweep_settings
 from effllm_utils.measure.hardware import device_peak
 from effllm_utils.models import techniques
 from effllm_utils.models.techniques import build_model, check_specs
@@ -54,14 +56,15 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 "dims": dims, "spec": spec, "device": device} | (
                 {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
 
-            def fn(dims=dims, spec=spec, technique=technique, scale=scale):
+            def fn(dims=dims, spec=spec, technique=technique, scale=scale, lr=P["lr"]):
                 seed_everything(P["seed"])
                 tok = tokenizer_for(P)
                 train_ids, val_ids = token_data(P, tok)
                 model, fpt, kv = build_model(dims, len(tok), spec, P["seq_len"])
                 peak, peak_source = device_peak(profile, device, P["precision"])
-                ckpt = outputs_dir(profile) / "checkpoints" / study / f"{scale}-{technique}"
-                cfg = TrainConfig.from_params(P)
+                ckpt = outputs_dir(profile) / "checkpoints" / study / (
+                    f"{scale}-{technique}" + ("" if lr == P["lr"] else f"-lr{lr:.3g}"))
+                cfg = TrainConfig.from_params(P, lr=lr)
                 result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
                                checkpoint_dir=ckpt if P["save_checkpoints"] else None)
                 result["metrics"]["kv_bytes_per_token"] = kv
@@ -76,5 +79,6 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                     result["artifacts"]["selective_scan"] = scan_in_use(device)
                 return result
 
-            records.append(runs.execute(study, technique, profile, run_params, fn, scale=scale, force=force))
+            records.append(at_best_lr(study, technique, profile, run_params, "lr", lambda lr, fn=fn: partial(fn, lr=lr),
+                                      scale, "ppl", force, *sweep_settings(P)))
     return records

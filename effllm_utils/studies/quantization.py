@@ -10,7 +10,8 @@ import torch
 from effllm_utils import check_choices, data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
-from effllm_utils.engine.quantize import DECODE_CHOICES, NOMINAL_BITS, PRECISIONS, build, decode_paths, evaluate_tasks
+from effllm_utils.engine.quantize import (DECODE_CHOICES, NOMINAL_BITS, PRECISIONS, build, calibration_texts,
+                                          decode_paths, evaluate_tasks)
 from effllm_utils.engine.suite import base_checkpoint, check_model_specs
 from effllm_utils.measure import metrics
 from effllm_utils.models.hub import ModelUnavailable
@@ -18,8 +19,6 @@ from effllm_utils.models.hub import ModelUnavailable
 
 def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
     """Build every precision of every model, measure them side by side, store one record per precision."""
-    from effllm_utils.engine.infer import InferConfig, measure, perplexity
-
     check_choices(P["precisions"], PRECISIONS, "precision(s)")
     check_model_specs(P["models"])
     device = resolve_device(profile, P["device"])
@@ -39,37 +38,14 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 results, pending = {p: e for p in P["precisions"]}, []
         if pending:
             work = outputs_dir(profile) / "checkpoints" / "quantization" / name
-            built, errors = {}, {}
-            for p in P["precisions"]:  # all of them: the measurement interleaves every precision
-                try:
-                    built[p] = build(p, src, tok, P, device, work)
-                except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
-                    errors[p] = e
-            val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
-            prompts = _prompts(P, val)
-            cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
-                              min_time_s=P["min_time_s"], min_requests=P["min_requests"])
-            decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
-            measured = measure(decoders, prompts, cfg, device, attribute_memory=True) if built else {}
-            for p, (model, info) in built.items():
-                ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device)
-                scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) \
-                    if P["tasks"] else {}
-                results[p] = {"metrics": {**{k: v for k, v in measured[p].items()
-                                             if k not in ("energy_reason", "it_by_batch", "amu_method",
-                                                          "latency_by_batch")},
-                                          "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
-                                          "nominal_bits": NOMINAL_BITS[p]},
-                              "quality": {"ppl": ppl, **scores},
-                              "artifacts": {"it_by_batch": measured[p]["it_by_batch"],
-                                            "latency_by_batch": measured[p]["latency_by_batch"],
-                                            "checkpoint": info["path"], "base": base_info,
-                                            "reload_max_abs_diff": info["reload_max_abs_diff"],
-                                            "energy_reason": measured[p]["energy_reason"],
-                                            "amu_method": measured[p]["amu_method"],
-                                            "decode_path": paths[p][0], "decode_note": paths[p][1]}}
-            _add_mcr(results)
-            results.update({p: e for p, e in errors.items()})
+            calib, calib_source = calibration(tok, P)
+            # every precision resident and measured interleaved (drift hits all alike), or one at a time, each freed
+            # before the next is built (models that do not fit several times over)
+            groups = [[p] for p in P["precisions"]] if P.get("one_at_a_time", False) else [list(P["precisions"])]
+            for group in groups:
+                results |= _measure(group, src, tok, P, device, work, calib, base_info | {"calibration": calib_source})
+                _free(device)
+            _add_mcr({p: r for p, r in results.items() if not isinstance(r, Exception)})
         for p in P["precisions"]:
             def fn(p=p):
                 r = results[p]
@@ -78,6 +54,64 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 return r
             records.append(runs.execute("quantization", p, profile, keyed[p], fn, scale=name, force=force))
     return records
+
+
+def calibration(tok, P) -> tuple[list[str], str]:
+    """GPTQ's calibration windows and where they come from: `calibration_data` (a Hub dataset key such as
+    fineweb_edu: in-distribution text for Hub models) or the shipped training split; a dataset that cannot be
+    reached falls back to the shipped text, and the records say so."""
+    n, length = P["calibration_samples"], P["calibration_len"]
+    if P.get("calibration_data", "embedded") == "embedded":
+        return calibration_texts(tok, n, length), "embedded training split (Shakespeare/Milton)"
+    try:
+        ids = data.hub_token_ids(P["calibration_data"], tok, n * length)
+    except (data.DatasetUnavailable, OSError, ConnectionError) as e:
+        why = str(e).splitlines()[0][:200]
+        return calibration_texts(tok, n, length), (f"embedded training split ({P['calibration_data']} unreachable: "
+                                                   f"{why})")
+    return ([tok.decode(ids[i * length:(i + 1) * length]) for i in range(n)],
+            f"{P['calibration_data']} (first {n} x {length} tokens)")
+
+
+def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str], base_info: dict) -> dict:
+    """Build the precisions of `group` (all resident), measure them side by side: {precision: result or error}."""
+    from effllm_utils.engine.infer import InferConfig, measure, perplexity
+
+    built, out = {}, {}
+    for p in group:
+        try:
+            built[p] = build(p, src, tok, P, device, work, calib)
+        except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
+            out[p] = e
+    val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
+    cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
+                      min_time_s=P["min_time_s"], min_requests=P["min_requests"])
+    decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
+    measured = measure(decoders, _prompts(P, val), cfg, device, attribute_memory=True) if built else {}
+    for p, (model, info) in built.items():
+        ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device)
+        scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) if P["tasks"] else {}
+        m = measured[p]
+        out[p] = {"metrics": {**{k: v for k, v in m.items() if k not in _ARTIFACT_KEYS},
+                              "disk_bytes": info["disk_bytes"], "memory_bytes": info["memory_bytes"],
+                              "nominal_bits": NOMINAL_BITS[p]},
+                  "quality": {"ppl": ppl, **scores},
+                  "artifacts": {**{k: m[k] for k in _ARTIFACT_KEYS}, "checkpoint": info["path"], "base": base_info,
+                                "reload_max_abs_diff": info["reload_max_abs_diff"], "decode_path": paths[p][0],
+                                "decode_note": paths[p][1], "resident": "one at a time" if P.get("one_at_a_time", False)
+                                else "all precisions, interleaved"}}
+    return out
+
+
+_ARTIFACT_KEYS = ("energy_reason", "it_by_batch", "amu_method", "latency_by_batch")
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _prompts(P, val: torch.Tensor) -> torch.Tensor:

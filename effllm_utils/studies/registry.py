@@ -153,12 +153,15 @@ def check(name: str, P: dict[str, Any]) -> None:
         resolve(study.check, "studies")(P)
 
 
-def summary(profile: str, name: str) -> list:
+def summary(profile: str, name: str, sweep_points: bool = False) -> list:
     """The study's records as tables and figures show them: one per experiment, repeats averaged
-    (core.aggregate.load_summary with this study's grouping)."""
+    (core.aggregate.load_summary with this study's grouping); the points of LR sweeps (engine.sweep) only with
+    `sweep_points` (tables list them; figures and comparisons use each technique's record at its best LR)."""
     from effllm_utils.core import aggregate
+    from effllm_utils.engine.sweep import is_sweep_point
 
-    return aggregate.load_summary(profile, name, get(name).group_by)
+    recs = aggregate.load_summary(profile, name, get(name).group_by)
+    return recs if sweep_points else [r for r in recs if not is_sweep_point(r)]
 
 
 def current(profile: str, name: str) -> list:
