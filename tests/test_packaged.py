@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from helpers import gguf_tiny
 
 from effllm_utils.models import packaged
 from effllm_utils.models.hub import ModelUnavailable
-from helpers import gguf_tiny
 
 
 def test_gguf_converts_to_a_checkpoint_equal_to_the_dequantized_weights(tiny_package, tmp_path):
@@ -41,7 +41,8 @@ def test_quantization_study_measures_the_packaged_model(tiny_package, outputs):
     from effllm_utils.studies import quantization
 
     Q = dict(device="cpu", precisions=["fp32", "int4_rtn"], models={"tiny-gguf": {"source": "tiny-gguf"}},
-             vocab_size=1024, seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8, calibration_data="embedded", one_at_a_time=False,
+             vocab_size=1024, seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8,
+             calibration_data="embedded", one_at_a_time=False,
              calibration_len=64, prompt_len=16, new_tokens=4, decode="eager", batch_sizes=[1, 2], min_time_s=0.0,
              min_requests=2, ppl_seq_len=64, ppl_windows=4, tasks=[], task_limit=0, task_include_path="", seed=0)
     recs = quantization.run_study("quantization", "tiny", Q)
@@ -57,7 +58,9 @@ def test_a_missing_model_fails_its_own_records_and_the_others_go_on(tiny_package
     from effllm_utils.studies import quantization
 
     Q = dict(device="cpu", precisions=["fp32"], vocab_size=1024, seq_len=64, batch_size=16, eval_batches=1,
-             group_size=32, calibration_samples=8, calibration_data="embedded", one_at_a_time=False, calibration_len=64, prompt_len=16, new_tokens=4, decode="static",
+             group_size=32, calibration_samples=8,
+             calibration_data="embedded", one_at_a_time=False, calibration_len=64, prompt_len=16, new_tokens=4,
+             decode="static",
              batch_sizes=[1], min_time_s=0.0, min_requests=1, ppl_seq_len=64, ppl_windows=2, tasks=[], task_limit=0,
              task_include_path="", seed=0,
              models={"gone": {"source": str(outputs / "no-such-model")}, "tiny-gguf": {"source": "tiny-gguf"}})

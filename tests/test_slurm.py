@@ -119,7 +119,7 @@ def test_a_study_runs_as_a_slurm_job_and_an_impossible_request_fails_fast(cluste
                            "--slurm-partition", "debug", "--slurm-cpus", str(min(2, cpus)), "--slurm-mem-gb", "4"])
     out, err = capsys.readouterr()
     assert code == 0, out + err
-    assert f"submitted hardware: job " in err and f"(slurm: {min(2, cpus)} CPUs, 4 GB, 0 GPUs" in err
+    assert "submitted hardware: job " in err and f"(slurm: {min(2, cpus)} CPUs, 4 GB, 0 GPUs" in err
     assert any((outputs / "tiny" / "runs" / "hardware").glob("*.json")), "no hardware record from the job"
     assert "hardware  ok" in out
     # more CPUs than the node has: cancelled (or refused) within a minute, one line naming request and offer

@@ -8,7 +8,8 @@ Rows: HF `generate` (eager, fp32 = the Q4_1 file dequantized); the static decode
 bf16, int8 (torch's `_weight_int8pack_mm`) and int4 (torch's `_weight_int4pack_mm_for_cpu`, RTN, group 64) weights,
 each eager and under `torch.compile`; GPTQModel's int4 (the kernel it selects for this CPU, named) through HF
 generate; llama.cpp (`llama-cpp-python`, `make llama-cpp`) on the GGUF file itself. Decode tokens/s only
-(per-token host stamps; the prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same thread count. Prints the
+(per-token host stamps; the prefill is excluded), median of `--repeats` requests after a warm-up; same prompt, same
+thread count. Prints the
 measured rates and the ratios; then the fastest static row and llama.cpp alternate for `--rounds` rounds (one request
 each) and their ratio is printed with a 95% confidence interval. Asserts nothing.
 """

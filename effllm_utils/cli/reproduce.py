@@ -35,10 +35,10 @@ from effllm_utils import PROFILE_SEEDS, PROFILES, outputs_dir, repo_root
 from effllm_utils.core.params import (
     ParamsError,
     effective,
+    job_block,
     notebook_parameters,
     notebook_path,
     parse_overrides,
-    job_block,
     study_params,
     with_overrides,
 )

@@ -40,8 +40,8 @@ def check_block(block: Any, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: unknown slurm key {k!r}; use {', '.join(RESOURCE_KEYS)}")
         if k == "partition" and not isinstance(v, str) or k != "partition" and (
                 isinstance(v, bool) or not isinstance(v, int) or v < (0 if k == "gpus" else 1)):
-            raise ValueError(f"{where}: slurm {k} must be {'a partition name' if k == 'partition' else 'a whole number'}"
-                             f", not {v!r}")
+            want = "a partition name" if k == "partition" else "a whole number"
+            raise ValueError(f"{where}: slurm {k} must be {want}, not {v!r}")
     return dict(block)
 
 

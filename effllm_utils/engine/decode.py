@@ -388,7 +388,8 @@ def from_gptq(path, device: str = "cpu") -> tuple[object, dict]:
 def from_int8(model, device: str = "cpu") -> tuple[object, dict]:
     """(backbone, int8_weights) of a Qwen2- or Llama-family model quantized by torchao's int8 weight-only
     (`Int8Tensor` weights, per output channel, symmetric): the backbone in bf16 holds the dequantized weights (its
-    forward computes the quantized model's function; `FastDecode.from_int8` frees them) and `int8_weights` {module: (int8 [out, in], scale [out])}, the
+    forward computes the quantized model's function; `FastDecode.from_int8` frees them) and `int8_weights`
+    {module: (int8 [out, in], scale [out])}, the
     same integers, for `DecodeWeights(..., int8_weights=...)` (torch's `_weight_int8pack_mm`)."""
     from transformers import AutoModelForCausalLM
 

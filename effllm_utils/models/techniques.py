@@ -62,7 +62,8 @@ def check_specs(P: dict[str, Any]) -> None:
 
 
 def check_nsa_sparse(spec: dict[str, Any], context: int, where: str = "nsa") -> None:
-    """Refuse an NSA config (a scale's dimensions with a technique's overrides) whose selected blocks and sliding window together cover the training context: there NSA
+    """Refuse an NSA config (a scale's dimensions with a technique's overrides) whose selected blocks and sliding
+    window together cover the training context: there NSA
     is dense attention plus its compression and selection branches (more work than dense, not sparse attention),
     so a comparison with it would not be of sparse attention."""
     from effllm_utils import models

@@ -38,7 +38,8 @@ def columns(keys: tuple[str, ...], per: dict[str, str] | None = None, **names: s
 STRUCTURE = {"technique": "technique", "scale": "scale", "runs": "runs", "param.dataset": "dataset", "task": "task",
              "latency_batch": "latency at batch", "decode": "decode path", "param.lr": "LR"}
 RADAR_METRICS = ("ppl", "amu_gb", "al_s", "tt", "aec_w", "pcu")
-PRETRAIN_COLUMNS = columns(("technique", "scale", "param.lr", "runs", "params", "tokens_seen", "tokens_per_param", "ppl", "ppl_se", "amu_gb", "al_s", "tt",
+PRETRAIN_COLUMNS = columns(("technique", "scale", "param.lr", "runs", "params", "tokens_seen", "tokens_per_param",
+                            "ppl", "ppl_se", "amu_gb", "al_s", "tt",
                             "tokens_per_s", "aec_w", "j_per_token", "pcu", "mfu_pct", "flops_per_token",
                             "kv_bytes_per_token"),
                            per={"al_s": "iter"})

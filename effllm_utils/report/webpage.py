@@ -123,8 +123,9 @@ def _energy_warning(checked) -> str:
         return ""
     return ('<div class="warn"><b>Power and energy per token disagree</b>: average power rewards slow kernels; '
             "these power claims come out the other way in J/token (see the claims check).<ul>"
-            + "".join(f"<li>{html.escape(str(r['id']))} [{html.escape(str(r['group']))}]: {html.escape(str(r['verdict']))}"
-                      f" on power; {html.escape(str(r[ENERGY_COLUMN]))}</li>" for _, r in rows.iterrows())
+            + "".join(f"<li>{html.escape(str(r['id']))} [{html.escape(str(r['group']))}]: "
+                      f"{html.escape(str(r['verdict']))} on power; {html.escape(str(r[ENERGY_COLUMN]))}</li>"
+                      for _, r in rows.iterrows())
             + "</ul></div>")
 
 

@@ -11,8 +11,8 @@ from effllm_utils import check_choices, data
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
-from effllm_utils.engine.sweep import at_best_lr, sweep_settings
 from effllm_utils.engine.suite import check_model_specs, load_base
+from effllm_utils.engine.sweep import at_best_lr, sweep_settings
 
 _DATASETS: dict[tuple, Any] = {}
 

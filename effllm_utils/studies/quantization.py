@@ -10,8 +10,15 @@ import torch
 from effllm_utils import check_choices, data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
-from effllm_utils.engine.quantize import (DECODE_CHOICES, NOMINAL_BITS, PRECISIONS, build, calibration_texts,
-                                          decode_paths, evaluate_tasks)
+from effllm_utils.engine.quantize import (
+    DECODE_CHOICES,
+    NOMINAL_BITS,
+    PRECISIONS,
+    build,
+    calibration_texts,
+    decode_paths,
+    evaluate_tasks,
+)
 from effllm_utils.engine.suite import base_checkpoint, check_model_specs
 from effllm_utils.measure import metrics
 from effllm_utils.models.hub import ModelUnavailable
