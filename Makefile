@@ -21,7 +21,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install llama-cpp lock test-latest reproduce test lab figures report bench clean
+.PHONY: help install llama-cpp lock test-latest reproduce test lab figures report bench tensorboard clean
 
 help:
 	@echo "make reproduce [PROFILE=tiny|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
@@ -32,6 +32,7 @@ help:
 	@echo "make figures    the paper_figures notebook: every figure, table and the claims check from stored records"
 	@echo "make report     figures + outputs/PROFILE/report/index.html (static HTML, opens from disk)"
 	@echo "make bench      training-step throughput and MFU (backbone vs transformers Qwen2; MoE vs dense)"
+	@echo "make tensorboard  TensorBoard over outputs/$(PROFILE)/tensorboard (every training run's params, loss and metrics)"
 	@echo "make llama-cpp  build llama-cpp-python (~5 min) for the CPU decode anchor (make bench ARGS='--mode decode --device cpu')"
 	@echo "make clean      remove outputs/ and the venv"
 
@@ -77,6 +78,9 @@ reproduce: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
+
+tensorboard: $(STAMP)
+	$(PY) -m tensorboard.main --logdir outputs/$(PROFILE)/tensorboard $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m effllm_utils.cli.bench $(ARGS)

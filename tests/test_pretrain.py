@@ -98,6 +98,8 @@ def test_run_study_records_tables_figures_and_skips(outputs):
     assert "pcu" in gqa.metrics or "no peak" in gqa.artifacts["peak_flops_source"]
     assert recs[2].artifacts["flops_per_token_source"].startswith("analytic, baseline convention")
     assert (outputs / "tiny" / "checkpoints" / "attention" / "micro-gqa" / "model.safetensors").is_file()
+    runs_tracked = {p.parent.name for p in (outputs / "tiny" / "tensorboard" / "attention").rglob("events.out.*")}
+    assert {"micro-gqa-seed0-lr0.003", "micro-mamba-seed0-lr0.003"} <= runs_tracked  # TensorBoard, by default
     table = views.pretraining_table("tiny", "attention")
     assert list(table["technique"]) == ["gqa", "mamba", "nsa", "rwkv"] and "AMU (GB)" in table and "PPL" in table
     assert list(table["tokens seen (tokens)"]) == [512] * 4 and "tokens/param" in table

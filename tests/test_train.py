@@ -142,3 +142,45 @@ def test_compile_takes_a_mode(monkeypatch):
     assert compiled(model, False) is model and seen == []
     compiled(model, True), compiled(model, "max-autotune-no-cudagraphs")
     assert seen == [None, "max-autotune-no-cudagraphs"]
+
+
+def test_a_progress_bar_per_run_with_loss_and_tokens_per_second(capsys):
+    model = models.EffLLMForCausalLM(models.config("test"))
+    cfg = TrainConfig(steps=6, batch_size=2, seq_len=16, eval_every=1000, log_every=3, progress_desc="attention gqa")
+    result = train(model, IDS[:4000], IDS[4000:], cfg)
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("attention gqa: 100%") and "6/6" in last and "loss=" in last and "tok_s=" in last
+    assert f"loss={result['artifacts']['loss_curve'][-1]:.3f}" in last  # the latest step's loss
+    train(models.EffLLMForCausalLM(models.config("test")), IDS[:4000], IDS[4000:],
+          TrainConfig(steps=4, batch_size=2, seq_len=16, eval_every=1000, progress=False))
+    quiet = capsys.readouterr().err
+    assert "step/s" not in quiet and "s/step" not in quiet and "%|" not in quiet
+
+
+def test_a_tracked_run_is_read_back_from_its_tensorboard_event_file(tmp_path):
+    """accelerate's TensorBoard tracker: the run's params, loss every log_every steps, validation loss and final
+    metrics, read back from the event file with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from effllm_utils.engine import tracking
+
+    model = models.EffLLMForCausalLM(models.config("test"))
+    cfg = TrainConfig(steps=6, batch_size=2, seq_len=16, eval_every=1000, log_every=2, progress=False)
+    run = tracking.Tracking(tmp_path / "tb", "tiny-gqa-seed0", tracking.parse("tensorboard"),
+                            config={"lr": 0.001, "spec": {"attention": "gqa"}, "scales": [1, 2]})
+    result = train(model, IDS[:4000], IDS[4000:], cfg, tracking=run)
+    events = list((tmp_path / "tb" / "tiny-gqa-seed0").rglob("events.out.tfevents.*"))
+    assert events, list((tmp_path / "tb").rglob("*"))
+    ea = EventAccumulator(str(events[0].parent))
+    ea.Reload()
+    loss = ea.Scalars("train/loss")
+    curve = result["artifacts"]["loss_curve"]
+    assert [e.step for e in loss] == [2, 4, 6]
+    assert [e.value for e in loss] == pytest.approx([curve[1], curve[3], curve[5]], rel=1e-6)
+    assert ea.Scalars("val/loss")[-1].value == pytest.approx(result["quality"]["loss"], rel=1e-6)
+    assert ea.Scalars("metrics/tokens_per_s")[-1].value == pytest.approx(result["metrics"]["tokens_per_s"], rel=1e-6)
+    assert tracking.flat(run.config) == {"lr": 0.001, "spec/attention": "gqa", "scales": "[1, 2]"}
+    with pytest.raises(ValueError, match="unknown tracker 'tensorbord'"):
+        tracking.parse("tensorbord")
+    assert tracking.parse("none") == () and tracking.parse("") == ()

@@ -147,11 +147,11 @@ def finetune_flops_per_token(n_params: int, n_trainable: int, backward_params: i
 
 
 def train_method(model, method: str, n_params: int, optimizer, train_data, val_data, cfg, profile: str,
-                 device: str, precision: str) -> dict[str, Any]:
+                 device: str, precision: str, tracking=None) -> dict[str, Any]:
     """`train.train` for one fine-tuning method with the study's accounting (shared by peft, vlm, lvm's DiT and SD3
     parts): analytic FLOPs (2 per parameter per token forward; the backward only above the first trainable weight
     for freeze), the device peak for PCU, trainable and base parameter counts, and ST (samples/s/param of the
-    whole model)."""
+    whole model). tracking: an `engine.tracking.Tracking` for the run (none: untracked)."""
     from effllm_utils.engine.train import train
     from effllm_utils.measure.hardware import device_peak
 
@@ -159,7 +159,7 @@ def train_method(model, method: str, n_params: int, optimizer, train_data, val_d
     fpt = finetune_flops_per_token(n_params, trainable, n_params if method != "freeze" else trainable)
     peak, source = device_peak(profile, device, precision)
     result = train(model.to(device), train_data, val_data, cfg, flops_per_token=fpt, peak_flops=peak,
-                   optimizer=optimizer)
+                   optimizer=optimizer, tracking=tracking)
     m = result["metrics"]
     m["trainable_params"], m["base_params"] = trainable, n_params
     m["st"] = metrics.st(m["samples_per_s"], n_params, 1.0)

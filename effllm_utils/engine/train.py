@@ -57,7 +57,9 @@ class TrainConfig:
     seed: int = 0
     skip_steps: int = 2  # steps excluded from the timed telemetry window
     telemetry_period_s: float = 0.1
-    log_every: int = 10
+    log_every: int = 10  # steps between the progress bar's loss / tokens-per-second updates
+    progress: bool = True  # a progress bar per run (steps, loss, tokens/s, ETA; rank 0), updated between steps
+    progress_desc: str = "train"  # the bar's label (the studies give the technique)
 
     def __post_init__(self):
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -264,6 +266,30 @@ class _Loop:
 
     def run(self) -> dict[str, Any]:
         """All steps, with the telemetry window after `skip_steps` and periodic validation; the Monitor's result."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(total=cfg.steps, desc=cfg.progress_desc, unit="step", disable=not cfg.progress or self.rank != 0,
+                   mininterval=1.0)
+        try:
+            return self._steps(bar)
+        finally:
+            bar.close()
+
+    def _progress(self, bar, step: int) -> None:
+        """Advance the bar after a step (between steps: outside every step's timed interval); every `log_every`
+        steps show the latest loss and the tokens/s of the steps timed so far."""
+        bar.update(1)
+        if (step + 1) % self.cfg.log_every == 0 and self.curve:
+            cfg = self.cfg
+            rate = cfg.batch_size * cfg.grad_accum * cfg.seq_len * len(self.step_times) / max(sum(self.step_times),
+                                                                                             1e-9)
+            bar.set_postfix(loss=f"{self.curve[-1]:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
+            # the trackers (accelerate: no-op without any): the loss of the latest step read, lr, tokens/s
+            self.acc.log({"train/loss": self.curve[-1], "train/lr": self.sched.get_last_lr()[0],
+                          "train/tokens_per_s": rate}, step=len(self.curve))
+
+    def _steps(self, bar) -> dict[str, Any]:
         cfg = self.cfg
         self.model.train()
         self.mark()
@@ -274,9 +300,11 @@ class _Loop:
                     trim_heap()  # free heap pages back to the OS, so the window's RSS growth is the steps' memory
                 self.mon.start()
             self.step(step)
+            self._progress(bar, step)
             if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 self.settle()
                 self.val_curve.append((step + 1, self.evaluate()))
+                self.acc.log({"val/loss": self.val_curve[-1][1]}, step=step + 1)
                 self.mark()
         self.settle()
         telem = self.mon.stop()
@@ -319,23 +347,31 @@ def _metrics(loop: _Loop, telem: dict, flops_per_token: float | None, peak_flops
 
 def train(model, train_ids, val_ids, cfg: TrainConfig, flops_per_token: float | None = None,
           peak_flops: float | None = None, checkpoint_dir: str | Path | None = None,
-          accelerator=None, optimizer=None) -> dict[str, Any]:
+          accelerator=None, optimizer=None, tracking=None) -> dict[str, Any]:
     """Train `model` (any causal LM taking input_ids and labels) and measure it. See the module docstring.
 
     train_ids / val_ids: a flat token tensor, or {"input_ids", "labels"} examples (see `Data`; images with class
     labels train a DiT this way, with seq_len = patches per image for the throughput metrics).
     flops_per_token: analytic training FLOPs per token (default 6 x parameters); peak_flops: device peak FLOP/s
     for PCU/MFU (None: not reported). optimizer: a ready optimizer over the model's parameters (e.g. LoRA+'s
-    param groups); default AdamW with weight decay on matrices only."""
+    param groups); default AdamW with weight decay on matrices only. tracking: an `engine.tracking.Tracking`
+    (TensorBoard and the other accelerate trackers: params, loss, validation loss, final metrics)."""
     from accelerate import Accelerator
 
+    from effllm_utils.engine import tracking as tracks
+
     # cpu=True is how accelerate picks the gloo backend for several CPU processes under torchrun
-    acc = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+    acc = accelerator or Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(),
+                                     **tracks.accelerator_kwargs(tracking))
+    tracks.start(acc, tracking)
     loop = _Loop(model, train_ids, val_ids, cfg, acc, optimizer)
     telem = loop.run()
     val_loss = loop.evaluate()
     loop.val_curve.append((cfg.steps, val_loss))
     m, notes = _metrics(loop, telem, flops_per_token, peak_flops)
+    if tracking is not None and tracking.trackers:
+        acc.log({"val/loss": val_loss, **tracks.final_metrics(m)}, step=cfg.steps)
+        acc.end_training()
     if checkpoint_dir is not None and acc.is_main_process:
         acc.unwrap_model(loop.model).save_pretrained(checkpoint_dir, safe_serialization=True)
     curve = loop.curve

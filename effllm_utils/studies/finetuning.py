@@ -7,12 +7,14 @@ from typing import Any
 
 import torch
 
-from effllm_utils import check_choices, data
+from effllm_utils import check_choices, data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
 from effllm_utils.engine.suite import check_model_specs, load_base
+from effllm_utils.engine import tracking
 from effllm_utils.engine.sweep import at_best_lr, sweep_settings
+from effllm_utils.engine.tracking import Tracking
 
 _DATASETS: dict[tuple, Any] = {}
 
@@ -54,17 +56,19 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
     check_model_specs(P["models"])
+    trackers = tracking.parse(P.get("trackers", "tensorboard"))
     device = resolve_device(profile, P["device"])
     records = []
     for model_name, spec in P["models"].items():
         for dataset in P["datasets"]:
             for method in P["methods"]:
-                run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets")} | {
+                run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets", "trackers")} | {
                     "model": spec, "dataset": dataset, "device": device}
 
                 lr_key = "lr_adapter" if method_lr(method, "lr_full", "lr_adapter") == "lr_adapter" else "lr_full"
 
-                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key, lr=None):
+                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key, lr=None,
+                       run_params=run_params):
                     Pm = P if lr is None else P | {lr_key: lr}  # a point of the LR sweep
                     seed_everything(P["seed"])
                     dtype = weights_dtype(method, device, P["precision"])
@@ -72,10 +76,14 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                     train_data, val_data = load_dataset(dataset, tok, P)
                     n_params = sum(p.numel() for p in base.parameters())
                     model, optimizer, info = apply_method(base, method, Pm)
-                    cfg = TrainConfig.from_params(P, lr=method_lr(method, Pm["lr_full"], Pm["lr_adapter"]),
-                                                  weight_decay=0.0)
+                    lr_m = method_lr(method, Pm["lr_full"], Pm["lr_adapter"])
+                    cfg = TrainConfig.from_params(P, lr=lr_m, weight_decay=0.0,
+                                                  progress_desc=f"peft {model_name} {dataset} {method} lr={lr_m:.3g}")
+                    track = Tracking(outputs_dir(profile) / "tensorboard" / "peft",
+                                     f"{model_name}-{dataset}-{method}-seed{P['seed']}-lr{lr_m:.3g}", trackers,
+                                     config=run_params | {lr_key: lr_m, "method": method})
                     result = train_method(model, method, n_params, optimizer, train_data, val_data, cfg, profile,
-                                          device, P["precision"])
+                                          device, P["precision"], tracking=track)
                     result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name,
                                                weights_dtype=str(dtype).removeprefix("torch."))
                     return result

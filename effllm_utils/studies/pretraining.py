@@ -9,7 +9,9 @@ from typing import Any
 from effllm_utils import data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.engine import tracking
 from effllm_utils.engine.sweep import at_best_lr, sweep_settings
+from effllm_utils.engine.tracking import Tracking
 from effllm_utils.measure.hardware import device_peak
 from effllm_utils.models import techniques
 from effllm_utils.models.techniques import build_model, check_specs
@@ -47,6 +49,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     from effllm_utils.engine.train import TrainConfig, train
 
     check_specs(P)
+    trackers = tracking.parse(P.get("trackers", "tensorboard"))
     device = resolve_device(profile, P["device"])
     records = []
     for scale, dims in techniques.scales(P).items():
@@ -56,7 +59,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 "dims": dims, "spec": spec, "device": device} | (
                 {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
 
-            def fn(dims=dims, spec=spec, technique=technique, scale=scale, lr=P["lr"]):
+            def fn(dims=dims, spec=spec, technique=technique, scale=scale, lr=P["lr"], run_params=run_params):
                 seed_everything(P["seed"])
                 tok = tokenizer_for(P)
                 train_ids, val_ids = token_data(P, tok)
@@ -64,9 +67,12 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 peak, peak_source = device_peak(profile, device, P["precision"])
                 ckpt = outputs_dir(profile) / "checkpoints" / study / (
                     f"{scale}-{technique}" + ("" if lr == P["lr"] else f"-lr{lr:.3g}"))
-                cfg = TrainConfig.from_params(P, lr=lr)
+                cfg = TrainConfig.from_params(P, lr=lr, progress_desc=f"{study} {scale} {technique} lr={lr:.3g}")
+                track = Tracking(outputs_dir(profile) / "tensorboard" / study,
+                                 f"{scale}-{technique}-seed{P['seed']}-lr{lr:.3g}", trackers,
+                                 config=run_params | {"lr": lr, "technique": technique, "scale": scale})
                 result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
-                               checkpoint_dir=ckpt if P["save_checkpoints"] else None)
+                               checkpoint_dir=ckpt if P["save_checkpoints"] else None, tracking=track)
                 result["metrics"]["kv_bytes_per_token"] = kv
                 result["artifacts"]["peak_flops_source"] = peak_source
                 result["artifacts"]["flops_per_token_source"] = (
