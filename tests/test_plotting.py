@@ -70,3 +70,34 @@ def test_radar_normalises_each_metric(outputs):
     assert [t.get_text() for t in ax.get_xticklabels()] == ["AMU", "AL"]  # the paper's names, not record keys
     plotting.radar(ax, table, ["amu_gb", "al_s"], labels=["memory", "latency"])
     assert [t.get_text() for t in ax.get_xticklabels()] == ["memory", "latency"]
+
+
+def test_seaborn_draws_bars_and_bands_from_the_raw_repeats(tmp_path):
+    """One row per run (the repeats, not their means); bars at the mean with a 95% interval over the seeds, curves
+    with a band over the seeds; the same figure gives the same bytes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    from effllm_utils.core.runs import RunRecord
+    from effllm_utils.report import plots
+
+    def rec(t, seed, ppl):
+        return RunRecord(run_id=f"{t}{seed}", study="attention", technique=t, profile="tiny", scale="s",
+                         params={"seed": seed}, quality={"ppl": ppl},
+                         artifacts={"loss_curve": [5.0 - 0.1 * i + 0.05 * seed for i in range(10)]})
+
+    recs = [rec(t, s, base + s) for t, base in (("gqa", 100.0), ("mla", 90.0)) for s in range(3)]
+    df = plots.tidy(recs, ["ppl"])
+    assert len(df) == 6 and list(df.columns) == ["technique", "scale", "seed", "ppl"]
+    plots.use_style()
+    outputs = []
+    for _ in range(2):
+        fig, (a, b) = plt.subplots(1, 2)
+        plots.bars_with_ci(a, recs, "ppl", "PPL")
+        plots.seed_bands(b, recs, "loss")
+        assert [round(p.get_height(), 6) for p in a.patches] == [101.0, 91.0]  # the means over the seeds
+        assert len(a.lines) >= 2 and any(isinstance(c, PolyCollection) for c in b.collections)  # CIs, bands
+        outputs.append(plots.savefig(fig, "seaborn_check", "tiny", formats=("png",), directory=tmp_path)[0]
+                       .read_bytes())
+        plt.close(fig)
+    assert outputs[0] == outputs[1]

@@ -46,14 +46,65 @@ def technique_color(technique: str) -> str:
 _SAVE_RC = {"pdf.fonttype": 42, "ps.fonttype": 42, "svg.fonttype": "path", "svg.hashsalt": "effllm"}
 
 
+HOUSE_RC = {
+    "figure.figsize": (6.0, 3.6), "figure.dpi": 110,
+    "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
+    "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
+    "legend.frameon": False, "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO), **_SAVE_RC,
+}
+
+
 def use_style() -> None:
-    """Apply the house style (call once per notebook; savefig applies it too)."""
-    plt.rcParams.update({
-        "figure.figsize": (6.0, 3.6), "figure.dpi": 110,
-        "font.family": "DejaVu Sans", "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
-        "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-        "legend.frameon": False, "axes.prop_cycle": matplotlib.cycler(color=OKABE_ITO), **_SAVE_RC,
-    })
+    """Apply the house theme through seaborn (call once per notebook; savefig applies the output settings too)."""
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", palette=list(OKABE_ITO), rc=HOUSE_RC)
+
+
+def tidy(records, keys: Sequence[str]):
+    """Per-run records as a tidy DataFrame, one row per run (technique, scale, seed and the `keys` metrics or
+    quality values): the raw repeats seaborn draws error bars and bands from, not their means."""
+    import pandas as pd
+
+    return pd.DataFrame([{"technique": r.technique, "scale": r.scale, "seed": r.params.get("seed"),
+                          **{k: r.metrics.get(k, r.quality.get(k)) for k in keys}} for r in records])
+
+
+def curves(records, key: str = "loss_curve"):
+    """Per-run training curves in long form (technique, seed, step, value), for seaborn's seed bands."""
+    import pandas as pd
+
+    return pd.DataFrame([{"technique": r.technique, "seed": r.params.get("seed"), "step": i + 1, "value": v}
+                         for r in records for i, v in enumerate(r.artifacts.get(key) or [])])
+
+
+def seed_bands(ax, records, ylabel: str, key: str = "loss_curve") -> None:
+    """Training curves per technique with a 95% band over the seeds (seaborn's bootstrap, fixed seed: the same
+    figure every time; one seed draws the line alone)."""
+    import seaborn as sns
+
+    df = curves(records, key)
+    if df.empty:
+        return
+    techs = list(dict.fromkeys(df["technique"]))
+    sns.lineplot(df, x="step", y="value", hue="technique", hue_order=techs, ax=ax, errorbar=("ci", 95), seed=0,
+                 palette={t: technique_color(t) for t in techs}, linewidth=1.2)
+    ax.set(xlabel="step", ylabel=ylabel)
+
+
+def bars_with_ci(ax, records, key: str, ylabel: str) -> None:
+    """One bar per technique at the mean over its runs, with a 95% confidence interval from the raw repeats
+    (seaborn's bootstrap, fixed seed; no interval for a single run)."""
+    import seaborn as sns
+
+    df = tidy(records, [key]).dropna(subset=[key])
+    if df.empty:
+        return
+    techs = list(dict.fromkeys(df["technique"]))
+    sns.barplot(df, x="technique", y=key, hue="technique", order=techs, ax=ax, errorbar=("ci", 95), seed=0,
+                palette={t: technique_color(t) for t in techs}, capsize=0.2, legend=False)
+    ax.set(xlabel="", ylabel=ylabel)
+    ax.tick_params(axis="x", rotation=30 if len(techs) > 4 else 0)
 
 
 _SAVE_META = {"pdf": {"CreationDate": None, "ModDate": None, "Producer": "effllm", "Creator": "effllm"},

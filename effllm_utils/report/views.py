@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from effllm_utils.core import aggregate, runs
+from effllm_utils.engine.sweep import is_sweep_point
 from effllm_utils.engine.adapters import METHODS
 from effllm_utils.engine.quantize import PRECISIONS
 from effllm_utils.measure import metrics
@@ -88,18 +89,19 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
         rows = {r.technique: {**r.metrics, **r.quality} for r in rs}
         keys = [k for k in RADAR_METRICS if all(rows[t].get(k) is not None for t in rows)]
         left_out = [metrics.METRICS[k].name for k in RADAR_METRICS if k not in keys]
-        fig = plt.figure(figsize=(10, 4), layout="constrained")
-        ax = fig.add_subplot(1, 2, 1, projection="polar")
+        fig = plt.figure(figsize=(14, 4), layout="constrained")
+        ax = fig.add_subplot(1, 3, 1, projection="polar")
         plotting.radar(ax, rows, keys)
         ax.set_title(f"{study} — {scale} (1 = best){budget(rs)}" + (f"\nnot measured here: {', '.join(left_out)}"
                                                                   if left_out else ""), fontsize=9)
-        ax2 = fig.add_subplot(1, 2, 2)
-        for r in rs:
-            curve, n = r.artifacts["loss_curve"], aggregate.n_runs(r)
-            label = f"{r.technique} (val ppl {r.quality['ppl']:.1f}" + (f", mean of {n} runs)" if n > 1 else ")")
-            ax2.plot(np.arange(1, len(curve) + 1), curve, color=plotting.technique_color(r.technique), label=label)
-        ax2.set(xlabel="step", ylabel="train loss (nats/token)", title="loss curves")
-        ax2.legend(fontsize=7)
+        runs_ = [r for r in registry.current(profile, study) if r.scale == scale and not is_sweep_point(r)]
+        seeds = max((aggregate.n_runs(r) for r in rs), default=1)
+        ax2 = fig.add_subplot(1, 3, 2)  # every seed's curve, the band over seeds (seaborn)
+        plotting.seed_bands(ax2, runs_, "train loss (nats/token)")
+        ax2.set_title(f"loss curves ({seeds} seed{'s' * (seeds > 1)}; band: 95% CI over seeds)")
+        ax3 = fig.add_subplot(1, 3, 3)
+        plotting.bars_with_ci(ax3, runs_, "ppl", metrics.header("ppl"))
+        ax3.set_title("validation perplexity (mean, 95% CI over seeds)")
         paths += plotting.savefig(fig, f"{study}_{scale}", profile)
         plt.close(fig)
     return paths
