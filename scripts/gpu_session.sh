@@ -20,7 +20,8 @@
 #             ~3.4 ms amortised further; 2 gave 40.3%), and one 32 x 1024 micro-batch with the fused chunked loss
 #             (larger GEMMs; the chunked loss keeps the logits out of memory; may not fit: the log says so)
 #   hardware  the hardware study on the gpu profile (matmul peak, copy bandwidth, idle power) through papermill
-#   study     the attention study on the gpu profile through papermill (the embedded corpus and tokenizer, as a
+#   study     the attention study on the gpu profile (MHA, MQA, GQA, MLA, NSA at GQA's non-embedding parameters; NSA
+#             4 x 64 + 256 of 1024; no LR sweep, no tracker: a short check) through papermill (the embedded corpus and tokenizer, as a
 #             GPU host without the Hub has them)
 #
 # papermill (study) and gemlite (the GemLite int4 kernel in tests/decode) are taken from wheels in .whl/ where the host
@@ -80,7 +81,7 @@ for s in "${@:-tests decode train}"; do
         tar czf "$out/gpu_hardware.tgz" outputs/gpu/runs/hardware outputs/gpu/figures outputs/gpu/tables 2>/dev/null ;;
       study)
         step study 540 "$py" -m effllm_utils.cli.reproduce --profile gpu --only attention --set dataset=embedded \
-          --set tokenizer=embedded --set steps=100 --set eval_every=1000
+          --set tokenizer=embedded --set steps=100 --set eval_every=1000 --set lr_sweep_points=0 --set trackers=none
         tar czf "$out/gpu_attention.tgz" --exclude=outputs/gpu/checkpoints outputs/gpu 2>/dev/null ;;
       *) echo "unknown step $s; steps: tests decode decode05 dtrace train tuned levers trace hardware study" >&2; exit 2 ;;
     esac

@@ -79,3 +79,18 @@ def test_report_warns_when_records_were_made_with_other_package_versions(records
     assert "(2 records); this install has " in drift[0]
     page = webpage.build_report("tiny").read_text()
     assert "Package versions differ" in page and "transformers: records made with 5.23.0" in page
+
+
+def test_the_batch_report_reuses_what_paper_figures_just_drew(outputs, monkeypatch):
+    """The paper_figures notebook builds the report from its own result (`made`): no second drawing of every
+    figure; `make reproduce` then prints the report's path."""
+    from effllm_utils.report import overview, webpage
+
+    made = overview.paper_figures("tiny")
+    monkeypatch.setattr(webpage, "paper_figures", lambda *a, **k: (_ for _ in ()).throw(AssertionError("redrawn")))
+    path = webpage.build_report("tiny", made=made)
+    assert path == outputs / "tiny" / "report" / "index.html" and "Claims check" in path.read_text()
+    from effllm_utils import repo_root
+
+    assert "webpage.build_report(profile, alpha=alpha, made=made)" in (
+        repo_root() / "notebooks" / "paper_figures.ipynb").read_text()

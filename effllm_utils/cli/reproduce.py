@@ -343,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [o.study for o in outcomes if o.status != "ok"]
     print(f"\n{len(outcomes) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
           + f"; executed notebooks in {outputs_dir(args.profile) / 'notebooks'}")
+    report = outputs_dir(args.profile) / "report" / "index.html"
+    if any(o.study == "paper_figures" and o.status == "ok" for o in outcomes) and report.is_file():
+        print(f"report (built by paper_figures): {report}")
     return 1 if failed else 0
 
 

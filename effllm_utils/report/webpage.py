@@ -51,14 +51,15 @@ def _table_html(df, claims: bool = False) -> str:
     return df.to_html(index=False, border=0, formatters={c: cell for c in df.columns}, escape=True, na_rep="")
 
 
-def build_report(profile: str, alpha: float = 0.05) -> Path:
+def build_report(profile: str, alpha: float = 0.05, made: dict | None = None) -> Path:
     """outputs/<profile>/report/index.html with every figure, table and the claims check (written atomically as a
-    folder: a reader never sees half a report)."""
+    folder: a reader never sees half a report). `made`: `overview.paper_figures`'s result when it has just run (the
+    paper_figures notebook passes it, so the batch's report costs no second drawing)."""
     import pandas as pd
 
     from effllm_utils import __version__
 
-    made = paper_figures(profile, alpha)
+    made = made if made is not None else paper_figures(profile, alpha)
     out = outputs_dir(profile) / "report"
     tables_dir = outputs_dir(profile) / "tables"
     env = provenance.environment()
