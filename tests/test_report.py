@@ -60,11 +60,47 @@ def test_report_renders_in_headless_chromium(records):
     console = [line for line in out.stderr.splitlines() if "CONSOLE" in line and index.name in line]
     assert console == []  # no error or message logged by the page
     # and a broken image is caught by the same check
-    (index.parent / "figures" / sorted((index.parent / "figures").iterdir())[0].name).unlink()
+    gone = sorted((index.parent / "figures").iterdir())[0].name
+    (index.parent / "figures" / gone).unlink()
+    uses = index.read_text().count(f'src="figures/{gone}"')  # the summary may show a study's figure again
     out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
                           "--v=0", "--virtual-time-budget=10000", "--dump-dom", index.as_uri()],
                          capture_output=True, text=True, timeout=120)
-    assert 'data-images-failed="1"' in out.stdout and "image failed to load" in out.stderr
+    assert f'data-images-failed="{uses}"' in out.stdout and uses >= 1 and "image failed to load" in out.stderr
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium here (.ci/run installs Debian's chromium package)")
+def test_report_summary_renders_in_a_screenshot(records, tmp_path):
+    """The page opens on its summary (study figure and verdict cards): a headless screenshot of its top is not
+    blank — dark text and coloured verdicts on the white page — and the cards and sortable headers are in the DOM."""
+    import matplotlib.image as mpimg
+    import numpy as np
+
+    index = webpage.build_report("tiny")
+    shot = tmp_path / "top.png"
+    subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,900", f"--screenshot={shot}", "--virtual-time-budget=10000", index.as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    img = mpimg.imread(shot)[..., :3]
+    assert img.shape[:2] == (900, 1200)
+    dark = (img.mean(axis=2) < 0.5).mean()  # text
+    coloured = (img.max(axis=2) - img.min(axis=2) > 0.08).mean()  # verdict colours, the figure
+    assert 0.005 < dark < 0.5 and coloured > 0.002, (dark, coloured)
+    page = index.read_text()
+    assert page.index('id="summary"') < page.index('id="claims"') and page.count('class="card"') >= 3
+    assert 'class="forest"' in page or "x [" not in page  # a forest plot wherever an effect has an interval
+
+
+def test_forest_plot_and_cards_from_the_claims_table():
+    import pandas as pd
+
+    svg = webpage.forest("ppl mla/gqa 0.913x [0.824, 1.01]; amu_gb mqa/gqa 1.02x [0.924, 1.12]")
+    assert svg.startswith('<svg class="forest"') and svg.count("<circle") == 2 and "0.913x [0.824, 1.01]" in svg
+    assert webpage.forest("memory_bytes int4/bf16 0.46x") == "" and webpage.forest("") == ""
+    claims = pd.DataFrame([{"study": "attention", "claim": "MLA lowest PPL", "group": "tiny", "verdict": "inconclusive",
+                            "evidence level": "smoke: 1.8M params", "effect": "ppl mla/gqa 0.913x [0.824, 1.01]"}])
+    html_ = webpage.summary(claims, [], lambda p: "")
+    assert '<h3>attention</h3>' in html_ and 'class="verdict v-inconclusive"' in html_ and "<svg" in html_
 
 
 def test_report_warns_when_records_were_made_with_other_package_versions(records):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,25 @@ table{border-collapse:collapse;font-size:12px;margin:.5em 0 1.5em}td,th{border:1
 text-align:right;vertical-align:top}td:first-child,th:first-child{text-align:left}img{max-width:100%;
 border:1px solid #eee}.v-reproduced{background:#d9f0d3}.v-contradicted{background:#f6d5d5}.v-inconclusive{
 background:#fdf1c8}.v-untestable{background:#eee}.caption{color:#555;font-size:13px}#broken{display:none;
-background:#f6d5d5;padding:.5em}.claims td{text-align:left;max-width:420px}.warn{background:#fdf1c8;padding:.5em}"""
+background:#f6d5d5;padding:.5em}.claims td{text-align:left;max-width:420px}.warn{background:#fdf1c8;padding:.5em}
+.cards{display:flex;flex-wrap:wrap;gap:.6em;margin:.5em 0 1.5em}.card{border:1px solid #ccc;border-radius:6px;
+padding:.5em .7em;width:360px;font-size:13px}.card .verdict{font-weight:600;padding:0 .3em}.card .level{color:#555;
+font-size:12px}.study{display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap}.study img{max-width:420px}
+th{cursor:pointer}th.sorted-asc:after{content:" \\25B2"}th.sorted-desc:after{content:" \\25BC"}"""
+SORT_TABLES = """document.querySelectorAll("table").forEach(t => {
+  const head = t.querySelector("tr"); if (!head || !head.querySelector("th")) return;
+  head.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {
+    const rows = [...t.querySelectorAll("tr")].filter(r => r !== head && r.querySelector("td"));
+    const asc = !th.classList.contains("sorted-asc");
+    head.querySelectorAll("th").forEach(h => h.classList.remove("sorted-asc", "sorted-desc"));
+    th.classList.add(asc ? "sorted-asc" : "sorted-desc");
+    const key = r => { const v = (r.children[col] || {}).textContent || ""; const n = parseFloat(v);
+                       return isNaN(n) ? v : n; };
+    rows.sort((a, b) => { const x = key(a), y = key(b);
+      return (typeof x === typeof y ? (x > y) - (x < y) : typeof x === "number" ? -1 : 1) * (asc ? 1 : -1); });
+    rows.forEach(r => r.parentNode.appendChild(r));
+  }));
+});"""
 CHECK_IMAGES = """window.addEventListener("load", () => {
   const imgs = [...document.images], bad = imgs.filter(i => !(i.complete && i.naturalWidth > 0));
   document.body.dataset.imagesLoaded = imgs.length - bad.length;
@@ -49,6 +68,56 @@ def _table_html(df, claims: bool = False) -> str:
         return "" if v is None else str(v)
 
     return df.to_html(index=False, border=0, formatters={c: cell for c in df.columns}, escape=True, na_rep="")
+
+
+_EFFECT = re.compile(r"(\S+ \S+/\S+) ([\d.e+-]+)x \[([\d.e+-]+), ([\d.e+-]+)\]")
+
+
+def forest(effect: str, width: int = 300) -> str:
+    """A small forest plot (inline SVG) of a claims row's effects: each ratio with its 95% interval on a log axis,
+    the line of no difference at 1; "" where the effect states no interval."""
+    import math
+
+    found = [(label, float(r), float(lo), float(hi)) for label, r, lo, hi in _EFFECT.findall(effect)
+             if 0 < float(lo) <= float(r) <= float(hi)]
+    if not found:
+        return ""
+    lo_ax = math.log(min(0.5, *(f[2] for f in found)))
+    hi_ax = math.log(max(2.0, *(f[3] for f in found)))
+    x0, x1 = 110, width - 10
+
+    def x(v: float) -> float:
+        return x0 + (math.log(v) - lo_ax) / (hi_ax - lo_ax) * (x1 - x0)
+
+    rows = [f'<line x1="{x(1):.1f}" y1="2" x2="{x(1):.1f}" y2="{16 * len(found) + 2}" stroke="#999" '
+            f'stroke-dasharray="3,2"/>']
+    for i, (label, r, lo, hi) in enumerate(found):
+        y = 10 + 16 * i
+        rows.append(f'<text x="0" y="{y + 4}" font-size="10">{html.escape(label[-18:])}</text>'
+                    f'<line x1="{x(lo):.1f}" y1="{y}" x2="{x(hi):.1f}" y2="{y}" stroke="#333" stroke-width="1.5"/>'
+                    f'<circle cx="{x(r):.1f}" cy="{y}" r="3" fill="#0072B2"><title>{r:.3g}x [{lo:.3g}, {hi:.3g}]'
+                    f'</title></circle>')
+    return (f'<svg class="forest" width="{width}" height="{16 * len(found) + 6}" role="img" '
+            f'aria-label="effects with 95% intervals">{"".join(rows)}</svg>')
+
+
+def summary(claims, figures: list[Path], figure) -> str:
+    """The report's opening: per study its first figure and its verdicts as cards (claim, verdict, evidence level,
+    effect with its interval as a forest plot)."""
+    blocks = []
+    for study, rows in claims.groupby("study", sort=False):
+        figs = sorted(p for p in figures if p.stem == study or p.stem.startswith(study + "_"))
+        cards = []
+        for _, r in rows.iterrows():
+            cls = "v-" + str(r["verdict"]).split()[0].replace("not", "untestable")
+            cards.append(f'<div class="card"><div>{html.escape(str(r["claim"]))}</div>'
+                         f'<div><span class="verdict {cls}">{html.escape(str(r["verdict"]))}</span>'
+                         f'{" [" + html.escape(str(r["group"])) + "]" if str(r["group"]) else ""}</div>'
+                         f'<div class="level">{html.escape(str(r["evidence level"]))}</div>'
+                         f'<div>{html.escape(str(r["effect"]))}</div>{forest(str(r["effect"]))}</div>')
+        blocks.append(f'<h3>{html.escape(study)}</h3><div class="study">{figure(figs[0]) if figs else ""}'
+                      f'<div class="cards">{"".join(cards)}</div></div>')
+    return '<h2 id="summary">Summary</h2>' + "".join(blocks)
 
 
 def build_report(profile: str, alpha: float = 0.05, made: dict | None = None) -> Path:
@@ -83,7 +152,8 @@ def build_report(profile: str, alpha: float = 0.05, made: dict | None = None) ->
                     f'<p class="caption">as <a href="tables/{p.stem}.csv">CSV</a>, <a href="tables/{p.stem}.md">'
                     f'Markdown</a>, <a href="tables/{p.stem}.tex">LaTeX</a></p>')
 
-        toc, sections = [("claims", "claims check")], []
+        toc, sections = [("summary", "summary"), ("claims", "claims check")], []
+        sections.append(summary(made["claims"], made["figures"], figure))
         sections.append('<h2 id="claims">Claims check</h2>' + f'<p class="caption">'
                         f'{html.escape(made["claims"].attrs["caption"])}</p>' + _table_html(made["claims"], claims=True)
                         + table(tables_dir / "claims.csv").split("</table>", 1)[1])
@@ -110,6 +180,7 @@ def build_report(profile: str, alpha: float = 0.05, made: dict | None = None) ->
                   + "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in toc) + "</ul>")
         page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>effllm report — {profile}</title>'
                 f"<style>{CSS}</style></head><body>{header}{''.join(sections)}<script>{CHECK_IMAGES}</script>"
+                f"<script>{SORT_TABLES}</script>"
                 "</body></html>\n")
         (tmp / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
