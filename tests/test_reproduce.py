@@ -291,3 +291,38 @@ def test_one_study_in_process_for_torchrun_and_only_rank_0_records(outputs, caps
     assert study.main(["--profile", "tiny", "--study", "atention"]) == 2
     assert "unknown study 'atention'" in capsys.readouterr().err
     assert study.main(["--profile", "tiny", "--study", "attention", "--set", "stepz=3"]) == 2
+
+
+def test_a_failed_jobs_report_ends_with_the_tail_of_its_log():
+    from effllm_utils.cli import slurm
+
+    class Job:  # what slurm.log_tail reads of a submitit job: its two log files' text
+        def __init__(self, err, out):
+            self.err, self.out = err, out
+
+        def stderr(self):
+            return self.err
+
+        def stdout(self):
+            return self.out
+
+    long = "\n".join(f"line {i}" for i in range(40)) + "\nRuntimeError: CUDA out of memory\n"
+    assert slurm.log_tail(Job(long, "")).splitlines() == [f"line {i}" for i in range(21, 40)] + [
+        "RuntimeError: CUDA out of memory"]
+    assert slurm.log_tail(Job("", "only stdout")) == "only stdout"
+    assert slurm.log_tail(Job(None, "  ")) == "(no log written)"
+
+
+def test_which_pending_jobs_can_never_start():
+    from effllm_utils.cli import slurm
+
+    node = {"cpus": 2, "mem_gb": 22, "gpus": 0, "partitions": {"debug"}}
+    ask = slurm.resources("tiny", {}, {})
+    assert slurm.impossible(ask, "PENDING", "PartitionConfig", node)
+    assert slurm.impossible(ask, "PENDING", "ReqNodeNotAvail, UnavailableNodes:n1", node)
+    assert not slurm.impossible(ask, "PENDING", "Resources", node)  # fits a node: it waits its turn
+    assert slurm.impossible(ask | {"gpus": 1}, "PENDING", "Resources", node)  # no node has a GPU
+    assert not slurm.impossible(ask | {"cpus": 64}, "RUNNING", "None", node)
+    line = slurm.unsatisfiable_message("hardware", "12", ask | {"cpus": 16}, "PartitionConfig", node)
+    assert line.startswith("hardware: Slurm cannot start job 12 (PartitionConfig): asked 16 CPUs, 8 GB, 0 GPUs")
+    assert "the largest node offers 2 CPUs, 22 GB, 0 GPUs (partitions: debug)" in line
