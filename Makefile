@@ -86,7 +86,7 @@ bench: $(STAMP)
 	$(PY) -m effllm_utils.cli.bench $(ARGS)
 
 figures: $(STAMP)
-	$(PY) -m effllm_utils.cli.reproduce --profile $(PROFILE) --only paper_figures
+	EFFLLM_PAPER_FIGURES=1 $(PY) -m effllm_utils.cli.reproduce --profile $(PROFILE) --only paper_figures
 
 report: $(STAMP)
 	$(PY) -m effllm_utils.cli.report --profile $(PROFILE)

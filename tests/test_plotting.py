@@ -101,3 +101,34 @@ def test_seaborn_draws_bars_and_bands_from_the_raw_repeats(tmp_path):
                        .read_bytes())
         plt.close(fig)
     assert outputs[0] == outputs[1]
+
+
+def test_make_figures_writes_paper_column_widths_with_embedded_fonts(tmp_path, monkeypatch):
+    """With EFFLLM_PAPER_FIGURES=1 (make figures) every figure is also a PDF at double-column width, and a
+    one-panel figure at single-column width: page sizes in points, TrueType fonts embedded; the figure keeps its
+    own size."""
+    import re
+
+    from effllm_utils.report import plots
+
+    monkeypatch.setenv(plots.PAPER_ENV, "1")
+    one, ax = plt.subplots(figsize=(6.0, 3.0))
+    ax.plot([1, 2, 3], [3, 1, 2])
+    ax.set_title("one panel")
+    plots.savefig(one, "one", "tiny", formats=("png",), directory=tmp_path)
+    two, _ = plt.subplots(1, 2, figsize=(10.0, 4.0))
+    plots.savefig(two, "two", "tiny", formats=("png",), directory=tmp_path)
+    paper = tmp_path / "paper"
+    assert sorted(p.name for p in paper.iterdir()) == ["one_double.pdf", "one_single.pdf", "two_double.pdf"]
+
+    def page(path):
+        box = re.search(rb"/MediaBox \[\s*0 0 ([\d.]+) ([\d.]+)\s*\]", path.read_bytes())
+        return float(box.group(1)), float(box.group(2))
+
+    assert page(paper / "one_single.pdf") == pytest.approx((3.5 * 72, 1.75 * 72), abs=0.5)
+    assert page(paper / "two_double.pdf") == pytest.approx((7.16 * 72, 7.16 * 0.4 * 72), abs=0.5)
+    assert b"/FontFile2" in (paper / "one_single.pdf").read_bytes()  # TrueType embedded
+    assert tuple(one.get_size_inches()) == (6.0, 3.0)
+    monkeypatch.delenv(plots.PAPER_ENV)
+    plots.savefig(one, "three", "tiny", formats=("png",), directory=tmp_path)
+    assert not (paper / "three_double.pdf").exists()

@@ -5,6 +5,7 @@ with deterministic metadata under outputs/<profile>/figures/.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -111,10 +112,38 @@ _SAVE_META = {"pdf": {"CreationDate": None, "ModDate": None, "Producer": "effllm
               "svg": {"Date": None, "Creator": "effllm"}, "png": {"Software": "effllm"}}
 
 
+# Column widths papers use, in inches (two-column conference and journal templates: ACL, NeurIPS, IEEE ~3.3-3.5 and
+# ~6.75-7.16): `make figures` also writes every figure as figures/paper/<name>_double.pdf and, for one-panel
+# figures, <name>_single.pdf (a multi-panel figure at 3.5 in would be unreadable).
+PAPER_WIDTHS_IN = {"single": 3.5, "double": 7.16}
+PAPER_ENV = "EFFLLM_PAPER_FIGURES"  # set (to 1) by `make figures`
+
+
+def paper_copies(fig, name: str, out: Path) -> list[Path]:
+    """PDFs of `fig` at the paper column widths (height in proportion, fonts embedded as TrueType, no timestamps)
+    under out/paper/; the figure's own size is restored."""
+    w, h = fig.get_size_inches()
+    (out / "paper").mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for label, width in PAPER_WIDTHS_IN.items():
+            if label == "single" and len(fig.axes) > 1:
+                continue
+            fig.set_size_inches(width, h * width / w)
+            path = out / "paper" / f"{name}_{label}.pdf"
+            with plt.rc_context(_SAVE_RC):
+                fig.savefig(path, format="pdf", metadata=_SAVE_META["pdf"])
+            paths.append(path)
+    finally:
+        fig.set_size_inches(w, h)
+    return paths
+
+
 def savefig(fig, name: str, profile: str, formats: Sequence[str] = ("pdf", "png", "svg"),
             directory: Path | None = None) -> list[Path]:
     """Write `fig` as outputs/<profile>/figures/<name>.{pdf,png,svg}: TrueType fonts embedded in the PDF, no
-    timestamps, fixed SVG ids — the same figure gives the same bytes."""
+    timestamps, fixed SVG ids — the same figure gives the same bytes. With $EFFLLM_PAPER_FIGURES=1 (`make figures`)
+    also at the paper column widths (`paper_copies`)."""
     bad = [f for f in formats if f not in _SAVE_META]
     if bad:
         raise ValueError(f"unknown figure format {bad[0]!r}; choose from {', '.join(_SAVE_META)}")
@@ -126,6 +155,8 @@ def savefig(fig, name: str, profile: str, formats: Sequence[str] = ("pdf", "png"
             path = out / f"{name}.{fmt}"
             fig.savefig(path, format=fmt, metadata=_SAVE_META[fmt], dpi=200, bbox_inches="tight")
             paths.append(path)
+    if os.environ.get(PAPER_ENV) == "1":
+        paper_copies(fig, name, out)
     return paths
 
 

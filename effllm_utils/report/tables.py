@@ -1,4 +1,5 @@
-"""Tables as CSV, Markdown and LaTeX (booktabs-free, escaped), written atomically under outputs/<profile>/tables/.
+"""Tables as CSV, Markdown and LaTeX (booktabs rules: \\toprule, \\midrule, \\bottomrule; escaped), written
+atomically under outputs/<profile>/tables/.
 """
 from __future__ import annotations
 
