@@ -128,7 +128,7 @@ def test_perplexity_batches_windows_without_changing_the_value():
         assert infer.perplexity(m, ids, 32, 5, "cpu", per_forward) == pytest.approx(want, rel=1e-5)
 
 
-def test_harness_times_every_token_and_measures_side_by_side():
+def test_harness_times_every_token_and_measures_side_by_side(capsys):
     torch.manual_seed(0)
     a, b = EffLLMForCausalLM(models.config("test")).eval(), EffLLMForCausalLM(models.config("test")).eval()
     r = infer.timed_request(a, torch.zeros(2, 8, dtype=torch.long), 5, "cpu")
@@ -136,6 +136,8 @@ def test_harness_times_every_token_and_measures_side_by_side():
     cfg = infer.InferConfig(prompt_len=8, new_tokens=4, batch_sizes=(1, 2), min_time_s=0.0, min_requests=2)
     out = infer.measure({"a": a, "b": b}, torch.randint(0, 128, (2, 8)), cfg, "cpu")
     assert set(out) == {"a", "b"}
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]  # the harness's progress bar
+    assert bar.startswith("decode a, b: ") and f"{out['a']['requests'] + out['b']['requests']}request" in bar
     for m in out.values():
         assert m["requests"] >= 4 and set(m["it_by_batch"]) == {"1", "2"} and m["it"] > 0
         assert m["decode_token_p90_s"] >= m["decode_token_p50_s"] > 0 and m["amu_gb"] > 0

@@ -45,6 +45,7 @@ class InferConfig:
     max_requests: int = 50
     warmup_requests: int = 1
     telemetry_period_s: float = 0.1
+    progress: bool = True  # a progress bar over the timed requests (updated between them)
 
     def __post_init__(self):
         self.batch_sizes = tuple(self.batch_sizes)
@@ -161,7 +162,10 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
     if prompts.shape[1] < cfg.prompt_len or prompts.shape[0] < max(cfg.batch_sizes):
         raise ValueError(f"prompts must be at least [{max(cfg.batch_sizes)}, {cfg.prompt_len}], "
                          f"got {tuple(prompts.shape)}")
+    from tqdm.auto import tqdm
+
     names = list(models)
+    bar = tqdm(desc=f"decode {', '.join(names)}", unit="request", disable=not cfg.progress, mininterval=1.0)
     acc = {n: {"prefill": {}, "token": {}, "e2e": {}, "it": {}, "wall": 0.0, "energy": 0.0, "energy_ok": True,
                "amu_x_wall": 0.0, "peak": 0.0, "growth_x_wall": 0.0, "peak_growth": 0.0, "rss_x_wall": 0.0,
                "tokens": 0, "reason": None} for n in names}
@@ -182,12 +186,15 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
                 with Monitor(period_s=cfg.telemetry_period_s, device=device) as mon:
                     r = timed_request(models[n], ids, cfg.new_tokens, device)
                 _accumulate(acc[n], b, r, mon.summary)
+                bar.update(1)  # after the request's window closed
+                bar.set_postfix_str(f"batch {b}, round {rnd + 1}, {n}", refresh=False)
                 done[n]["time"] += r["e2e_s"]
                 done[n]["count"] += 1
                 done[n]["tokens"] += r["tokens"]
             rnd += 1
         for n in names:
             acc[n]["it"][b] = done[n]["tokens"] / done[n]["time"]
+    bar.close()
     return {n: _summary(a, models[n], cfg, attribute_memory) for n, a in acc.items()}
 
 
