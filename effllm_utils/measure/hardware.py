@@ -110,7 +110,8 @@ def _reference_step(device: str, width: int, batch: int):
 
 def telemetry_overhead(device: str, period_s: float, block_s: float, pairs: int, width: int,
                        batch: int) -> dict[str, Any]:
-    """Step-time increase when the Monitor samples at `period_s`, from interleaved blocks without/with it.
+    """Step-time increase with the instrumentation every training run carries — the Monitor sampling at `period_s`
+    and a progress bar advanced after each step (as `engine.train` does) — from interleaved blocks without/with it.
 
     Blocks alternate (off, on, off, on, ...) so drift hits both; the estimate is the median over pairs of
     (t_on / t_off - 1), with the inter-quartile range of the pair ratios beside it. On a shared machine that A/B
@@ -119,12 +120,23 @@ def telemetry_overhead(device: str, period_s: float, block_s: float, pairs: int,
     step = _reference_step(device, width, batch)
     step_s = time_repeated(step, device, 0.3, 3)
     steps_per_block = max(3, int(block_s / step_s))
+    import io
+
+    from tqdm import tqdm
+
+    bar = tqdm(file=io.StringIO(), mininterval=1.0, unit="step")  # rendered like a run's bar, into a buffer
+
+    def instrumented():
+        step()
+        bar.update(1)
+
     off, on, duty = [], [], []
     for _ in range(pairs):
         off.append(time_repeated(step, device, 0.0, steps_per_block, warmup=1))
         with Monitor(period_s=period_s, device=device) as mon:
-            on.append(time_repeated(step, device, 0.0, steps_per_block, warmup=1))
+            on.append(time_repeated(instrumented, device, 0.0, steps_per_block, warmup=1))
         duty.append(mon.summary["sampler_duty_pct"])
+    bar.close()
     ratios = np.array(on) / np.array(off) - 1
     return {"metrics": {"telemetry_overhead_pct": 100 * float(np.median(ratios)),
                         "overhead_pct_q25": 100 * float(np.percentile(ratios, 25)),
