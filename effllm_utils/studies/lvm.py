@@ -53,9 +53,7 @@ def scaled_overrides(dims: dict, spec: dict) -> dict:
     spec leaves them out (values it gives stay): MLA's head dims (nope = v = the head dim, rope = half of it) and
     latent rank (2 x the head dim; 32 at tiny's width 64, 144 at DiT-XL's 1,152), and a MoE's expert width (the
     dense FFN width / experts per token, in steps of 8: the active FFN is the dense one's width)."""
-    from effllm_utils import models
-
-    c = models.EffLLMConfig(**(dims | spec))
+    c = EffLLMConfig(**(dims | spec))
     hd = c.hidden_size // c.num_attention_heads
     out = dict(spec)
     if c.attention == "mla":

@@ -46,11 +46,13 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
         if pending:
             work = outputs_dir(profile) / "checkpoints" / "quantization" / name
             calib, calib_source = calibration(tok, P)
+            val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
             # every precision resident and measured interleaved (drift hits all alike), or one at a time, each freed
             # before the next is built (models that do not fit several times over)
             groups = [[p] for p in P["precisions"]] if P.get("one_at_a_time", False) else [list(P["precisions"])]
             for group in groups:
-                results |= _measure(group, src, tok, P, device, work, calib, base_info | {"calibration": calib_source})
+                results |= _measure(group, src, tok, P, device, work, calib, val,
+                                    base_info | {"calibration": calib_source})
                 _free(device)
             _add_mcr({p: r for p, r in results.items() if not isinstance(r, Exception)})
         for p in P["precisions"]:
@@ -80,8 +82,10 @@ def calibration(tok, P) -> tuple[list[str], str]:
             f"{P['calibration_data']} (first {n} x {length} tokens)")
 
 
-def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str], base_info: dict) -> dict:
-    """Build the precisions of `group` (all resident), measure them side by side: {precision: result or error}."""
+def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str], val: torch.Tensor,
+             base_info: dict) -> dict:
+    """Build the precisions of `group` (all resident), measure them side by side on the held-out ids `val`:
+    {precision: result or error}."""
     from effllm_utils.engine.infer import InferConfig, measure, perplexity
 
     built, out = {}, {}
@@ -90,7 +94,6 @@ def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str],
             built[p] = build(p, src, tok, P, device, work, calib)
         except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
             out[p] = e
-    val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
     cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
                       min_time_s=P["min_time_s"], min_requests=P["min_requests"])
     decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
