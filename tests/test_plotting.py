@@ -132,3 +132,11 @@ def test_make_figures_writes_paper_column_widths_with_embedded_fonts(tmp_path, m
     monkeypatch.delenv(plots.PAPER_ENV)
     plots.savefig(one, "three", "tiny", formats=("png",), directory=tmp_path)
     assert not (paper / "three_double.pdf").exists()
+
+
+def test_error_bars_are_student_t_intervals_of_the_seed_means():
+    from effllm_utils.report import plots
+
+    lo, hi = plots.t_interval([1.0, 2.0, 3.0])
+    assert (lo + hi) / 2 == pytest.approx(2.0) and (hi - lo) / 2 == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
+    assert plots.t_interval([5.0]) == (5.0, 5.0)

@@ -79,30 +79,42 @@ def curves(records, key: str = "loss_curve"):
                          for r in records for i, v in enumerate(r.artifacts.get(key) or [])])
 
 
+def t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Student's t interval of the mean of a few repeats (a bootstrap over 3 seeds is far too narrow); one value: no
+    interval. Used as seaborn's `errorbar`."""
+    from scipy import stats
+
+    x = np.asarray(values, float)
+    if len(x) < 2:
+        return float(x.mean()), float(x.mean())
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1)) * float(x.std(ddof=1)) / np.sqrt(len(x))
+    return float(x.mean()) - half, float(x.mean()) + half
+
+
 def seed_bands(ax, records, ylabel: str, key: str = "loss_curve") -> None:
-    """Training curves per technique with a 95% band over the seeds (seaborn's bootstrap, fixed seed: the same
-    figure every time; one seed draws the line alone)."""
+    """Training curves per technique with a 95% band over the seeds (Student's t interval of the mean at each step;
+    one seed draws the line alone)."""
     import seaborn as sns
 
     df = curves(records, key)
     if df.empty:
         return
     techs = list(dict.fromkeys(df["technique"]))
-    sns.lineplot(df, x="step", y="value", hue="technique", hue_order=techs, ax=ax, errorbar=("ci", 95), seed=0,
+    sns.lineplot(df, x="step", y="value", hue="technique", hue_order=techs, ax=ax, errorbar=t_interval,
                  palette={t: technique_color(t) for t in techs}, linewidth=1.2)
     ax.set(xlabel="step", ylabel=ylabel)
 
 
 def bars_with_ci(ax, records, key: str, ylabel: str) -> None:
     """One bar per technique at the mean over its runs, with a 95% confidence interval from the raw repeats
-    (seaborn's bootstrap, fixed seed; no interval for a single run)."""
+    (Student's t; no interval for a single run)."""
     import seaborn as sns
 
     df = tidy(records, [key]).dropna(subset=[key])
     if df.empty:
         return
     techs = list(dict.fromkeys(df["technique"]))
-    sns.barplot(df, x="technique", y=key, hue="technique", order=techs, ax=ax, errorbar=("ci", 95), seed=0,
+    sns.barplot(df, x="technique", y=key, hue="technique", order=techs, ax=ax, errorbar=t_interval,
                 palette={t: technique_color(t) for t in techs}, capsize=0.2, legend=False)
     ax.set(xlabel="", ylabel=ylabel)
     ax.tick_params(axis="x", rotation=30 if len(techs) > 4 else 0)
