@@ -1,5 +1,6 @@
 """Quantization: every precision round-trips through safetensors, int4 keeps quality within a stated bound, clear
 errors for what cannot run; and the inference harness measures what it says."""
+import dataclasses
 import math
 from pathlib import Path
 
@@ -150,6 +151,23 @@ def test_harness_times_every_token_and_measures_side_by_side(capsys):
         assert one["requests"] >= 2 and two["requests"] >= 2 and one["decode_token_p50_s"] != two["decode_token_p50_s"]
     with pytest.raises(ValueError, match="prompts must be at least"):
         infer.measure({"a": a}, torch.zeros(1, 4, dtype=torch.long), cfg, "cpu")
+
+
+def test_harness_warms_up_on_the_full_prompt_and_a_few_tokens(monkeypatch):
+    """A warm-up request runs the measured prompt but only `warmup_tokens` decode steps (each has the shapes of the
+    measured ones); measured requests generate `new_tokens`."""
+    seen = []
+    real = infer.timed_request
+    monkeypatch.setattr(infer, "timed_request", lambda m, ids, n, d: seen.append((ids.shape, n)) or real(m, ids, n, d))
+    m = EffLLMForCausalLM(models.config("test")).eval()
+    cfg = infer.InferConfig(prompt_len=8, new_tokens=12, batch_sizes=(1, 2), min_time_s=0.0, min_requests=2,
+                            progress=False)
+    infer.measure({"a": m}, torch.randint(0, 128, (2, 8)), cfg, "cpu")
+    assert seen == [((1, 8), 4), ((1, 8), 12), ((1, 8), 12), ((2, 8), 4), ((2, 8), 12), ((2, 8), 12)]
+    seen.clear()
+    infer.measure({"a": m}, torch.randint(0, 128, (1, 8)), dataclasses.replace(cfg, batch_sizes=(1,), new_tokens=3),
+                  "cpu")
+    assert [n for _, n in seen] == [3, 3, 3]  # never more than a measured request
 
 
 def test_harness_attributes_memory_to_each_resident_model():

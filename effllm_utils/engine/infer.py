@@ -4,7 +4,8 @@ latency and throughput over a batch-size sweep, with telemetry, for several mode
     results = measure({"fp32": m1, "int8": m2}, prompts, InferConfig(batch_sizes=[1, 4]), device="cpu")
 
 Greedy decoding with the model's KV cache, one forward per token; the device is synchronised after every token and
-its timestamp taken, so decode latencies are measured, not derived by subtraction. Warm-up requests are excluded;
+its timestamp taken, so decode latencies are measured, not derived by subtraction. Warm-up requests (the full prompt,
+`warmup_tokens` new tokens) are excluded;
 each (technique, batch size) is repeated until both `min_time_s` of measured requests and `min_requests` are reached;
 the order of techniques rotates every round, so drift (thermal, a noisy neighbour) does not favour one.
 Latencies (prefill, per-token decode mean/p50/p90, request AL) are those of the smallest batch size in the sweep
@@ -44,6 +45,8 @@ class InferConfig:
     min_requests: int = 3  # and at least this many requests
     max_requests: int = 50
     warmup_requests: int = 1
+    warmup_tokens: int = 4  # tokens each warm-up request generates: its prefill is a measured request's, and every
+    # decode step after it has the same shapes (static cache) or one more cached position, so a few steps warm them
     telemetry_period_s: float = 0.1
     progress: bool = True  # a progress bar over the timed requests (updated between them)
 
@@ -174,7 +177,7 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
         ids = prompts[:b, :cfg.prompt_len].to(device)
         for n in names:  # warm-up, not measured
             for _ in range(cfg.warmup_requests):
-                timed_request(models[n], ids, cfg.new_tokens, device)
+                timed_request(models[n], ids, min(cfg.new_tokens, max(2, cfg.warmup_tokens)), device)
         done = {n: {"time": 0.0, "count": 0, "tokens": 0} for n in names}
         rnd = 0
         while any(d["count"] < cfg.min_requests or d["time"] < cfg.min_time_s for d in done.values()) \
