@@ -57,7 +57,19 @@ def test_pareto_draws_error_bars_where_repeats_give_them():
     bars = [c for c in ax.containers if c.__class__.__name__ == "ErrorbarContainer"]
     assert len(bars) == 1  # only the point with a standard error
     (segment,) = bars[0].lines[2][0].get_segments()
-    assert np.allclose(segment, [[1.0, 4.5], [1.0, 5.5]])  # +- one standard error around (1, 5)
+    assert np.allclose(segment, [[1.0, 4.5], [1.0, 5.5]])  # +- the given half-width around (1, 5)
+
+
+def test_the_interval_of_averaged_repeats_is_the_t_interval_of_the_raw_values():
+    import statistics
+
+    values = [3.1, 2.9, 3.6]
+    lo, hi = plotting.t_interval(values)
+    half = plotting.t_half(statistics.stdev(values) / np.sqrt(3), 3)
+    assert half == pytest.approx((hi - lo) / 2) and half == pytest.approx(4.3027 * statistics.stdev(values) / 3 ** 0.5,
+                                                                          rel=1e-4)
+    assert plotting.t_half(None, 3) is None and plotting.t_half(0.2, 1) is None and plotting.t_half(float("nan"), 3) \
+        is None
 
 
 def test_radar_normalises_each_metric(outputs):

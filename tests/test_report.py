@@ -74,7 +74,6 @@ def test_report_summary_renders_in_a_screenshot(records, tmp_path):
     """The page opens on its summary (study figure and verdict cards): a headless screenshot of its top is not
     blank — dark text and coloured verdicts on the white page — and the cards and sortable headers are in the DOM."""
     import matplotlib.image as mpimg
-    import numpy as np
 
     index = webpage.build_report("tiny")
     shot = tmp_path / "top.png"
@@ -130,3 +129,47 @@ def test_the_batch_report_reuses_what_paper_figures_just_drew(outputs, monkeypat
 
     assert "webpage.build_report(profile, alpha=alpha, made=made)" in (
         repo_root() / "notebooks" / "paper_figures.ipynb").read_text()
+
+
+def _executed_notebook(path):
+    """A small executed notebook as `make reproduce` leaves one: a printed line and a PNG figure."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    import nbformat
+
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.plot([1, 2, 3])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    cell = nbformat.v4.new_code_cell("print('trained mqa')", execution_count=1, outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="trained mqa: ppl 400.0\n"),
+        nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(buf.getvalue()).decode()})])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Attention"), cell])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+
+
+def test_report_links_the_executed_notebooks_and_states_the_environment(records):
+    nbs = records / "tiny" / "notebooks"
+    _executed_notebook(nbs / "attention.ipynb")
+    _executed_notebook(nbs / ".paper_figures.partial.ipynb")  # still running: not listed
+    (nbs / "broken.ipynb").write_text("{not json")
+    index = webpage.build_report("tiny")
+    page = index.read_text()
+    assert '<a href="notebooks/attention.html">attention</a>' in page and "paper_figures" not in page.split(
+        'id="notebooks"')[1].split("</ul>")[0]
+    assert "<li>broken: not converted: " in page  # one line, the report still built
+    nb_page = (index.parent / "notebooks" / "attention.html").read_text()
+    assert "trained mqa: ppl 400.0" in nb_page and 'src="data:image/png;base64,' in nb_page
+    assert "<script" not in nb_page and not re.search(r'(src|href)="https?:', nb_page)  # opens from disk, offline
+    env = page.split('id="environment"')[1]
+    assert f"<td>torch</td><td>{provenance.environment()['torch_version']}</td>" in env and "git_sha" in env
+    if _browser():
+        out = subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr",
+                              "--v=0", "--virtual-time-budget=5000", "--dump-dom",
+                              (index.parent / "notebooks" / "attention.html").as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert "trained mqa" in out.stdout and not [ln for ln in out.stderr.splitlines() if "CONSOLE" in ln]

@@ -28,6 +28,8 @@ if fail or os.environ.get("EFFLLM_TEST_FAIL") == STUDY:
 if os.environ.get("EFFLLM_TEST_DIE") == STUDY:  # as the out-of-memory killer would
     import signal
     os.kill(os.getpid(), signal.SIGKILL)
+from effllm_utils.core import progress
+progress.stage("second", 2, 2)
 time.sleep(sleep_s)
 runs.execute(STUDY, "second", profile, P, lambda: measure("second"), force=force)'''
 
@@ -135,6 +137,13 @@ def test_set_overrides_a_parameter_for_one_run(root, outputs, capsys):
     assert reproduce.main(["--root", str(root), "--set", "sleep_s=0"]) == 0
     df = aggregate.load_runs("tiny")
     assert len(df) == 2 and (df["param.sleep_s"] == 0.0).all()  # the records keep the params they ran with
+
+
+def test_the_batch_bar_names_what_the_study_is_on(root, outputs, capsys, monkeypatch):
+    monkeypatch.setattr(reproduce, "LOG_PROGRESS_EVERY_S", 0.5)  # captured stderr is a log, not a terminal
+    make_study(root, "hardware", "sleep_s: 2.5\n")
+    assert reproduce.main(["--root", str(root)]) == 0
+    assert "hardware: second (2 of 2)" in capsys.readouterr().err  # published by the kernel, shown by the batch
 
 
 def test_kill_leaves_no_half_written_record_and_the_next_run_resumes(root, outputs):

@@ -42,6 +42,7 @@ from effllm_utils.core.params import (
     study_params,
     with_overrides,
 )
+from effllm_utils.core import progress
 from effllm_utils.core.runs import atomic_write_text
 from effllm_utils.studies import registry
 
@@ -53,6 +54,11 @@ class Outcome:
     seconds: float = 0.0
     detail: str = ""
     notebook: str = ""
+
+
+# how often the batch's bar takes the study's progress line when stderr is a log file, not a terminal (each update
+# is a line there: a 6-hour batch at the terminal's once a second would write ~20k)
+LOG_PROGRESS_EVERY_S = 15.0
 
 
 def manifest(root: Path) -> list[str]:
@@ -328,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
             for t in bar:
                 where = f"during {t.name!r}"
                 bar.set_postfix_str(t.name)
-                o = run_study(t.study, args.profile, root, args.force, args.timeout, args.kernel, t.overrides, t.name)
+                # the study's stage (technique n of N) and its innermost bar, beside its name (core.progress)
+                with progress.relay(lambda line, name=t.name: bar.set_postfix_str(f"{name}: {line}"),
+                                    progress.PUBLISH_EVERY_S if sys.stderr.isatty() else LOG_PROGRESS_EVERY_S):
+                    o = run_study(t.study, args.profile, root, args.force, args.timeout, args.kernel, t.overrides,
+                                  t.name)
                 outcomes.append(o)
                 if o.status != "ok":
                     tqdm.write(f"FAILED {t.name}: {o.detail}", file=sys.stderr)

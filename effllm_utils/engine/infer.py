@@ -165,10 +165,10 @@ def measure(models: dict[str, Any], prompts: torch.Tensor, cfg: InferConfig, dev
     if prompts.shape[1] < cfg.prompt_len or prompts.shape[0] < max(cfg.batch_sizes):
         raise ValueError(f"prompts must be at least [{max(cfg.batch_sizes)}, {cfg.prompt_len}], "
                          f"got {tuple(prompts.shape)}")
-    from tqdm.auto import tqdm
+    from effllm_utils.core import progress
 
     names = list(models)
-    bar = tqdm(desc=f"decode {', '.join(names)}", unit="request", disable=not cfg.progress, mininterval=1.0)
+    bar = progress.bar(desc=f"decode {', '.join(names)}", unit="request", disable=not cfg.progress, mininterval=1.0)
     acc = {n: {"prefill": {}, "token": {}, "e2e": {}, "it": {}, "wall": 0.0, "energy": 0.0, "energy_ok": True,
                "amu_x_wall": 0.0, "peak": 0.0, "growth_x_wall": 0.0, "peak_growth": 0.0, "rss_x_wall": 0.0,
                "tokens": 0, "reason": None} for n in names}

@@ -15,6 +15,7 @@ from effllm_utils import check_keys, config_args, data, outputs_dir
 from effllm_utils.core import runs
 from effllm_utils.core.runtime import seed_everything
 from effllm_utils.data.imagesets import IMAGE_TOKEN, digit_examples
+from effllm_utils.engine import tracking
 from effllm_utils.models import packaged
 from effllm_utils.models.convert import export_qwen2
 from effllm_utils.models.hub import ModelUnavailable
@@ -94,9 +95,9 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
         model, fpt, _ = build_model(spec["dims"], len(tok), {}, seq_len)
         cfg = TrainConfig(steps=spec["pretrain_steps"], batch_size=batch, seq_len=seq_len,
                           lr=spec["pretrain_lr"], warmup_steps=min(10, spec["pretrain_steps"] // 10),
-                          eval_every=10**9, eval_batches=P["eval_batches"])
+                          eval_every=10**9, eval_batches=P["eval_batches"], progress_desc=f"base {ckpt.name}")
         result = train(model.to(device), data.token_ids("train", tok), data.token_ids("validation", tok), cfg,
-                       flops_per_token=fpt)
+                       flops_per_token=fpt, tracking=tracking.for_run(profile, "base", ckpt.name, P, key))
         with runs.atomic_dir(ckpt) as tmp:
             model.save_pretrained(tmp)
             (tmp / "pretrain.json").write_text(json.dumps(result["quality"]))
@@ -209,8 +210,9 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
         (tr, _), (va, _) = (digit_examples(s, tok, n_img, P["seq_len"], P["seed"]) for s in ("train", "validation"))
         cfg = TrainConfig(steps=spec["align_steps"], batch_size=P["batch_size"], seq_len=P["seq_len"],
                           lr=spec["align_lr"], warmup_steps=max(1, spec["align_steps"] // 10), weight_decay=0.0,
-                          eval_every=10**9, eval_batches=P["eval_batches"], seed=P["seed"])
-        result = train(model.to(device), tr, va, cfg)
+                          eval_every=10**9, eval_batches=P["eval_batches"], seed=P["seed"],
+                          progress_desc=f"vlm {path.name} projector alignment")
+        result = train(model.to(device), tr, va, cfg, tracking=tracking.for_run(profile, "vlm", path.name, P, spec))
         with runs.atomic_dir(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in
                        model.model.multi_modal_projector.state_dict().items()}, str(tmp / "projector.safetensors"))

@@ -51,6 +51,15 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, int | float | st
     return out
 
 
+def for_run(profile: str, study: str, run_name: str, P: dict[str, Any], config: dict[str, Any]) -> Tracking:
+    """A study's training run, tracked under outputs/<profile>/tensorboard/<study>/<run_name> by the trackers its
+    `trackers` param names (TensorBoard where the study has none)."""
+    from effllm_utils import outputs_dir
+
+    return Tracking(outputs_dir(profile) / "tensorboard" / study, run_name, parse(P.get("trackers", "tensorboard")),
+                    config=config)
+
+
 def start(acc, tracking: Tracking | None) -> None:
     if tracking is not None and tracking.trackers:
         acc.init_trackers(tracking.run_name, config=flat(tracking.config))

@@ -266,11 +266,11 @@ class _Loop:
 
     def run(self) -> dict[str, Any]:
         """All steps, with the telemetry window after `skip_steps` and periodic validation; the Monitor's result."""
-        from tqdm.auto import tqdm
+        from effllm_utils.core import progress
 
         cfg = self.cfg
-        bar = tqdm(total=cfg.steps, desc=cfg.progress_desc, unit="step", disable=not cfg.progress or self.rank != 0,
-                   mininterval=1.0)
+        bar = progress.bar(total=cfg.steps, desc=cfg.progress_desc, unit="step",
+                           disable=not cfg.progress or self.rank != 0, mininterval=1.0)
         try:
             return self._steps(bar)
         finally:

@@ -95,10 +95,17 @@ def inception_fid(images: torch.Tensor, reference: torch.Tensor, device: str = "
         raise FeatureNetUnavailable(f"Inception-v3 weights for FID could not be loaded ({type(e).__name__}: "
                                     f"{str(e).splitlines()[0][:160]}); torch-fidelity fetches them on first use "
                                     f"where github.com is reachable, into torch.hub.get_dir()") from None
+    from effllm_utils.core import progress
+
+    bar = progress.bar(total=len(reference) + len(images), desc="FID: Inception features", unit="image",
+                       mininterval=1.0)
     for imgs, real in ((reference, True), (images, False)):
         for chunk in imgs.split(256):
+            n = len(chunk)
             chunk = ((chunk.float() + 1) / 2).clamp(0, 1).to(device)
             fid.update(chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk, real=real)
+            bar.update(n)
+    bar.close()
     return float(fid.compute())
 
 

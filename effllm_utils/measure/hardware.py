@@ -59,7 +59,8 @@ def matmul_sweep(sizes: list[int], dtype: str, device: str, min_time_s: float, r
     vals: dict[int, list[float]] = {n: [] for n in sizes}
     for _ in range(repeats):
         for n in sizes:
-            vals[n].append(matmul_tflops(n, dtype, device, min_time_s, min_reps=1))  # one product may outlast min_time_s
+            # min_reps 1: one product may outlast min_time_s (bf16 on an AVX2 CPU: ~2 s at n=1024)
+            vals[n].append(matmul_tflops(n, dtype, device, min_time_s, min_reps=1))
     per_size = {n: {"median": statistics.median(v), "min": min(v), "max": max(v)} for n, v in vals.items()}
     best = max(per_size, key=lambda n: per_size[n]["max"])
     return {"metrics": {"matmul_tflops": per_size[best]["max"], "best_n": best},
@@ -122,9 +123,10 @@ def telemetry_overhead(device: str, period_s: float, block_s: float, pairs: int,
     steps_per_block = max(3, int(block_s / step_s))
     import io
 
-    from tqdm import tqdm
+    from effllm_utils.core import progress
 
-    bar = tqdm(file=io.StringIO(), mininterval=1.0, unit="step")  # rendered like a run's bar, into a buffer
+    # rendered (and published to the batch runner) like a run's bar, into a buffer
+    bar = progress.bar(text=True, file=io.StringIO(), mininterval=1.0, unit="step")
 
     def instrumented():
         step()

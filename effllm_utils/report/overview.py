@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from effllm_utils.core import aggregate
 from effllm_utils.report.paper import comparison, first_group
 from effllm_utils.report.tables import write_with_caption
 from effllm_utils.studies import registry
@@ -54,7 +53,7 @@ def pareto_fronts(profile: str) -> list[Path]:
                                  squeeze=False)
         for ax, (study, q, rs) in zip(axes.flat, usable):
             plotting.pareto(ax, [r.technique for r in rs], [r.metrics[cost] for r in rs], [r.quality[q] for r in rs],
-                            label, q, y_errors=[aggregate.standard_error(r, q) for r in rs])
+                            label, q, y_errors=[plotting.record_half(r, q) for r in rs])
             ax.set_title(study, fontsize=9)
         for ax in list(axes.flat)[len(usable):]:
             ax.set_axis_off()

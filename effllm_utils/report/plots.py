@@ -91,6 +91,24 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float]:
     return float(x.mean()) - half, float(x.mean()) + half
 
 
+def t_half(se: float | None, n: int | None, level: float = 0.95) -> float | None:
+    """Half-width of the Student's t interval of a mean over `n` repeats with standard error `se` (None for one run):
+    what `t_interval` gives from the raw values, for records whose repeats are already averaged (tables' `runs` and
+    `*_se` columns, `core.aggregate.mean_repeats`)."""
+    from scipy import stats
+
+    if se is None or n is None or not np.isfinite(se) or n < 2:
+        return None
+    return float(stats.t.ppf(0.5 + level / 2, int(n) - 1)) * float(se)
+
+
+def record_half(r, key: str) -> float | None:
+    """`t_half` of a (`mean_repeats`) record's metric or quality `key` over its repeats."""
+    from effllm_utils.core import aggregate
+
+    return t_half(aggregate.standard_error(r, key), aggregate.n_runs(r))
+
+
 def seed_bands(ax, records, ylabel: str, key: str = "loss_curve") -> None:
     """Training curves per technique with a 95% band over the seeds (Student's t interval of the mean at each step;
     one seed draws the line alone)."""
@@ -219,7 +237,8 @@ def pareto_front(x: Sequence[float], y: Sequence[float], x_better: str = "lower"
 def pareto(ax, labels: Sequence[str], x: Sequence[float], y: Sequence[float], xlabel: str, ylabel: str,
            x_better: str = "lower", y_better: str = "lower", y_errors: Sequence[float | None] | None = None):
     """Scatter coloured by technique with the Pareto front drawn through the non-dominated points; `y_errors`
-    (standard errors over repeats; None or NaN where a point is one run) as vertical error bars."""
+    (half-widths of each point's 95% t interval over its repeats, `t_half`/`record_half`; None or NaN where a point is
+    one run) as vertical error bars."""
     xs, ys = np.asarray(x, float), np.asarray(y, float)
     span = [max(np.ptp(v[np.isfinite(v)]) if np.isfinite(v).any() else 0.0, 1e-12) for v in (xs, ys)]
     errs = np.asarray([np.nan if e is None else e for e in y_errors], float) if y_errors is not None else None

@@ -3,6 +3,7 @@ names. One module, one section per study family; under 400 lines as long as each
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,6 @@ def budget(recs) -> str:
 def pretraining_figures(profile: str, study: str) -> list[Path]:
     """Table (CSV/MD/TeX), a radar chart per scale over the six metrics, and the loss curves."""
     import matplotlib.pyplot as plt
-    import numpy as np
 
     from effllm_utils.report import plots as plotting
 
@@ -147,6 +147,18 @@ def peft_table(profile: str):
     return df[[c for c in PEFT_COLUMNS if c in df]].rename(columns=PEFT_COLUMNS).reset_index(drop=True)
 
 
+def half_widths(table, se_column: str) -> list | None:
+    """Each row's 95% t-interval half-width from a table's `runs` and `se_column` (None where a row is one run; the
+    whole column None for a table without repeats)."""
+    from effllm_utils.report import plots as plotting
+
+    if se_column not in table or "runs" not in table:
+        return None
+    return [plotting.t_half(float(se), int(n)) if se is not None and math.isfinite(se) and math.isfinite(n)
+            else None
+            for se, n in zip(table[se_column], table["runs"])]
+
+
 def peft_figures(profile: str, study: str = "peft") -> list:
     """Table (CSV/MD/TeX); per (model, dataset): efficiency-score bars (Figure 4), a radar, and a Pareto plot of
     eval loss against energy (or against latency where energy is not measurable, which the axis says)."""
@@ -176,12 +188,12 @@ def peft_figures(profile: str, study: str = "peft") -> list:
         ax3 = fig.add_subplot(1, 3, 3)
         E, L, AL = PEFT_COLUMNS["energy_j"], PEFT_COLUMNS["loss"], PEFT_COLUMNS["al_s"]
         energy = sub[E] if E in sub else None
-        loss_se = list(sub[PEFT_COLUMNS["loss_se"]].astype(float)) if PEFT_COLUMNS["loss_se"] in sub else None
+        loss_ci = half_widths(sub, PEFT_COLUMNS["loss_se"])
         if energy is not None and energy.notna().all():
-            plotting.pareto(ax3, methods, list(energy), list(sub[L]), E, L, y_errors=loss_se)
+            plotting.pareto(ax3, methods, list(energy), list(sub[L]), E, L, y_errors=loss_ci)
         else:
             plotting.pareto(ax3, methods, list(sub[AL]), list(sub[L]), f"{AL} — energy not measurable on this device",
-                            L, y_errors=loss_se)
+                            L, y_errors=loss_ci)
         paths += plotting.savefig(fig, f"peft_{model}_{dataset}", profile)
         plt.close(fig)
     return paths
@@ -226,13 +238,17 @@ def quantization_figures(profile: str, study: str = "quantization") -> list:
         ps = list(sub[C["technique"]])
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), layout="constrained")
         batch = sub[C["latency_batch"]].dropna().unique() if C["latency_batch"] in sub else []
-        plotting.bar(axes[0], ps, list(sub[C["al_s"]]),
-                     f"{C['al_s']}, batch {int(batch[0])}" if len(batch) == 1 else C["al_s"])
-        se = {k: list(sub[C[k]].astype(float)) if C[k] in sub else None for k in ("it_se", "ppl_se")}  # repeats
-        plotting.bar(axes[1], ps, list(sub[C["it"]]), C["it"], value_fmt="{:.0f}", errors=se["it_se"])
+        order = {p: i for i, p in enumerate(PRECISIONS)}
+        runs_ = sorted((r for r in registry.current(profile, "quantization") if r.scale == model),
+                       key=lambda r: order.get(r.technique, len(order)))  # every repeat, in the table's order
+        # latency and throughput: seaborn bars at the mean of the raw repeats with their 95% t interval
+        plotting.bars_with_ci(axes[0], runs_, "al_s",
+                              f"{C['al_s']}, batch {int(batch[0])}" if len(batch) == 1 else C["al_s"])
+        plotting.bars_with_ci(axes[1], runs_, "it", C["it"])
         mb = list(sub[C["disk_bytes"]] / 1e6)
         plotting.bar(axes[2], ps, mb, "MB on disk", value_fmt="{:.2f}")
-        plotting.pareto(axes[3], ps, mb, list(sub[C["ppl"]]), "MB on disk", C["ppl"], y_errors=se["ppl_se"])
+        plotting.pareto(axes[3], ps, mb, list(sub[C["ppl"]]), "MB on disk", C["ppl"],
+                        y_errors=half_widths(sub, C["ppl_se"]))
         fig.suptitle(f"quantization — {model}", fontsize=10)
         paths += plotting.savefig(fig, f"quantization_{model}", profile)
         plt.close(fig)
@@ -301,14 +317,19 @@ def lvm_figures(profile: str, study: str = "lvm") -> list:
         part = [r for r in recs if r.scale.endswith("-ft") == (name == "lvm_peft")]
         if not part:
             continue
-        fig = plt.figure(figsize=(12, 4), layout="constrained")
-        ax = fig.add_subplot(1, 2, 1, projection="polar")  # the first scale (tiny has one)
+        fig = plt.figure(figsize=(16, 4), layout="constrained")
+        grid = fig.add_gridspec(1, 3, width_ratios=(1, 0.8, 1))
+        ax = fig.add_subplot(grid[0, 0], projection="polar")  # the first scale (tiny has one)
         table = {r.technique: {**r.quality, **r.metrics} for r in part if r.scale == part[0].scale}
         present = [k for k in keys if all(table[t].get(k) is not None for t in table)]
         plotting.radar(ax, table, present)
         fid = "digits-FID" if part[0].artifacts.get("fid_features", "digits").startswith("digits") else "Inception"
         ax.set_title(f"{title}, {part[0].scale} (1 = best; FID is {fid})", fontsize=9)
-        _sample_grid(fig.add_subfigure(fig.add_gridspec(1, 2)[0, 1]), [r for r in part if r.scale == part[0].scale])
+        axb = fig.add_subplot(grid[0, 1])  # FID of every repeat: seaborn's bar at the mean, 95% t interval
+        plotting.bars_with_ci(axb, [r for r in registry.current(profile, "lvm") if r.scale == part[0].scale], "fid",
+                              f"FID ({fid})")
+        axb.set_title("FID (mean, 95% CI over seeds)", fontsize=9)
+        _sample_grid(fig.add_subfigure(grid[0, 2]), [r for r in part if r.scale == part[0].scale])
         paths += plotting.savefig(fig, name, profile)
         plt.close(fig)
     return paths
@@ -352,12 +373,16 @@ def vlm_figures(profile: str, study: str = "vlm") -> list:
     plotting.use_style()
     keys = RADAR_COLUMNS
     for model, sub in t.groupby("model", sort=False):
-        fig = plt.figure(figsize=(10, 3.8), layout="constrained")
-        ax1 = fig.add_subplot(1, 2, 1)
+        fig = plt.figure(figsize=(14, 3.8), layout="constrained")
+        ax1 = fig.add_subplot(1, 3, 1)
         plotting.bar(ax1, list(sub["method"]), list(sub["efficiency score"]), "efficiency score (1 = best)",
                      value_fmt="{:.2f}")
         ax1.set_title(f"vlm: {model} on digits")
-        ax2 = fig.add_subplot(1, 2, 2, projection="polar")
+        ax3 = fig.add_subplot(1, 3, 3)  # every repeat's eval loss: seaborn's bar at the mean, 95% t interval
+        plotting.bars_with_ci(ax3, [r for r in registry.current(profile, "vlm") if r.scale == model], "loss",
+                              "eval loss")
+        ax3.set_title("eval loss (mean, 95% CI over seeds)", fontsize=9)
+        ax2 = fig.add_subplot(1, 3, 2, projection="polar")
         rows = {m: {keys[c]: float(r[c]) for c in keys if r[c] == r[c] and r[c] is not None}
                 for m, (_, r) in zip(sub["method"], sub.iterrows())}
         plotting.radar(ax2, rows, [k for k in keys.values() if all(k in rows[m] for m in rows)])

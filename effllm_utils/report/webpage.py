@@ -120,6 +120,54 @@ def summary(claims, figures: list[Path], figure) -> str:
     return '<h2 id="summary">Summary</h2>' + "".join(blocks)
 
 
+NOTEBOOK_PAGE = ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>'
+                 "body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}"
+                 "pre{{background:#f6f6f6;padding:.5em;overflow-x:auto;font-size:12px}}img{{max-width:100%}}"
+                 ".jp-InputPrompt,.jp-OutputPrompt{{color:#888;font-size:11px}}</style></head><body>"
+                 '<p><a href="../index.html">back to the report</a> · executed {when}</p>{body}</body></html>\n')
+
+
+def notebooks_html(profile: str, dest: Path) -> list[tuple[str, str]]:
+    """Every executed notebook of this profile's batch (outputs/<profile>/notebooks/*.ipynb, written by `make
+    reproduce`) as dest/<name>.html: nbconvert's basic template (its figures embedded) in a page of its own with no
+    script and nothing fetched, so it opens from disk. [(name, file name)] in name order; a notebook nbconvert
+    cannot read is listed with the reason instead."""
+    import nbformat
+    from nbconvert import HTMLExporter
+    from nbconvert.preprocessors import CoalesceStreamsPreprocessor
+
+    exporter = HTMLExporter(template_name="basic")
+    # a progress bar's redraws are one stream output each: merged, and the carriage returns resolved
+    exporter.register_preprocessor(CoalesceStreamsPreprocessor(enabled=True), enabled=True)
+    out = []
+    for nb in sorted((outputs_dir(profile) / "notebooks").glob("*.ipynb")):
+        if nb.name.startswith("."):  # a notebook still running (papermill's partial file)
+            continue
+        when = dt.datetime.fromtimestamp(nb.stat().st_mtime, dt.timezone.utc).isoformat(timespec="seconds")
+        try:
+            node = nbformat.read(nb, as_version=4)
+            for cell in node.cells:  # widgets (a notebook progress bar) render as scripts: keep their text form
+                for o in cell.get("outputs", []):
+                    o.get("data", {}).pop("application/vnd.jupyter.widget-view+json", None)
+            body, _ = exporter.from_notebook_node(node)
+        except Exception as e:  # noqa: BLE001 - one unreadable notebook never costs the report
+            out.append((nb.stem, f"not converted: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / f"{nb.stem}.html").write_text(NOTEBOOK_PAGE.format(title=html.escape(nb.stem), when=when, body=body),
+                                              encoding="utf-8")
+        out.append((nb.stem, f"{nb.stem}.html"))
+    return out
+
+
+def environment_html(env: dict) -> str:
+    """This install's environment (provenance.environment: git, Python, platform, CPU, device, package versions) as
+    a two-column table; each record carries its own (the report's warnings flag any that differ)."""
+    rows = "".join(f"<tr><td>{html.escape(k.removesuffix('_version'))}</td><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in env.items() if k != "hostname")
+    return f"<table><tr><th>what</th><th>value</th></tr>{rows}</table>"
+
+
 def build_report(profile: str, alpha: float = 0.05, made: dict | None = None) -> Path:
     """outputs/<profile>/report/index.html with every figure, table and the claims check (written atomically as a
     folder: a reader never sees half a report). `made`: `overview.paper_figures`'s result when it has just run (the
@@ -169,6 +217,17 @@ def build_report(profile: str, alpha: float = 0.05, made: dict | None = None) ->
         if pareto:
             toc.append(("pareto", "Pareto fronts"))
             sections.append('<h2 id="pareto">Pareto fronts across studies</h2>' + "".join(map(figure, pareto)))
+        converted = notebooks_html(profile, tmp / "notebooks")
+        if converted:
+            toc.append(("notebooks", "executed notebooks"))
+            sections.append('<h2 id="notebooks">Executed notebooks</h2><p class="caption">as <code>make reproduce'
+                            '</code> ran them (outputs/' + profile + '/notebooks), with every output</p><ul>' + "".join(
+                                f'<li><a href="notebooks/{html.escape(f)}">{html.escape(n)}</a></li>' if
+                                f.endswith(".html") else f"<li>{html.escape(n)}: {html.escape(f)}</li>"
+                                for n, f in converted) + "</ul>")
+        toc.append(("environment", "environment"))
+        sections.append('<h2 id="environment">Environment</h2><p class="caption">this install, which built the report '
+                        "(each record keeps the environment it ran in)</p>" + environment_html(env))
         warning = _warnings(profile, studies) + _energy_warning(made["claims"])
         header = (f"<h1>effllm report — profile <code>{profile}</code></h1>"
                   f'<p class="caption">effllm {__version__}, git {html.escape(str(env.get("git_sha")))}'

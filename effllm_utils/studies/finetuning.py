@@ -7,14 +7,13 @@ from typing import Any
 
 import torch
 
-from effllm_utils import check_choices, data, outputs_dir
-from effllm_utils.core import runs
+from effllm_utils import check_choices, data
+from effllm_utils.core import progress, runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
 from effllm_utils.engine.suite import check_model_specs, load_base
 from effllm_utils.engine import tracking
 from effllm_utils.engine.sweep import at_best_lr, sweep_settings
-from effllm_utils.engine.tracking import Tracking
 
 _DATASETS: dict[tuple, Any] = {}
 
@@ -56,12 +55,14 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
     check_model_specs(P["models"])
-    trackers = tracking.parse(P.get("trackers", "tensorboard"))
+    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     device = resolve_device(profile, P["device"])
     records = []
+    tick = progress.Stages(len(P["models"]) * len(P["datasets"]) * len(P["methods"]))
     for model_name, spec in P["models"].items():
         for dataset in P["datasets"]:
             for method in P["methods"]:
+                tick(f"{method} on {model_name}, {dataset}, seed {P['seed']}")
                 run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets", "trackers")} | {
                     "model": spec, "dataset": dataset, "device": device}
 
@@ -79,9 +80,8 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                     lr_m = method_lr(method, Pm["lr_full"], Pm["lr_adapter"])
                     cfg = TrainConfig.from_params(P, lr=lr_m, weight_decay=0.0,
                                                   progress_desc=f"peft {model_name} {dataset} {method} lr={lr_m:.3g}")
-                    track = Tracking(outputs_dir(profile) / "tensorboard" / "peft",
-                                     f"{model_name}-{dataset}-{method}-seed{P['seed']}-lr{lr_m:.3g}", trackers,
-                                     config=run_params | {lr_key: lr_m, "method": method})
+                    track = tracking.for_run(profile, "peft", f"{model_name}-{dataset}-{method}-seed{P['seed']}-"
+                                             f"lr{lr_m:.3g}", P, run_params | {lr_key: lr_m, "method": method})
                     result = train_method(model, method, n_params, optimizer, train_data, val_data, cfg, profile,
                                           device, P["precision"], tracking=track)
                     result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name,

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from effllm_utils import check_choices, outputs_dir
-from effllm_utils.core import runs
+from effllm_utils.core import progress, runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.data.imagesets import ImageSet, study_images
+from effllm_utils.engine import tracking
 from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
 from effllm_utils.engine.train import TrainConfig, train
 from effllm_utils.measure import fid, metrics
@@ -30,7 +31,7 @@ FINETUNE_TASKS = {"mirror": lambda x: x.flip(-1),  # left-right mirrored digits
                   "negative": lambda x: -x}  # white on black instead of black on white
 
 
-def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str):
+def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str, scale: str, technique: str):
     """(trained DiT, train.train's result) for one (scale, technique) on the study's images."""
     import dataclasses
 
@@ -42,8 +43,11 @@ def _pretrain(P: dict, dims: dict, spec: dict, device: str, profile: str):
     T = (imgs.size // P["patch"]) ** 2
     fpt = metrics.training_flops_per_token(dataclasses.replace(model.cfg.shape(), lm_head=False), T)
     peak, source = device_peak(profile, device, P["precision"])
-    result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv},
-                   TrainConfig.from_params(P, seq_len=T), flops_per_token=fpt, peak_flops=peak)
+    cfg = TrainConfig.from_params(P, seq_len=T, progress_desc=f"lvm DiT {scale} {technique}")
+    track = tracking.for_run(profile, "lvm", f"{scale}-{technique}-seed{P['seed']}", P,
+                             _pretrain_params(P, dims, spec, device) | {"technique": technique, "scale": scale})
+    result = train(model, {"input_ids": xt, "labels": yt}, {"input_ids": xv, "labels": yv}, cfg,
+                   flops_per_token=fpt, peak_flops=peak, tracking=track)
     result["artifacts"]["peak_flops_source"] = source
     return model, result
 
@@ -90,7 +94,13 @@ def _score(model, P: dict, reference: torch.Tensor, device: str) -> dict:
     model.eval()
     y = torch.arange(P["fid_samples"], device=device) % imgs.classes
     g = torch.Generator().manual_seed(P["seed"])
-    gen = torch.cat([model.sample(chunk, P["sample_steps"], P["guidance"], g) for chunk in y.split(500)])
+    bar = progress.bar(total=len(y), desc=f"FID: sampling {len(y)} images", unit="image", mininterval=1.0)
+    gen = []
+    for chunk in y.split(500):
+        gen.append(model.sample(chunk, P["sample_steps"], P["guidance"], g))
+        bar.update(len(chunk))
+    bar.close()
+    gen = torch.cat(gen)
     half = len(reference) // 2
     out = {"samples": gen[:20].float().cpu().tolist(), "fid_unavailable": None}
     try:
@@ -104,7 +114,7 @@ def _score(model, P: dict, reference: torch.Tensor, device: str) -> dict:
 
 
 def _pretrain_params(P: dict, dims: dict, spec: dict, device: str) -> dict:
-    skip = ("techniques", "scales") + tuple(k for k in P if k.startswith(("finetune_", "diffusers_"))
+    skip = ("techniques", "scales", "trackers") + tuple(k for k in P if k.startswith(("finetune_", "diffusers_"))
                                             or k in FINETUNE_KEYS)
     return {k: P[k] for k in P if k not in skip} | {"dims": dims, "spec": spec, "device": device}
 
@@ -117,12 +127,14 @@ def run_lvm(profile: str, P: dict, force: bool = False) -> list:
     device = resolve_device(profile, P["device"])
     imgs = study_images(P)  # the dataset loads (or stops with one line) before anything trains
     records = []
+    tick = progress.Stages(len(techniques.scales(P)) * len(P["techniques"]))
     for scale, dims in techniques.scales(P).items():
         for technique, spec in P["techniques"].items():
+            tick(f"DiT {technique} at {scale}, seed {P['seed']}")
             run_params = _pretrain_params(P, dims, spec, device)
 
             def fn(dims=dims, spec=spec, technique=technique, run_params=run_params, scale=scale):
-                model, result = _pretrain(P, dims, spec, device, profile)
+                model, result = _pretrain(P, dims, spec, device, profile, scale, technique)
                 _save(model, _checkpoint(profile, scale, technique, run_params))
                 q = _score(model, P, imgs.x_val, device)
                 result["quality"] = {"loss": result["quality"]["loss"]} | {
@@ -152,7 +164,7 @@ def dit_base(profile: str, P: dict, scale: str, device: str) -> DiT:
     dims, spec = techniques.scales(P)[scale], P["techniques"][technique]
     path = _checkpoint(profile, scale, technique, _pretrain_params(P, dims, spec, device))
     if not (path / "model.safetensors").is_file():
-        model, _ = _pretrain(P, dims, spec, device, profile)
+        model, _ = _pretrain(P, dims, spec, device, profile, scale, technique)
         _save(model, path)
     model = _dit(P, dims, spec, study_images(P))
     model.load_state_dict(load_file(str(path / "model.safetensors")))
@@ -180,8 +192,10 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
     shift = FINETUNE_TASKS[P["finetune_task"]]
     xt, yt, xv, yv = shift(imgs.x_train), imgs.y_train, shift(imgs.x_val), imgs.y_val
     records = []
+    tick = progress.Stages(len(techniques.scales(P)) * len(P["finetune_methods"]))
     for scale, dims in techniques.scales(P).items():
         for method in P["finetune_methods"]:
+            tick(f"fine-tuning {scale} DiT by {method}, seed {P['seed']}")
             run_params = _pretrain_params(P, dims, P["techniques"][P["finetune_base"]], device) | {
                 k: P[k] for k in P if k.startswith("finetune_") or k in FINETUNE_KEYS}
 
@@ -197,8 +211,11 @@ def run_lvm_finetune(profile: str, P: dict, force: bool = False) -> list:
                 model, optimizer, info = apply_method(base, method, P | {"lr_adapter": P["finetune_lr_adapter"]},
                                                       task_type=None)
                 cfg = finetune_config(P, method, (imgs.size // P["patch"]) ** 2)
+                track = tracking.for_run(profile, "lvm", f"{scale}-ft-{method}-seed{P['seed']}", P,
+                                         run_params | {"method": method})
                 result = train_method(model, method, n_params, optimizer, {"input_ids": xt, "labels": yt},
-                                      {"input_ids": xv, "labels": yv}, cfg, profile, device, P["precision"])
+                                      {"input_ids": xv, "labels": yv}, cfg, profile, device, P["precision"],
+                                      tracking=track)
                 q = _score(model, P, xv, device)
                 result["quality"] = {"loss": result["quality"]["loss"], "fid_before": before} | {
                     k: q[k] for k in q if k not in ("samples", "fid_unavailable")}
@@ -236,7 +253,9 @@ def run_sd_finetune(profile: str, P: dict[str, Any], force: bool = False) -> lis
             prep = (latents(vae, imgs.x_train, P["diffusers_resolution"], device),
                     latents(vae, imgs.x_val, P["diffusers_resolution"], device), embeds, pooled, how)
             del vae
-        for method in P["finetune_methods"]:
+        for i, method in enumerate(P["finetune_methods"], 1):
+            progress.stage(f"fine-tuning {name} by {method}, seed {P['seed']}", i, len(P["finetune_methods"]))
+
             def fn(method=method):
                 seed_everything(P["seed"])
                 zt, zv, embeds, pooled, how = prep
@@ -249,7 +268,9 @@ def run_sd_finetune(profile: str, P: dict[str, Any], force: bool = False) -> lis
                 T = zt[0, 0].numel() // (patch ** 2 if isinstance(patch, int) else math.prod(patch))  # patches
                 result = train_method(model, method, n_params, optimizer, {"input_ids": zt, "labels": imgs.y_train},
                                       {"input_ids": zv, "labels": imgs.y_val}, finetune_config(P, method, T), profile,
-                                      device, P["precision"])
+                                      device, P["precision"], tracking=tracking.for_run(
+                                          profile, "lvm", f"{name}-ft-{method}-seed{P['seed']}", P,
+                                          run_params | {"method": method}))
                 result["quality"] = {"loss": result["quality"]["loss"], "fid": None}
                 result["artifacts"].update(method_info=info, conditioning=how,
                                            task=f"{imgs.name} at {P['diffusers_resolution']}px", model=name,
@@ -263,4 +284,5 @@ def run_sd_finetune(profile: str, P: dict[str, Any], force: bool = False) -> lis
 def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list:
     """The whole study: DiT pretraining per (scale, technique), then PEFT on a pretrained DiT (scale '<name>-ft'),
     then, where `diffusers_models` names checkpoints (gpu/paper), Stable Diffusion 3.5 fine-tuning."""
+    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     return run_lvm(profile, P, force) + run_lvm_finetune(profile, P, force) + run_sd_finetune(profile, P, force)

@@ -7,11 +7,10 @@ from functools import partial
 from typing import Any
 
 from effllm_utils import data, outputs_dir
-from effllm_utils.core import runs
+from effllm_utils.core import progress, runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine import tracking
 from effllm_utils.engine.sweep import at_best_lr, sweep_settings
-from effllm_utils.engine.tracking import Tracking
 from effllm_utils.measure.hardware import device_peak
 from effllm_utils.models import techniques
 from effllm_utils.models.techniques import build_model, check_specs
@@ -49,42 +48,43 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     from effllm_utils.engine.train import TrainConfig, train
 
     check_specs(P)
-    trackers = tracking.parse(P.get("trackers", "tensorboard"))
+    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     device = resolve_device(profile, P["device"])
     records = []
-    for scale, dims in techniques.scales(P).items():
-        for technique, spec in P["techniques"].items():
-            data_keys = ("vocab_size", "dataset", "tokenizer", "train_tokens")
-            run_params = TrainConfig.params_of(P) | {k: P[k] for k in data_keys if k in P} | {
-                "dims": dims, "spec": spec, "device": device} | (
-                {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
+    todo = [(scale, dims, technique, spec) for scale, dims in techniques.scales(P).items()
+            for technique, spec in P["techniques"].items()]
+    for i, (scale, dims, technique, spec) in enumerate(todo, 1):
+        progress.stage(f"{technique} at {scale}, seed {P['seed']}", i, len(todo))
+        data_keys = ("vocab_size", "dataset", "tokenizer", "train_tokens")
+        run_params = TrainConfig.params_of(P) | {k: P[k] for k in data_keys if k in P} | {
+            "dims": dims, "spec": spec, "device": device} | (
+            {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
 
-            def fn(dims=dims, spec=spec, technique=technique, scale=scale, lr=P["lr"], run_params=run_params):
-                seed_everything(P["seed"])
-                tok = tokenizer_for(P)
-                train_ids, val_ids = token_data(P, tok)
-                model, fpt, kv = build_model(dims, len(tok), spec, P["seq_len"])
-                peak, peak_source = device_peak(profile, device, P["precision"])
-                ckpt = outputs_dir(profile) / "checkpoints" / study / (
-                    f"{scale}-{technique}" + ("" if lr == P["lr"] else f"-lr{lr:.3g}"))
-                cfg = TrainConfig.from_params(P, lr=lr, progress_desc=f"{study} {scale} {technique} lr={lr:.3g}")
-                track = Tracking(outputs_dir(profile) / "tensorboard" / study,
-                                 f"{scale}-{technique}-seed{P['seed']}-lr{lr:.3g}", trackers,
-                                 config=run_params | {"lr": lr, "technique": technique, "scale": scale})
-                result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
-                               checkpoint_dir=ckpt if P["save_checkpoints"] else None, tracking=track)
-                result["metrics"]["kv_bytes_per_token"] = kv
-                result["artifacts"]["peak_flops_source"] = peak_source
-                result["artifacts"]["flops_per_token_source"] = (
-                    "analytic, baseline convention (effllm_utils.models.baselines.forward_flops_per_token)"
-                    if spec.get("baseline") else "analytic (effllm_utils.measure.metrics.forward_flops_per_token)")
-                result["artifacts"]["model_config"] = model.config.to_dict()
-                if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
-                    from effllm_utils.models.mamba_scan import scan_in_use
+        def fn(dims=dims, spec=spec, technique=technique, scale=scale, lr=P["lr"], run_params=run_params):
+            seed_everything(P["seed"])
+            tok = tokenizer_for(P)
+            train_ids, val_ids = token_data(P, tok)
+            model, fpt, kv = build_model(dims, len(tok), spec, P["seq_len"])
+            peak, peak_source = device_peak(profile, device, P["precision"])
+            ckpt = outputs_dir(profile) / "checkpoints" / study / (
+                f"{scale}-{technique}" + ("" if lr == P["lr"] else f"-lr{lr:.3g}"))
+            cfg = TrainConfig.from_params(P, lr=lr, progress_desc=f"{study} {scale} {technique} lr={lr:.3g}")
+            track = tracking.for_run(profile, study, f"{scale}-{technique}-seed{P['seed']}-lr{lr:.3g}", P,
+                                     run_params | {"lr": lr, "technique": technique, "scale": scale})
+            result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
+                           checkpoint_dir=ckpt if P["save_checkpoints"] else None, tracking=track)
+            result["metrics"]["kv_bytes_per_token"] = kv
+            result["artifacts"]["peak_flops_source"] = peak_source
+            result["artifacts"]["flops_per_token_source"] = (
+                "analytic, baseline convention (effllm_utils.models.baselines.forward_flops_per_token)"
+                if spec.get("baseline") else "analytic (effllm_utils.measure.metrics.forward_flops_per_token)")
+            result["artifacts"]["model_config"] = model.config.to_dict()
+            if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
+                from effllm_utils.models.mamba_scan import scan_in_use
 
-                    result["artifacts"]["selective_scan"] = scan_in_use(device)
-                return result
+                result["artifacts"]["selective_scan"] = scan_in_use(device)
+            return result
 
-            records.append(at_best_lr(study, technique, profile, run_params, "lr", lambda lr, fn=fn: partial(fn, lr=lr),
-                                      scale, "ppl", force, *sweep_settings(P)))
+        records.append(at_best_lr(study, technique, profile, run_params, "lr", lambda lr, fn=fn: partial(fn, lr=lr),
+                                  scale, "ppl", force, *sweep_settings(P)))
     return records

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from effllm_utils import check_choices, data, outputs_dir
-from effllm_utils.core import runs
+from effllm_utils.core import progress, runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.engine.quantize import (
     DECODE_CHOICES,
@@ -89,7 +89,9 @@ def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str],
     from effllm_utils.engine.infer import InferConfig, measure, perplexity
 
     built, out = {}, {}
-    for p in group:
+    for i, p in enumerate(group, 1):
+        progress.stage(f"{work.name}: building {p} ({'GPTQ calibration, ' if p == 'int4_gptq' else ''}saved and "
+                       "reloaded)", i, len(group))
         try:
             built[p] = build(p, src, tok, P, device, work, calib)
         except Exception as e:  # noqa: BLE001 - recorded as this precision's failure, the rest go on
@@ -97,8 +99,10 @@ def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str],
     cfg = InferConfig(prompt_len=P["prompt_len"], new_tokens=P["new_tokens"], batch_sizes=P["batch_sizes"],
                       min_time_s=P["min_time_s"], min_requests=P["min_requests"])
     decoders, paths = decode_paths(built, P["decode"], P["prompt_len"] + P["new_tokens"] + 1)
+    progress.stage(f"{work.name}: decoding {', '.join(built)} side by side", 1, 1)
     measured = measure(decoders, _prompts(P, val), cfg, device, attribute_memory=True) if built else {}
-    for p, (model, info) in built.items():
+    for i, (p, (model, info)) in enumerate(built.items(), 1):
+        progress.stage(f"{work.name} {p}: perplexity" + (" and lm-eval tasks" if P["tasks"] else ""), i, len(built))
         ppl = perplexity(model, val, P["ppl_seq_len"], P["ppl_windows"], device)
         scores = evaluate_tasks(model, tok, P["tasks"], P["task_limit"], P["task_include_path"]) if P["tasks"] else {}
         m = measured[p]

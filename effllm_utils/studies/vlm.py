@@ -7,10 +7,10 @@ from typing import Any
 import torch
 
 from effllm_utils import check_choices
-from effllm_utils.core import runs
+from effllm_utils.core import progress, runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
 from effllm_utils.data.imagesets import answer, digit_examples, hub_examples
-from effllm_utils.engine import adapters, suite
+from effllm_utils.engine import adapters, suite, tracking
 from effllm_utils.engine.suite import suite_vlm
 from effllm_utils.models.hub import hub_vlm
 
@@ -60,11 +60,16 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
     suite.check_model_specs(P["models"], vlm=True)
+    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     device = resolve_device(profile, P["device"])
     records, floors = [], {}
+    tick = progress.Stages(len(P["models"]) * len(P["methods"]))
     for name, spec in P["models"].items():
-        run_params = {k: P[k] for k in P if k not in ("methods", "models")} | {"model": spec, "device": device}
+        run_params = {k: P[k] for k in P if k not in ("methods", "models", "trackers")} | {"model": spec,
+                                                                                          "device": device}
         for method in P["methods"]:
+            tick(f"{method} on {name}, seed {P['seed']}")
+
             def fn(name=name, spec=spec, method=method):
                 seed_everything(P["seed"])
                 if spec["source"] == "suite":
@@ -87,9 +92,12 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 for pname, p in model.named_parameters():  # LLaVA-1.5: the vision encoder stays frozen (peft
                     if "vision_tower" in pname:  # froze it already for the adapter methods, so LoRA+'s groups hold
                         p.requires_grad_(False)  # no encoder weight)
-                cfg = TrainConfig.from_params(P, lr=method_lr(method, P["lr_full"], P["lr_adapter"]), weight_decay=0.0)
+                lr = method_lr(method, P["lr_full"], P["lr_adapter"])
+                cfg = TrainConfig.from_params(P, lr=lr, weight_decay=0.0, progress_desc=f"vlm {name} {method}")
+                track = tracking.for_run(profile, "vlm", f"{name}-{method}-seed{P['seed']}-lr{lr:.3g}", P,
+                                         run_params | {"method": method, "lr": lr})
                 result = adapters.train_method(model, method, n_params, optimizer, tr, va, cfg, profile, device,
-                                               P["precision"])
+                                               P["precision"], tracking=track)
                 result["quality"]["digit_acc"] = digit_accuracy(model, va, va_info, tok, device, P["accuracy_images"])
                 result["quality"]["frozen_head_floor"] = floor  # the eval loss no head-frozen method can go below
                 if why:
