@@ -225,12 +225,13 @@ def test_model_specs_are_checked_before_any_run(outputs, spec, vlm, message):
 def test_the_shipped_model_specs_pass_and_a_bad_one_stops_the_study(outputs):
     from effllm_utils.core import params
 
-    for profile in ("tiny", "gpu", "paper"):
+    for profile in ("tiny", "small", "gpu", "paper"):
         for study in ("peft", "quantization", "vlm"):
             P = params.effective(study, params.study_params(study, profile))
             suite.check_model_specs(P["models"], vlm=study == "vlm")
     P = params.effective("quantization", params.study_params("quantization", "tiny"))
-    bad = {"tiny-base": P["models"]["tiny-base"] | {"pretrain_step": 5}}
+    suite_spec = params.effective("peft", params.study_params("peft", "tiny"))["models"]["tiny-base"]
+    bad = {"tiny-base": suite_spec | {"pretrain_step": 5}}  # the suite's backbone, as quantization can add it
     with pytest.raises(ValueError, match="unknown suite-model key 'pretrain_step'"):
         quantization.run_study("quantization", "tiny", P | {"models": bad})
     assert not (outputs / "tiny" / "checkpoints").exists()  # nothing was pretrained
