@@ -173,3 +173,25 @@ def test_report_links_the_executed_notebooks_and_states_the_environment(records)
                               (index.parent / "notebooks" / "attention.html").as_uri()],
                              capture_output=True, text=True, timeout=120)
         assert "trained mqa" in out.stdout and not [ln for ln in out.stderr.splitlines() if "CONSOLE" in ln]
+
+
+def test_a_study_is_drawn_again_only_when_its_records_or_the_report_code_changed(records, monkeypatch):
+    from effllm_utils.report import views
+
+    drawn = []
+    real = views.pretraining_figures
+    monkeypatch.setattr(views, "pretraining_figures", lambda p, s: drawn.append(s) or real(p, s))
+    first = views.figures("tiny", "attention")
+    assert drawn == ["attention"] and first and all(p.is_file() for p in first)
+    assert views.figures("tiny", "attention") == first and drawn == ["attention"]  # paper_figures: a lookup
+    runs.execute("attention", "mha", "tiny", {"seed": 0}, lambda: {  # a new record: drawn again
+        "quality": {"ppl": 420.0, "loss": 6.0}, "metrics": {"amu_gb": 1.2, "al_s": 0.2, "tt": 5e-3, "aec_w": None,
+                                                            "pcu": 0.1, "params": 1e6},
+        "artifacts": {"loss_curve": [6.1, 6.0]}}, scale="tiny", verbose=False)
+    assert "mha" in views.figures("tiny", "attention")[0].read_text() and drawn == ["attention"] * 2
+    first[-1].unlink()  # a figure gone: drawn again
+    views.figures("tiny", "attention")
+    assert drawn == ["attention"] * 3 and first[-1].is_file()
+    monkeypatch.setenv("EFFLLM_PAPER_FIGURES", "1")  # make figures: the paper-width copies too
+    views.figures("tiny", "attention")
+    assert drawn == ["attention"] * 4

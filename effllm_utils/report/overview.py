@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from effllm_utils.report import views
 from effllm_utils.report.paper import comparison, first_group
 from effllm_utils.report.tables import write_with_caption
 from effllm_utils.studies import registry
@@ -17,7 +18,7 @@ def draw(profile: str, studies: list[str] | None = None) -> dict[str, list]:
         study = registry.get(name)
         if study.figures is None or (studies and name not in studies):
             continue
-        out[name] = registry.resolve(study.figures, "report")(profile, name)
+        out[name] = views.figures(profile, name)  # a lookup where the study's notebook just drew them
     return out
 
 

@@ -4,10 +4,12 @@ names. One module, one section per study family; under 400 lines as long as each
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
+from effllm_utils import outputs_dir
 from effllm_utils.core import aggregate, runs
 from effllm_utils.engine.sweep import is_sweep_point
 from effllm_utils.engine.adapters import METHODS
@@ -48,6 +50,40 @@ PRETRAIN_COLUMNS = columns(("technique", "scale", "param.lr", "runs", "params", 
 
 
 # -- tables and figures (from records only) -----------------------------------------------------------------------
+
+def figures(profile: str, study: str) -> list[Path]:
+    """A study's tables and figures (its registry `figures` view), drawn again only when what they are drawn from
+    changed: the study's record files, the report code, the plotting libraries or the paper-figure setting. `make
+    reproduce` draws each study in its own notebook and all of them again in paper_figures, where this makes the
+    second drawing a lookup. The manifest: outputs/<profile>/figures/.drawn/<study>.json."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    from effllm_utils.core import provenance
+    from effllm_utils.report import plots as plotting
+
+    h = hashlib.sha256()
+    for f in sorted(runs.runs_dir(profile, study).glob("*.json")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(provenance._source_digest(str(f)).encode())
+    h.update(f"{metadata.version('matplotlib')}:{metadata.version('seaborn')}:"
+             f"{os.environ.get(plotting.PAPER_ENV, '')}".encode())
+    stamp = h.hexdigest()
+    manifest = outputs_dir(profile) / "figures" / ".drawn" / f"{study}.json"
+    try:
+        seen = json.loads(manifest.read_text())
+        if seen["stamp"] == stamp and all(Path(p).is_file() for p in seen["paths"]):
+            return [Path(p) for p in seen["paths"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    paths = registry.resolve(registry.get(study).figures, "report")(profile, study)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    runs.atomic_write_text(manifest, json.dumps({"stamp": stamp, "paths": [str(p) for p in paths]}))
+    return paths
+
 
 def pretraining_table(profile: str, study: str, records: list | None = None):
     """The study's table as a DataFrame, one row per experiment (`aggregate.load_summary`, or `records` already
