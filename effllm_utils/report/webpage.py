@@ -136,7 +136,11 @@ def notebooks_html(profile: str, dest: Path) -> list[tuple[str, str]]:
     from nbconvert import HTMLExporter
     from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
-    exporter = HTMLExporter(template_name="basic")
+    import logging
+
+    quiet = logging.getLogger("effllm.report.nbconvert")  # not the kernel's logger: its alt-text notices are noise here
+    quiet.setLevel(logging.ERROR)
+    exporter = HTMLExporter(template_name="basic", log=quiet)
     # a progress bar's redraws are one stream output each: merged, and the carriage returns resolved
     exporter.register_preprocessor(CoalesceStreamsPreprocessor(enabled=True), enabled=True)
     out = []
