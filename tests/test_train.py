@@ -183,4 +183,11 @@ def test_a_tracked_run_is_read_back_from_its_tensorboard_event_file(tmp_path):
     assert tracking.flat(run.config) == {"lr": 0.001, "spec/attention": "gqa", "scales": "[1, 2]"}
     with pytest.raises(ValueError, match="unknown tracker 'tensorbord'"):
         tracking.parse("tensorbord")
+    from effllm_utils.studies import registry
+
+    for study in ("attention", "peft", "lvm", "vlm"):  # every study's run and --dry-run check it before anything runs
+        with pytest.raises(ValueError, match="unknown tracker 'tensorbord'"):
+            registry.check(study, {"trackers": "tensorbord"})
+        with pytest.raises(ValueError, match="unknown tracker 'tensorbord'"):
+            registry.run(study, "tiny", {"trackers": "tensorbord"})
     assert tracking.parse("none") == () and tracking.parse("") == ()

@@ -82,12 +82,10 @@ def curves(records, key: str = "loss_curve"):
 def t_interval(values, level: float = 0.95) -> tuple[float, float]:
     """Student's t interval of the mean of a few repeats (a bootstrap over 3 seeds is far too narrow); one value: no
     interval. Used as seaborn's `errorbar`."""
-    from scipy import stats
-
     x = np.asarray(values, float)
     if len(x) < 2:
         return float(x.mean()), float(x.mean())
-    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1)) * float(x.std(ddof=1)) / np.sqrt(len(x))
+    half = t_half(float(x.std(ddof=1)) / np.sqrt(len(x)), len(x), level)
     return float(x.mean()) - half, float(x.mean()) + half
 
 

@@ -53,22 +53,20 @@ PRETRAIN_COLUMNS = columns(("technique", "scale", "param.lr", "runs", "params", 
 
 def figures(profile: str, study: str) -> list[Path]:
     """A study's tables and figures (its registry `figures` view), drawn again only when what they are drawn from
-    changed: the study's record files, the report code, the plotting libraries or the paper-figure setting. `make
+    changed: the study's record files, the package's code, the plotting libraries or the paper-figure setting. `make
     reproduce` draws each study in its own notebook and all of them again in paper_figures, where this makes the
     second drawing a lookup. The manifest: outputs/<profile>/figures/.drawn/<study>.json."""
     import hashlib
     import json
     from importlib import metadata
 
-    from effllm_utils.core import provenance
     from effllm_utils.report import plots as plotting
 
     h = hashlib.sha256()
-    for f in sorted(runs.runs_dir(profile, study).glob("*.json")):
+    package = Path(__file__).resolve().parents[1]  # the views read aggregate, metrics, sweep, ...: all of it counts
+    for f in [*sorted(runs.runs_dir(profile, study).glob("*.json")), *sorted(package.rglob("*.py"))]:
         st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(provenance._source_digest(str(f)).encode())
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     h.update(f"{metadata.version('matplotlib')}:{metadata.version('seaborn')}:"
              f"{os.environ.get(plotting.PAPER_ENV, '')}".encode())
     stamp = h.hexdigest()

@@ -50,13 +50,18 @@ CHECK_IMAGES = """window.addEventListener("load", () => {
 });"""
 
 
+def _verdict_class(verdict) -> str:
+    """The CSS class that colours a verdict (reproduced, contradicted, inconclusive, not testable)."""
+    return "v-" + str(verdict).split()[0].replace("not", "untestable")
+
+
 def _table_html(df, claims: bool = False) -> str:
     import pandas as pd
 
     if claims:
         cells = []
         for _, r in df.iterrows():
-            cls = "v-" + str(r["verdict"]).split()[0].replace("not", "untestable")
+            cls = _verdict_class(r["verdict"])
             cells.append("<tr>" + "".join(
                 f'<td class="{cls}">' + html.escape(str(r[c])) + "</td>" if c == "verdict"
                 else "<td>" + html.escape(str(r[c])) + "</td>" for c in df.columns) + "</tr>")
@@ -109,7 +114,7 @@ def summary(claims, figures: list[Path], figure) -> str:
         figs = sorted(p for p in figures if p.stem == study or p.stem.startswith(study + "_"))
         cards = []
         for _, r in rows.iterrows():
-            cls = "v-" + str(r["verdict"]).split()[0].replace("not", "untestable")
+            cls = _verdict_class(r["verdict"])
             cards.append(f'<div class="card"><div>{html.escape(str(r["claim"]))}</div>'
                          f'<div><span class="verdict {cls}">{html.escape(str(r["verdict"]))}</span>'
                          f'{" [" + html.escape(str(r["group"])) + "]" if str(r["group"]) else ""}</div>'

@@ -284,5 +284,4 @@ def run_sd_finetune(profile: str, P: dict[str, Any], force: bool = False) -> lis
 def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list:
     """The whole study: DiT pretraining per (scale, technique), then PEFT on a pretrained DiT (scale '<name>-ft'),
     then, where `diffusers_models` names checkpoints (gpu/paper), Stable Diffusion 3.5 fine-tuning."""
-    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     return run_lvm(profile, P, force) + run_lvm_finetune(profile, P, force) + run_sd_finetune(profile, P, force)

@@ -48,7 +48,6 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     from effllm_utils.engine.train import TrainConfig, train
 
     check_specs(P)
-    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     device = resolve_device(profile, P["device"])
     records = []
     todo = [(scale, dims, technique, spec) for scale, dims in techniques.scales(P).items()

@@ -143,12 +143,22 @@ def run(name: str, profile: str, P: dict[str, Any], force: bool = False) -> list
     study = get(name)
     if study.run is None:
         raise ValueError(f"study {name!r} is run by its notebook's cells, not by a run function")
+    _check_shared(P)
     return resolve(study.run, "studies")(name, profile, P, force=force)
 
 
+def _check_shared(P: dict[str, Any]) -> None:
+    """Params every study may carry: `trackers` (unknown or not installed: one line before any run)."""
+    if "trackers" in P:
+        from effllm_utils.engine import tracking
+
+        tracking.parse(P["trackers"])
+
+
 def check(name: str, P: dict[str, Any]) -> None:
-    """The study's own check of its params (technique and model specs), before anything runs."""
+    """The study's own check of its params (technique and model specs) and the shared ones, before anything runs."""
     study = get(name)
+    _check_shared(P)
     if study.check is not None:
         resolve(study.check, "studies")(P)
 

@@ -60,7 +60,6 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
     check_choices(P["methods"], METHODS, "fine-tuning method(s)")
     suite.check_model_specs(P["models"], vlm=True)
-    tracking.parse(P.get("trackers", "tensorboard"))  # an unknown or missing tracker stops before any run
     device = resolve_device(profile, P["device"])
     records, floors = [], {}
     tick = progress.Stages(len(P["models"]) * len(P["methods"]))
