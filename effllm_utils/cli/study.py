@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from effllm_utils import PROFILES
+from effllm_utils import PROFILES, check_profile
 from effllm_utils.core.params import ParamsError, effective, parse_overrides, study_params, with_overrides
 from effllm_utils.studies import registry
 
@@ -29,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="re-run techniques whose records exist")
     args = ap.parse_args(argv)
     try:
-        if args.profile not in PROFILES:
-            raise ValueError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
-        if args.study not in registry.names():
-            raise ValueError(f"unknown study {args.study!r}; known studies: {', '.join(registry.names())}")
+        check_profile(args.profile)
+        registry.get(args.study)  # an unknown study: one line naming the known ones
         values = with_overrides(args.study, study_params(args.study, args.profile), parse_overrides(args.overrides))
         P = effective(args.study, values)
         registry.check(args.study, P)

@@ -67,9 +67,9 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
                 lr_key = "lr_adapter" if method_lr(method, "lr_full", "lr_adapter") == "lr_adapter" else "lr_full"
 
-                def fn(model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key, lr=None,
+                def fn(lr, model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key,
                        run_params=run_params):
-                    Pm = P if lr is None else P | {lr_key: lr}  # a point of the LR sweep
+                    Pm = P | {lr_key: lr}  # the LR this run trains at (a sweep point, or the method's own)
                     seed_everything(P["seed"])
                     dtype = weights_dtype(method, device, P["precision"])
                     base, tok, base_info = load_base(profile, model_name, spec, P, device, dtype)

@@ -9,7 +9,7 @@ import torch
 
 from effllm_utils import check_choices, data, outputs_dir
 from effllm_utils.core import progress, runs
-from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.core.runtime import release_memory, resolve_device, seed_everything
 from effllm_utils.engine.quantize import (
     DECODE_CHOICES,
     NOMINAL_BITS,
@@ -53,7 +53,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
             for group in groups:
                 results |= _measure(group, src, tok, P, device, work, calib, val,
                                     base_info | {"calibration": calib_source})
-                _free(device)
+                release_memory()
             _add_mcr({p: r for p, r in results.items() if not isinstance(r, Exception)})
         for p in P["precisions"]:
             def fn(p=p):
@@ -118,14 +118,6 @@ def _measure(group: list[str], src, tok, P, device: str, work, calib: list[str],
 
 
 _ARTIFACT_KEYS = ("energy_reason", "it_by_batch", "amu_method", "latency_by_batch")
-
-
-def _free(device: str) -> None:
-    import gc
-
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
 
 
 def _prompts(P, val: torch.Tensor) -> torch.Tensor:
