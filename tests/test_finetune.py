@@ -119,6 +119,8 @@ def test_study_end_to_end_with_cached_base_model(outputs):
     assert [(r.params["dataset"], r.technique, r.status) for r in recs] == [
         ("milton", "full", "ok"), ("milton", "lora", "ok"), ("milton", "freeze", "ok"),
         ("dialogue", "full", "ok"), ("dialogue", "lora", "ok"), ("dialogue", "freeze", "ok")], [r.error for r in recs]
+    # the weights' dtype is in each run's identity (a bf16 run on GPU never reuses an fp32 record), and said
+    assert {(r.params["weights_dtype"], r.artifacts["weights_dtype"]) for r in recs} == {("float32", "float32")}
     ckpts = list((outputs / "tiny" / "checkpoints" / "base").iterdir())
     assert len(ckpts) == 1 and (ckpts[0] / "model.safetensors").is_file()  # one base model for every run
     full, lora = recs[0].metrics, recs[1].metrics

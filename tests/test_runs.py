@@ -225,3 +225,43 @@ def test_study_tables_show_one_row_per_repeated_experiment(outputs):
     t = views.lvm_tables("tiny")
     assert (t["lvm"]["digits-FID"][0], t["lvm"]["digits-FID s.e."][0], t["lvm"]["runs"][0]) == (12.5, 0.5, 2)
     assert len(t["lvm_peft"]) == 1 and t["lvm_peft"]["loss"][0] == 2.5 and "PCU" in t["lvm_peft"]
+
+
+def test_lr_sweep_selects_at_its_own_seed_and_measures_at_the_reported_one(outputs):
+    """engine.sweep.at_best_lr: the sweep trains at lr_sweep_seed only, the record is a fresh run at the reported seed
+    (never the sweep's best point copied: that pick is optimistic), a sweep seed among the reported seeds is refused,
+    and a technique whose every sweep point fails gets a failed record instead of stopping the study."""
+    from effllm_utils.engine import sweep
+
+    calls = []
+    loss = {0.01: 3.0, 0.1: 2.0, 1.0: 5.0}  # the sweep's metric by LR; seed 0 runs add 0.5
+
+    def train_at(lr, seed):
+        def fn():
+            calls.append((round(lr, 6), seed))
+            return {"quality": {"loss": loss[round(lr, 6)] + (0.5 if seed == 0 else 0.0)}}
+        return fn
+
+    params = {"lr": 0.1, "seed": 0}
+    rec = sweep.at_best_lr("attention", "gqa", "tiny", params, "lr", train_at, "micro", "loss", points=3,
+                           factor=10.0, sweep_seed=7)
+    assert calls == [(0.01, 7), (0.1, 7), (1.0, 7), (0.1, 0)]
+    assert rec.status == "ok" and rec.params["lr"] == 0.1 and rec.params["seed"] == 0
+    assert rec.quality["loss"] == 2.5  # the seed-0 run's own value, not the sweep's minimum (2.0)
+    assert rec.artifacts["lr_sweep"] == {"metric": "loss", "values": {"0.01": 3.0, "0.1": 2.0, "1": 5.0},
+                                         "best": 0.1, "seed": 7}
+    with pytest.raises(ValueError, match="lr_sweep_seed 0 is also a reported seed"):
+        sweep.at_best_lr("attention", "gqa", "tiny", params, "lr", train_at, "micro", "loss", points=3, sweep_seed=0)
+
+    def diverges(lr, seed):
+        def fn():
+            raise FloatingPointError(f"loss is nan at lr {lr:.3g}")
+        return fn
+
+    rec = sweep.at_best_lr("attention", "mla", "tiny", params, "lr", diverges, "micro", "loss", points=3,
+                           factor=10.0, sweep_seed=7)
+    assert rec.status == "failed" and rec.technique == "mla" and rec.scale == "micro"
+    assert "mla: no point of the LR sweep finished (lr=0.01: FloatingPointError: loss is nan at lr 0.01;" in rec.error
+    assert runs.load_records("tiny", "attention")  # the failures are on disk, each sweep point's and the technique's
+    assert sorted(r.scale for r in runs.load_records("tiny", "attention") if r.technique == "mla") == [
+        "micro", "micro lr=0.01", "micro lr=0.1", "micro lr=1"]

@@ -132,3 +132,58 @@ def test_a_study_runs_as_a_slurm_job_and_an_impossible_request_fails_fast(cluste
     assert (("Slurm cannot start job" in line or "slurm refused the job" in line)
             and f"asked {cpus * 32} CPUs" in line and f"offers {cpus} CPUs" in line), line
     assert _run("squeue", "-h").stdout.strip() == ""  # nothing left behind in the queue
+
+
+class _Job:
+    """What the watcher reads of a submitit job: its id and its result file."""
+
+    def __init__(self, job_id, result):
+        self.job_id, self.paths = job_id, type("Paths", (), {"result_pickle": result})()
+
+    def cancel(self, check=False):
+        raise AssertionError("the watcher cancelled a job it should have waited for")
+
+
+def _squeue(answers):
+    """A stand-in for subprocess.run that plays squeue's answers in turn: (exit code, stdout, stderr) or an
+    exception to raise."""
+    def run(cmd, **kw):
+        assert cmd[0] == "squeue"
+        a = answers.pop(0)
+        if isinstance(a, BaseException):
+            raise a
+        return subprocess.CompletedProcess(cmd, a[0], a[1], a[2])
+    return run
+
+
+def test_a_failing_squeue_is_not_an_empty_queue(monkeypatch, tmp_path):
+    """squeue's nonzero exit or timeout raises SlurmUnavailable (it used to read as "every job ended"); ids Slurm
+    has forgotten ("Invalid job id") are ended jobs; the watcher retries a failing squeue and, past its grace
+    period, stops with one line naming the jobs it leaves (reproduce: exit 1)."""
+    from effllm_utils.cli import slurm
+
+    monkeypatch.setattr(slurm.subprocess, "run", _squeue([
+        (1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"),
+        subprocess.TimeoutExpired(["squeue"], 30),
+        (1, "", "slurm_load_jobs error: Invalid job id specified\n"),
+        (0, "41|RUNNING|None\n", "")]))
+    with pytest.raises(slurm.SlurmUnavailable, match="squeue exited 1: slurm_load_jobs error: Unable to contact"):
+        slurm.queue(["41"])
+    with pytest.raises(slurm.SlurmUnavailable, match="did not answer in 30 s"):
+        slurm.queue(["41"])
+    assert slurm.queue(["41"]) == {}
+    assert slurm.queue(["41"]) == {"41": ("RUNNING", "None")}
+
+    done = tmp_path / "result.pkl"
+    job = _Job("41", done)
+    # running, then squeue fails twice, then the job is gone and its result written: waited for, not dropped
+    answers = [(0, "41|RUNNING|None\n", ""), (1, "", "connect failure"), (1, "", "connect failure"), (0, "", "")]
+    monkeypatch.setattr(slurm.subprocess, "run", _squeue(answers))
+    monkeypatch.setattr(slurm.time, "sleep", lambda s: done.write_bytes(b"x") if len(answers) == 1 else None)
+    assert slurm.watch({"attention": job}, {"attention": {}}, poll_s=0) == {} and answers == []
+
+    monkeypatch.setattr(slurm.subprocess, "run", _squeue([(1, "", "connect failure")] * 3))
+    with pytest.raises(slurm.SlurmUnavailable) as e:
+        slurm.watch({"attention": _Job("42", tmp_path / "none.pkl")}, {"attention": {}}, poll_s=0,
+                    squeue_grace_s=-1)
+    assert "squeue exited 1: connect failure" in str(e.value) and "attention (42) may still be queued" in str(e.value)

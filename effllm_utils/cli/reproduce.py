@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from effllm_utils import PROFILE_SEEDS, PROFILES, outputs_dir, repo_root
+from effllm_utils.cli import slurm
+from effllm_utils.core import progress
 from effllm_utils.core.params import (
     ParamsError,
     effective,
@@ -42,7 +44,6 @@ from effllm_utils.core.params import (
     study_params,
     with_overrides,
 )
-from effllm_utils.core import progress
 from effllm_utils.core.runs import atomic_write_text
 from effllm_utils.studies import registry
 
@@ -182,8 +183,6 @@ def plan(studies: list[str], overrides: dict, seeds: list[int], root: Path) -> l
 def job_resources(study: str, args, root: Path) -> dict:
     """One study's job resources (cli/slurm.py): the profile's defaults, the `slurm:` block of its params file,
     the --slurm-* flags given."""
-    from effllm_utils.cli import slurm
-
     block, where = job_block(study, args.profile, root)
     flags = {"cpus": args.slurm_cpus, "mem_gb": args.slurm_mem_gb, "gpus": args.slurm_gpus,
              "time_min": args.slurm_time, "partition": args.slurm_partition}
@@ -196,8 +195,6 @@ def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
     when the others ended. Returns their outcomes in task order, as the sequential runner does; job logs under
     outputs/<profile>/jobs/."""
     import submitit  # main() checked it imports before anything ran
-
-    from effllm_utils.cli import slurm
 
     folder = outputs_dir(args.profile) / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
@@ -311,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
                 registry.check(s, effective(s, values, root))
                 print(f"{t.name}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
                 if args.submit == "slurm":  # the job script each study is submitted with
-                    from effllm_utils.cli import slurm
-
                     print(slurm.sbatch_script(job_resources(s, args, root), f"effllm-{t.name}",
                                               outputs_dir(args.profile) / "jobs"))
             except (ParamsError, ValueError) as e:
@@ -342,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                 outcomes.append(o)
                 if o.status != "ok":
                     tqdm.write(f"FAILED {t.name}: {o.detail}", file=sys.stderr)
+    except slurm.SlurmUnavailable as e:
+        print(f"\nslurm: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted {where}: finished records are kept and nothing half-written remains; "
               f"run the same command again to resume", file=sys.stderr)

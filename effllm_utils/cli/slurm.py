@@ -69,10 +69,25 @@ def sbatch_script(r: dict[str, Any], name: str, folder) -> str:
                                gpus_per_node=r["gpus"] or None, mem=f"{r['mem_gb']}GB")
 
 
+class SlurmUnavailable(RuntimeError):
+    """squeue did not answer (a nonzero exit, a timeout, no binary) for longer than the watcher's grace period."""
+
+
 def queue(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """{job id: (state, reason)} of the jobs squeue still lists (finished ones drop out)."""
-    out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
-                         text=True, timeout=30)
+    """{job id: (state, reason)} of the jobs squeue still lists (finished ones drop out). Raises SlurmUnavailable when
+    squeue fails: a failed query is not an empty queue (ids Slurm has already forgotten are: "Invalid job id")."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
+                             text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable("squeue did not answer in 30 s") from None
+    except OSError as e:
+        raise SlurmUnavailable(f"squeue could not run ({e})") from None
+    if out.returncode != 0:
+        err = " ".join(out.stderr.split())
+        if "invalid job id" in err.lower():  # every id is past Slurm's MinJobAge: all ended
+            return {}
+        raise SlurmUnavailable(f"squeue exited {out.returncode}: {err[:200] or '(no message)'}")
     jobs = {}
     for line in out.stdout.splitlines():
         jid, state, reason = (line.split("|") + ["", ""])[:3]
@@ -142,17 +157,33 @@ def log_tail(job, lines: int = 20) -> str:
     return "(no log written)"
 
 
-def watch(jobs: dict[str, Any], requests: dict[str, dict[str, Any]], poll_s: float = 3.0) -> dict[str, str]:
+def watch(jobs: dict[str, Any], requests: dict[str, dict[str, Any]], poll_s: float = 3.0,
+          squeue_grace_s: float = 600.0) -> dict[str, str]:
     """Wait for `jobs` ({name: submitit job}) with a progress bar of their states; cancel the ones Slurm cannot
-    start. Returns {name: why} for the jobs cancelled so (the others are done: read their results)."""
+    start. Returns {name: why} for the jobs cancelled so (the others are done: read their results). A failing squeue
+    is retried for `squeue_grace_s`, then raises SlurmUnavailable (the jobs are left as they are)."""
     from tqdm.auto import tqdm
 
     cancelled: dict[str, str] = {}
     node = None
     bar = tqdm(total=len(jobs), desc="slurm jobs", unit="job", file=sys.stderr)
     left, gone = dict(jobs), {}
+    failing_since = None
     while left:
-        listed = queue([j.job_id for j in left.values()])
+        try:
+            listed = queue([j.job_id for j in left.values()])
+        except SlurmUnavailable as e:  # not "no jobs left": wait for Slurm to answer again
+            failing_since = failing_since or time.monotonic()
+            if time.monotonic() - failing_since > squeue_grace_s:
+                bar.close()
+                raise SlurmUnavailable(f"{e}, for {time.monotonic() - failing_since:.0f} s: the jobs "
+                                       f"{', '.join(f'{n} ({j.job_id})' for n, j in left.items())} may still be "
+                                       f"queued or running; look with squeue, and run the same command again when "
+                                       f"Slurm answers (finished records are kept)") from None
+            bar.set_postfix_str(f"{e}; retrying"[:120])
+            time.sleep(poll_s)
+            continue
+        failing_since = None
         for name, job in list(left.items()):
             state, reason = listed.get(str(job.job_id), ("", ""))
             if str(job.job_id) not in listed:  # out of the queue: ended (its result file, or after a grace period

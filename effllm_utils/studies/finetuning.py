@@ -10,9 +10,9 @@ import torch
 from effllm_utils import check_choices, data
 from effllm_utils.core import progress, runs
 from effllm_utils.core.runtime import resolve_device, seed_everything
+from effllm_utils.engine import tracking
 from effllm_utils.engine.adapters import METHODS, apply_method, method_lr, train_method
 from effllm_utils.engine.suite import check_model_specs, load_base
-from effllm_utils.engine import tracking
 from effllm_utils.engine.sweep import at_best_lr, sweep_settings
 
 _DATASETS: dict[tuple, Any] = {}
@@ -62,32 +62,35 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
         for dataset in P["datasets"]:
             for method in P["methods"]:
                 tick(f"{method} on {model_name}, {dataset}, seed {P['seed']}")
+                # the weights' dtype is part of the run's identity: an fp32 record is not one in bf16
+                dtype = weights_dtype(method, device, P["precision"])
                 run_params = {k: P[k] for k in P if k not in ("methods", "models", "datasets", "trackers")} | {
-                    "model": spec, "dataset": dataset, "device": device}
+                    "model": spec, "dataset": dataset, "device": device,
+                    "weights_dtype": str(dtype).removeprefix("torch.")}
 
                 lr_key = "lr_adapter" if method_lr(method, "lr_full", "lr_adapter") == "lr_adapter" else "lr_full"
 
-                def fn(lr, model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key,
-                       run_params=run_params):
-                    Pm = P | {lr_key: lr}  # the LR this run trains at (a sweep point, or the method's own)
-                    seed_everything(P["seed"])
-                    dtype = weights_dtype(method, device, P["precision"])
+                def fn(lr, seed, model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key,
+                       run_params=run_params, dtype=dtype):
+                    Pm = P | {lr_key: lr, "seed": seed}  # this run's LR and seed (a sweep point's or the method's)
+                    seed_everything(seed)
                     base, tok, base_info = load_base(profile, model_name, spec, P, device, dtype)
                     train_data, val_data = load_dataset(dataset, tok, P)
                     n_params = sum(p.numel() for p in base.parameters())
                     model, optimizer, info = apply_method(base, method, Pm)
                     lr_m = method_lr(method, Pm["lr_full"], Pm["lr_adapter"])
-                    cfg = TrainConfig.from_params(P, lr=lr_m, weight_decay=0.0,
+                    cfg = TrainConfig.from_params(Pm, lr=lr_m, weight_decay=0.0,
                                                   progress_desc=f"peft {model_name} {dataset} {method} lr={lr_m:.3g}")
-                    track = tracking.for_run(profile, "peft", f"{model_name}-{dataset}-{method}-seed{P['seed']}-"
-                                             f"lr{lr_m:.3g}", P, run_params | {lr_key: lr_m, "method": method})
+                    track = tracking.for_run(profile, "peft", f"{model_name}-{dataset}-{method}-seed{seed}-"
+                                             f"lr{lr_m:.3g}", P, run_params | {lr_key: lr_m, "seed": seed,
+                                                                                "method": method})
                     result = train_method(model, method, n_params, optimizer, train_data, val_data, cfg, profile,
                                           device, P["precision"], tracking=track)
                     result["artifacts"].update(method_info=info, base=base_info, dataset=dataset, model=model_name,
-                                               weights_dtype=str(dtype).removeprefix("torch."))
+                                               weights_dtype=run_params["weights_dtype"])
                     return result
 
                 records.append(at_best_lr("peft", method, profile, run_params, lr_key,
-                                          lambda lr, fn=fn: partial(fn, lr=lr), model_name, "loss", force,
+                                          lambda lr, seed, fn=fn: partial(fn, lr, seed), model_name, "loss", force,
                                           *sweep_settings(P)))
     return records

@@ -59,17 +59,19 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
             "dims": dims, "spec": spec, "device": device} | (
             {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
 
-        def fn(dims=dims, spec=spec, technique=technique, scale=scale, lr=P["lr"], run_params=run_params):
-            seed_everything(P["seed"])
+        def fn(lr, seed, dims=dims, spec=spec, technique=technique, scale=scale, run_params=run_params):
+            seed_everything(seed)
             tok = tokenizer_for(P)
             train_ids, val_ids = token_data(P, tok)
             model, fpt, kv = build_model(dims, len(tok), spec, P["seq_len"])
             peak, peak_source = device_peak(profile, device, P["precision"])
-            ckpt = outputs_dir(profile) / "checkpoints" / study / (
-                f"{scale}-{technique}" + ("" if lr == P["lr"] else f"-lr{lr:.3g}"))
-            cfg = TrainConfig.from_params(P, lr=lr, progress_desc=f"{study} {scale} {technique} lr={lr:.3g}")
-            track = tracking.for_run(profile, study, f"{scale}-{technique}-seed{P['seed']}-lr{lr:.3g}", P,
-                                     run_params | {"lr": lr, "technique": technique, "scale": scale})
+            ckpt = outputs_dir(profile) / "checkpoints" / study / (  # one per run: no seed or LR overwrites another
+                f"{scale}-{technique}" + ("" if lr == P["lr"] else f"-lr{lr:.3g}")
+                + ("" if seed == 0 else f"-seed{seed}"))
+            cfg = TrainConfig.from_params(P, lr=lr, seed=seed,
+                                          progress_desc=f"{study} {scale} {technique} lr={lr:.3g} seed {seed}")
+            track = tracking.for_run(profile, study, f"{scale}-{technique}-seed{seed}-lr{lr:.3g}", P,
+                                     run_params | {"lr": lr, "seed": seed, "technique": technique, "scale": scale})
             result = train(model.to(device), train_ids, val_ids, cfg, flops_per_token=fpt, peak_flops=peak,
                            checkpoint_dir=ckpt if P["save_checkpoints"] else None, tracking=track)
             result["metrics"]["kv_bytes_per_token"] = kv
@@ -84,6 +86,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 result["artifacts"]["selective_scan"] = scan_in_use(device)
             return result
 
-        records.append(at_best_lr(study, technique, profile, run_params, "lr", lambda lr, fn=fn: partial(fn, lr=lr),
-                                  scale, "ppl", force, *sweep_settings(P)))
+        records.append(at_best_lr(study, technique, profile, run_params, "lr",
+                                  lambda lr, seed, fn=fn: partial(fn, lr, seed), scale, "ppl", force,
+                                  *sweep_settings(P)))
     return records
