@@ -10,6 +10,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from effllm_utils import repo_root
 from effllm_utils.cli import reproduce
 from effllm_utils.core import aggregate, runs
 
@@ -335,3 +336,19 @@ def test_which_pending_jobs_can_never_start():
     line = slurm.unsatisfiable_message("hardware", "12", ask | {"cpus": 16}, "PartitionConfig", node)
     assert line.startswith("hardware: Slurm cannot start job 12 (PartitionConfig): asked 16 CPUs, 8 GB, 0 GPUs")
     assert "the largest node offers 2 CPUs, 22 GB, 0 GPUs (partitions: debug)" in line
+
+
+def test_a_sweeping_studys_later_seeds_wait_for_its_first_and_a_clashing_sweep_seed_stops_the_batch(outputs, capsys):
+    """--submit runs jobs in waves: the later seeds of a study that sweeps its LR after the first seed (which runs the
+    sweep they reuse), paper_figures last; a sweep seed that is also one of --seeds stops the batch before any run."""
+    T = reproduce.Task
+    tasks = [T("hardware", {}, "hardware"),
+             *(T("attention", {"seed": s, "lr_sweep_points": 3}, f"attention.seed{s}") for s in (0, 1, 2)),
+             *(T("moe", {"seed": s}, f"moe.seed{s}") for s in (0, 1)), T("paper_figures", {}, "paper_figures")]
+    assert [[t.name for t in w] for w in reproduce.waves(tasks, "tiny", repo_root())] == [
+        ["hardware", "attention.seed0", "moe.seed0", "moe.seed1"], ["attention.seed1", "attention.seed2"],
+        ["paper_figures"]]
+    code = reproduce.main(["--profile", "tiny", "--only", "attention", "--seeds", "0,1", "--set", "lr_sweep_points=3",
+                           "--set", "lr_sweep_seed=1"])
+    assert code == 2 and not (outputs / "tiny" / "runs").exists()
+    assert "error: attention.seed1: lr_sweep_seed 1 is also a reported seed" in capsys.readouterr().err

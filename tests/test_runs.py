@@ -220,6 +220,15 @@ def test_study_tables_show_one_row_per_repeated_experiment(outputs):
     p = views.peft_table("tiny")
     assert list(p["method"]) == ["full", "lora"] and list(p["eval loss"]) == [3.5, 2.5] and list(p["runs"]) == [2, 2]
     assert p["eval loss s.e."].tolist() == [0.5, 0.5] and p["efficiency score"].notna().all()
+    # an LR sweep's point: listed with its LR, without an efficiency score, and out of the others' scores and figures
+    point = rec("peft", "lora", "tiny-base lr=0.003", 1000, 9.0, dataset="milton", lr_adapter=0.003, lr_full=1e-4)
+    point.artifacts = {"lr_sweep_point": True}
+    runs.write_record(point)
+    q = views.peft_table("tiny")
+    swept = q["model"] == "tiny-base lr=0.003"
+    assert len(q) == 3 and q.loc[swept, "LR"].tolist() == [0.003] and q.loc[swept, "efficiency score"].isna().all()
+    assert q.loc[~swept, "efficiency score"].tolist() == p["efficiency score"].tolist()
+    assert views.peft_table("tiny", sweep_points=False)["model"].tolist() == ["tiny-base", "tiny-base"]
     v = views.vlm_table("tiny")
     assert len(v) == 1 and (v["eval loss"][0], v["runs"][0], v["eval loss s.e."][0]) == (2.5, 2, 0.5)
     t = views.lvm_tables("tiny")
@@ -253,15 +262,53 @@ def test_lr_sweep_selects_at_its_own_seed_and_measures_at_the_reported_one(outpu
     with pytest.raises(ValueError, match="lr_sweep_seed 0 is also a reported seed"):
         sweep.at_best_lr("attention", "gqa", "tiny", params, "lr", train_at, "micro", "loss", points=3, sweep_seed=0)
 
-    def diverges(lr, seed):
+    def fails(lr, seed):
         def fn():
             raise FloatingPointError(f"loss is nan at lr {lr:.3g}")
         return fn
 
-    rec = sweep.at_best_lr("attention", "mla", "tiny", params, "lr", diverges, "micro", "loss", points=3,
+    rec = sweep.at_best_lr("attention", "mla", "tiny", params, "lr", fails, "micro", "loss", points=3,
                            factor=10.0, sweep_seed=7)
     assert rec.status == "failed" and rec.technique == "mla" and rec.scale == "micro"
     assert "mla: no point of the LR sweep finished (lr=0.01: FloatingPointError: loss is nan at lr 0.01;" in rec.error
     assert runs.load_records("tiny", "attention")  # the failures are on disk, each sweep point's and the technique's
     assert sorted(r.scale for r in runs.load_records("tiny", "attention") if r.technique == "mla") == [
         "micro", "micro lr=0.01", "micro lr=0.1", "micro lr=1"]
+
+
+def test_a_diverged_sweep_point_is_a_measurement_and_force_redoes_a_sweep_once_per_batch(outputs, monkeypatch):
+    """A sweep point whose loss diverges (TrainingDiverged) is an ok record with an infinite metric, so resuming or
+    another seed does not train it again; under `reproduce --force` (which sets $EFFLLM_BATCH_STARTED) the first
+    seed retrains the sweep and the later seeds reuse it; the technique's record names the sweep's seed."""
+    import datetime as dt
+
+    from effllm_utils.engine import sweep
+    from effllm_utils.engine.train import TrainingDiverged
+
+    calls = []
+
+    def train_at(lr, seed):
+        def fn():
+            calls.append((round(lr, 6), seed))
+            if lr > 0.5:
+                raise TrainingDiverged(f"loss became nan at step 3 (lr {lr:.2e})")
+            return {"quality": {"loss": 1.0 + lr + seed / 100}}
+        return fn
+
+    def at(seed, force=False):
+        return sweep.at_best_lr("attention", "gqa", "tiny", {"lr": 0.1, "seed": seed}, "lr", train_at, "micro", "loss",
+                                force, points=3, factor=10.0, sweep_seed=7)
+
+    rec = at(0)
+    assert calls == [(0.01, 7), (0.1, 7), (1.0, 7), (0.01, 0)] and rec.params["lr"] == pytest.approx(0.01)
+    assert rec.params["lr_sweep"] == [3, 10.0, 7] and rec.artifacts["lr_sweep"]["values"]["1"] is None
+    (diverged,) = [r for r in runs.load_records("tiny", "attention") if r.scale == "micro lr=1"]
+    assert diverged.status == "ok" and "loss became nan" in diverged.artifacts["diverged"] and not diverged.quality
+    calls.clear()
+    at(1)
+    assert calls == [(0.01, 1)]  # the sweep, diverged point included, is reused
+    calls.clear()
+    monkeypatch.setenv(runs.BATCH_STARTED_ENV, dt.datetime.now(dt.timezone.utc).isoformat())
+    at(0, force=True)
+    at(1, force=True)
+    assert calls == [(0.01, 7), (0.1, 7), (1.0, 7), (0.01, 0), (0.01, 1)]  # the sweep once in the forced batch

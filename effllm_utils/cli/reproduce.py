@@ -44,7 +44,8 @@ from effllm_utils.core.params import (
     study_params,
     with_overrides,
 )
-from effllm_utils.core.runs import atomic_write_text
+from effllm_utils.core.runs import BATCH_STARTED_ENV, atomic_write_text
+from effllm_utils.engine.sweep import check_sweep_seed, sweep_settings
 from effllm_utils.studies import registry
 
 
@@ -189,10 +190,39 @@ def job_resources(study: str, args, root: Path) -> dict:
     return slurm.resources(args.profile, slurm.check_block(block, where), flags)
 
 
+def task_params(t: Task, profile: str, root: Path) -> dict:
+    """The parameters a task's notebook runs with: its params file, the batch's overrides, the notebook's defaults."""
+    return effective(t.study, with_overrides(t.study, study_params(t.study, profile, root), t.overrides, root), root)
+
+
+def waves(tasks: list[Task], profile: str, root: Path) -> list[list[Task]]:
+    """The order jobs can run in: first every task but the seeds after the first of a study that sweeps its LR
+    (`lr_sweep_points` > 1: those seeds reuse the sweep the first one runs, instead of each running it) and
+    paper_figures (it draws from every record), then those seeds, then paper_figures; empty waves left out."""
+    seen, first, later, last = set(), [], [], []
+    for t in tasks:
+        if registry.get(t.study).reads_all:
+            last.append(t)
+        elif t.study in seen and _sweeps(t, profile, root):
+            later.append(t)
+        else:
+            first.append(t)
+        seen.add(t.study)
+    return [w for w in (first, later, last) if w]
+
+
+def _sweeps(t: Task, profile: str, root: Path) -> bool:
+    try:
+        return sweep_settings(task_params(t, profile, root))[0] > 1
+    except (ParamsError, ValueError):  # bad params: the job reports them
+        return False
+
+
 def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
     """Each task (a study, or a study and seed) as one job through submitit (`--submit slurm`: sbatch on a Slurm
-    cluster; `local`: a process here), all at once except paper_figures, which draws from every record and so starts
-    when the others ended. Returns their outcomes in task order, as the sequential runner does; job logs under
+    cluster; `local`: a process here), in `waves`: at once, except the later seeds of a study that sweeps its LR
+    (after the first seed's sweep) and paper_figures, which draws from every record and so starts when the others
+    ended. Returns their outcomes in task order, as the sequential runner does; job logs under
     outputs/<profile>/jobs/."""
     import submitit  # main() checked it imports before anything ran
 
@@ -234,9 +264,9 @@ def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
                     print(f"{s}: job {job.job_id} failed; the end of its log:\n{slurm.log_tail(job)}", file=sys.stderr)
         return done
 
-    last = [t for t in tasks if registry.get(t.study).reads_all]
-    outcomes = wait(launch([t for t in tasks if t not in last]))
-    outcomes |= wait(launch(last)) if last else {}
+    outcomes: dict[str, Outcome] = {}
+    for wave in waves(tasks, args.profile, root):
+        outcomes |= wait(launch(wave))
     return [(outcomes | refused)[t.name] for t in tasks]
 
 
@@ -289,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         seeds = parse_seeds(args.seeds) if args.seeds else (  # the profile's default seeds, unless --set seed=
             [] if "seed" in overrides else list(PROFILE_SEEDS.get(args.profile, ())))
         tasks = plan(studies, overrides, seeds, root)
+        for t in tasks:  # an LR sweep at a reported seed: refused before anything trains, not at that seed's turn
+            try:
+                P = task_params(t, args.profile, root)
+            except (ParamsError, ValueError):
+                continue  # a bad params file: reported when its study runs, and the batch goes on
+            check_sweep_seed(P, t.name)
         if args.submit and importlib.util.find_spec("submitit") is None:
             raise ValueError("--submit needs submitit (pip install submitit); or run without --submit")
     except (ValueError, ParamsError) as e:
@@ -305,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 values = with_overrides(s, study_params(s, args.profile, root), t.overrides, root)
                 # technique and model specs: config fields, checked, not just typed
-                registry.check(s, effective(s, values, root))
+                registry.check(s, task_params(t, args.profile, root))
                 print(f"{t.name}: notebooks/{s}.ipynb with params/{args.profile}/{s}.yaml {json.dumps(values)}")
                 if args.submit == "slurm":  # the job script each study is submitted with
                     print(slurm.sbatch_script(job_resources(s, args, root), f"effllm-{t.name}",
@@ -320,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     outcomes: list[Outcome] = []
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    os.environ[BATCH_STARTED_ENV] = dt.datetime.now(dt.timezone.utc).isoformat()  # notebooks and jobs inherit it
     where = "while waiting for the jobs (submitted jobs go on)"
     try:
         if args.submit:

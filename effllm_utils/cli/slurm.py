@@ -194,7 +194,10 @@ def watch(jobs: dict[str, Any], requests: dict[str, dict[str, Any]], poll_s: flo
                 bar.update(1)
                 continue
             if state in ("PENDING",) and reason not in ("", "None", "Priority", "BeginTime", "Dependency"):
-                node = node or largest_node()
+                try:
+                    node = node or largest_node()
+                except (OSError, subprocess.SubprocessError):  # sinfo did not answer: judge at the next poll
+                    continue
                 if impossible(requests[name], state, reason, node):
                     cancelled[name] = unsatisfiable_message(name, job.job_id, requests[name], reason, node)
                     job.cancel(check=False)

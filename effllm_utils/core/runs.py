@@ -202,6 +202,18 @@ def ok_record(profile: str, study: str, technique: str, params: dict[str, Any], 
     return rec if rec.status == "ok" else None
 
 
+BATCH_STARTED_ENV = "EFFLLM_BATCH_STARTED"  # set by `reproduce` (UTC, ISO 8601) for the notebooks and jobs it runs
+
+
+def made_this_batch(rec: RunRecord | None) -> bool:
+    """Whether `rec` was started by the batch `reproduce` is running now (so `--force` need not redo it: a record
+    that every seed of the batch shares, such as an LR sweep's point); False outside a batch."""
+    since = os.environ.get(BATCH_STARTED_ENV)
+    if rec is None or not since or not rec.started_at:
+        return False
+    return dt.datetime.fromisoformat(rec.started_at) >= dt.datetime.fromisoformat(since)
+
+
 def load_records(profile: str, study: str) -> list[RunRecord]:
     """The records themselves (with artifacts such as curves), sorted by run_id."""
     base = runs_dir(profile, study)

@@ -5,10 +5,12 @@ One learning rate for every technique confounds the technique with its step size
 is 2.83x LoRA's at rank 8 under the same `lr_adapter`; an architecture may simply prefer another LR). With
 `lr_sweep_points: 3` (and `lr_sweep_factor: 3`), every (scale, technique) first trains at lr/3, lr and 3 lr at the
 sweep's own seed (`lr_sweep_seed`, default SWEEP_SEED = 1000: outside the reported seeds, and shared by every seed of
-a `--seeds` batch, so the sweep runs once), each a record of its own under the scale "<scale> lr=<value>" marked
-`artifacts.lr_sweep_point` (tables show them; the claims check and the figures leave them out). The technique's
-record at each reported seed is then trained anew at the sweep's best learning rate by the validation metric and
-carries the sweep (`artifacts.lr_sweep`: {lr: metric}).
+a `--seeds` batch, so the sweep runs once: `reproduce --submit` starts a sweeping study's other seeds after its first,
+and `--force` retrains a sweep point only if this batch has not already), each a record of its own under the scale
+"<scale> lr=<value>" marked `artifacts.lr_sweep_point` (tables show them; the claims check and the figures leave them
+out). A point whose loss diverged is a measurement of that LR (an ok record without the metric,
+`artifacts.diverged` saying why), not a failure to retry. The technique's record at each reported seed is then trained anew at the sweep's best learning
+rate by the validation metric and carries the sweep (`artifacts.lr_sweep`: {lr: metric}).
 
 Why the sweep has a seed of its own: the best sweep point is the minimum over the grid, an optimistic draw. Reported as
 one of the repeats, it would pull the seed mean down and shrink its interval; selected at one seed and measured at
@@ -40,6 +42,14 @@ def sweep_settings(P: dict[str, Any]) -> tuple[int, float, int]:
     return P.get("lr_sweep_points", 0), P.get("lr_sweep_factor", 3.0), P.get("lr_sweep_seed", SWEEP_SEED)
 
 
+def check_sweep_seed(P: dict[str, Any], where: str = "params") -> None:
+    """A sweeping study's seed must not be its sweep's: the sweep's best point would be reported as a repeat."""
+    points, _, sweep_seed = sweep_settings(P)
+    if points > 1 and P.get("seed") == sweep_seed:
+        raise ValueError(f"{where}: lr_sweep_seed {sweep_seed} is also a reported seed: the sweep's best point would "
+                         f"be reported as a repeat (an optimistic pick); set lr_sweep_seed to a seed outside --seeds")
+
+
 def sweep_scale(scale: str, lr: float) -> str:
     return f"{scale} lr={lr:.3g}"
 
@@ -59,17 +69,22 @@ def at_best_lr(study: str, technique: str, profile: str, params: dict[str, Any],
     if points <= 1:
         return runs.execute(study, technique, profile, params, train_at(params[lr_key], seed), scale=scale,
                             force=force)
-    if seed == sweep_seed:
-        raise ValueError(f"{study}: lr_sweep_seed {sweep_seed} is also a reported seed: the sweep's best point would "
-                         f"be reported as a repeat (an optimistic pick); set lr_sweep_seed to a seed outside --seeds")
+    check_sweep_seed({"seed": seed, "lr_sweep_points": points, "lr_sweep_seed": sweep_seed}, study)
+    from effllm_utils.engine.train import TrainingDiverged
+
     swept = []
     for lr in lr_grid(params[lr_key], points, factor):
         def fn(lr=lr):
-            out = train_at(lr, sweep_seed)()
+            try:
+                out = train_at(lr, sweep_seed)()
+            except TrainingDiverged as e:  # a measurement of this LR (too large), not a failure to retry
+                out = {"artifacts": {"diverged": str(e)}}  # no metric: never the best
             out.setdefault("artifacts", {})["lr_sweep_point"] = True
             return out
-        swept.append(runs.execute(study, technique, profile, params | {lr_key: lr, "seed": sweep_seed}, fn,
-                                  scale=sweep_scale(scale, lr), force=force))
+        point = params | {lr_key: lr, "seed": sweep_seed}
+        redo = force and not runs.made_this_batch(runs.ok_record(profile, study, technique, point,
+                                                                 sweep_scale(scale, lr)))
+        swept.append(runs.execute(study, technique, profile, point, fn, scale=sweep_scale(scale, lr), force=redo))
     table = {f"{r.params[lr_key]:.6g}": r.quality.get(metric) for r in swept}
     ok = [r for r in swept if r.status == "ok" and _finite(r.quality.get(metric))]
     if not ok:  # the technique's record says so (the study goes on with the others)
@@ -77,8 +92,8 @@ def at_best_lr(study: str, technique: str, profile: str, params: dict[str, Any],
 
         def failed():
             raise RuntimeError(f"{technique}: no point of the LR sweep finished ({errors})")
-        return runs.execute(study, technique, profile, params | {"lr_sweep": [points, factor]}, failed, scale=scale,
-                            force=force)
+        return runs.execute(study, technique, profile, params | {"lr_sweep": [points, factor, sweep_seed]}, failed,
+                            scale=scale, force=force)
     chosen = min(ok, key=lambda r: r.quality[metric]).params[lr_key]
 
     def fn():
@@ -87,8 +102,8 @@ def at_best_lr(study: str, technique: str, profile: str, params: dict[str, Any],
                                                        "seed": sweep_seed}
         return out
 
-    return runs.execute(study, technique, profile, params | {lr_key: chosen, "lr_sweep": [points, factor]}, fn,
-                        scale=scale, force=force)
+    return runs.execute(study, technique, profile, params | {lr_key: chosen, "lr_sweep": [points, factor, sweep_seed]},
+                        fn, scale=scale, force=force)
 
 
 def _finite(x) -> bool:

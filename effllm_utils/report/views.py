@@ -11,9 +11,9 @@ import numpy as np
 
 from effllm_utils import outputs_dir
 from effllm_utils.core import aggregate, runs
-from effllm_utils.engine.sweep import is_sweep_point
-from effllm_utils.engine.adapters import METHODS
+from effllm_utils.engine.adapters import METHODS, method_lr
 from effllm_utils.engine.quantize import PRECISIONS
+from effllm_utils.engine.sweep import is_sweep_point
 from effllm_utils.measure import metrics
 from effllm_utils.report.tables import write_table
 from effllm_utils.studies import registry
@@ -144,7 +144,7 @@ def pretraining_figures(profile: str, study: str) -> list[Path]:
 # -- tables and figures (records only) ---------------------------------------------------------------------------
 
 FT_NAMES = {"scale": "model", "technique": "method", "loss": "eval loss"}  # the fine-tuning tables' words
-PEFT_COLUMNS = columns(("scale", "param.dataset", "technique", "runs", "train_loss", "loss", "loss_se",
+PEFT_COLUMNS = columns(("scale", "param.dataset", "technique", "param.lr", "runs", "train_loss", "loss", "loss_se",
                         "trainable_params", "amu_gb", "peak_mem_gb", "pcu", "al_s", "st", "aec_w", "j_per_token",
                         "energy_j", "efficiency_score"), per={"al_s": "iter"}, **FT_NAMES)
 # table column -> record key for the fine-tuning radar charts (peft and vlm)
@@ -164,17 +164,21 @@ def with_efficiency_score(df, by: list[str] | str):
     return df
 
 
-def peft_table(profile: str):
-    """Tables 7-8 layout: one row per (model, dataset, method) with the efficiency score computed within each
-    (model, dataset) group over the metrics measured there (metrics.efficiency_score)."""
+def peft_table(profile: str, sweep_points: bool = True):
+    """Tables 7-8 layout: one row per (model, dataset, method) with the LR it trained at and the efficiency score
+    computed within each (model, dataset) group over the metrics measured there (metrics.efficiency_score); the
+    points of LR sweeps (model "<model> lr=<value>") listed too where `sweep_points`, without a score (the score
+    compares methods at their best LRs)."""
     import pandas as pd
 
-    recs = registry.summary(profile, "peft", sweep_points=True)  # repeats (other seeds) averaged
+    recs = registry.summary(profile, "peft", sweep_points=sweep_points)  # repeats (other seeds) averaged
     if not recs:
         return pd.DataFrame(columns=list(PEFT_COLUMNS.values()))
     df = pd.DataFrame(aggregate.table_rows(recs, ("loss",)))
     df["param.dataset"] = df["param.dataset"].astype(str)
-    df = with_efficiency_score(df, ["scale", "param.dataset"])
+    df["param.lr"] = [r.params.get(method_lr(r.technique, "lr_full", "lr_adapter")) for r in recs]
+    swept = np.array([is_sweep_point(r) for r in recs])
+    df = pd.concat([with_efficiency_score(df[~swept], ["scale", "param.dataset"]), df[swept]]).sort_index()
     order = {m: i for i, m in enumerate(METHODS)}
     df = df.sort_values(["scale", "param.dataset", "technique"], key=lambda s: s.map(order) if s.name == "technique"
                         else s)
@@ -202,10 +206,10 @@ def peft_figures(profile: str, study: str = "peft") -> list:
     from effllm_utils.report import plots as plotting
     from effllm_utils.report.tables import write_table
 
-    t = peft_table(profile)
+    t = peft_table(profile, sweep_points=False)  # the figures compare each method at its best LR
     if t.empty:
         return []
-    paths = write_table(t, profile, "peft")
+    paths = write_table(peft_table(profile), profile, "peft")  # the table lists any LR sweep's points too
     plotting.use_style()
     for (model, dataset), sub in t.groupby(["model", "dataset"], sort=False):
         methods = list(sub["method"])

@@ -73,10 +73,10 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 def fn(lr, seed, model_name=model_name, spec=spec, dataset=dataset, method=method, lr_key=lr_key,
                        run_params=run_params, dtype=dtype):
                     Pm = P | {lr_key: lr, "seed": seed}  # this run's LR and seed (a sweep point's or the method's)
-                    seed_everything(seed)
                     base, tok, base_info = load_base(profile, model_name, spec, P, device, dtype)
                     train_data, val_data = load_dataset(dataset, tok, P)
                     n_params = sum(p.numel() for p in base.parameters())
+                    seed_everything(seed)  # here: load_base may have pretrained (at its own seed) just now
                     model, optimizer, info = apply_method(base, method, Pm)
                     lr_m = method_lr(method, Pm["lr_full"], Pm["lr_adapter"])
                     cfg = TrainConfig.from_params(Pm, lr=lr_m, weight_decay=0.0,

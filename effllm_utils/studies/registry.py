@@ -148,7 +148,11 @@ def run(name: str, profile: str, P: dict[str, Any], force: bool = False) -> list
 
 
 def _check_shared(P: dict[str, Any]) -> None:
-    """Params every study may carry: `trackers` (unknown or not installed: one line before any run)."""
+    """Params every study may carry: `trackers` (unknown or not installed: one line before any run), an LR sweep's
+    seed (not one of the reported seeds)."""
+    from effllm_utils.engine.sweep import check_sweep_seed
+
+    check_sweep_seed(P)
     if "trackers" in P:
         from effllm_utils.engine import tracking
 
