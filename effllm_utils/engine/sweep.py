@@ -9,8 +9,9 @@ a `--seeds` batch, so the sweep runs once: `reproduce --submit` starts a sweepin
 and `--force` retrains a sweep point only if this batch has not already), each a record of its own under the scale
 "<scale> lr=<value>" marked `artifacts.lr_sweep_point` (tables show them; the claims check and the figures leave them
 out). A point whose loss diverged is a measurement of that LR (an ok record without the metric,
-`artifacts.diverged` saying why), not a failure to retry. The technique's record at each reported seed is then trained anew at the sweep's best learning
-rate by the validation metric and carries the sweep (`artifacts.lr_sweep`: {lr: metric}).
+`artifacts.diverged` saying why), not a failure to retry. The technique's record at each reported seed is then
+trained anew at the sweep's best learning rate by the validation metric and carries the sweep (`artifacts.lr_sweep`:
+{lr: metric}).
 
 Why the sweep has a seed of its own: the best sweep point is the minimum over the grid, an optimistic draw. Reported as
 one of the repeats, it would pull the seed mean down and shrink its interval; selected at one seed and measured at
