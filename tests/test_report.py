@@ -195,3 +195,26 @@ def test_a_study_is_drawn_again_only_when_its_records_or_the_report_code_changed
     monkeypatch.setenv("EFFLLM_PAPER_FIGURES", "1")  # make figures: the paper-width copies too
     views.figures("tiny", "attention")
     assert drawn == ["attention"] * 4
+
+
+def test_the_report_flags_a_best_learning_rate_at_the_edge_of_its_sweep(outputs):
+    """A technique whose sweep's best LR is the grid's smallest or largest may be compared below its best: the
+    report says which (one inside the grid, or without a sweep, is not flagged)."""
+    def rec(technique, best, values):
+        p = {"seed": 0, "lr": best, "lr_sweep": [3, 3.0, 1000]}
+        r = runs.RunRecord(run_id=runs.make_run_id("attention", technique, p, "tiny"), study="attention",
+                           technique=technique, profile="tiny", scale="tiny", params=p, quality={"ppl": 100.0},
+                           started_at="2026-12-06T22:00:00+00:00", code_version=provenance.code_version("attention"))
+        if values:
+            r.artifacts = {"lr_sweep": {"metric": "ppl", "values": values, "best": best, "seed": 1000}}
+        runs.write_record(r)
+
+    rec("gqa", 0.003, {"0.001": 120.0, "0.003": 110.0, "0.009": 115.0})  # inside: fine
+    rec("mla", 0.009, {"0.001": 130.0, "0.003": 120.0, "0.009": 112.0})  # the largest tried
+    rec("nsa", 0.001, {"0.001": 118.0, "0.003": None, "0.009": None})  # the others diverged: the smallest
+    rec("mqa", 0.003, {})  # no sweep
+    edges = webpage.sweep_edges(registry.current("tiny", "attention"))
+    assert edges == ["attention mla at tiny: best LR 0.009 is the largest its sweep tried (0.001-0.009)",
+                     "attention nsa at tiny: best LR 0.001 is the smallest its sweep tried (0.001-0.009)"]
+    page = webpage._warnings("tiny", ["attention"])
+    assert "Best learning rate at the edge of its sweep" in page and "attention mla at tiny: best LR 0.009" in page

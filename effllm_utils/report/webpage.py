@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import html
+import math
 import re
 import shutil
 from pathlib import Path
@@ -269,6 +270,24 @@ def _energy_warning(checked) -> str:
             + "</ul></div>")
 
 
+def sweep_edges(records) -> list[str]:
+    """One line per (study, technique, scale) whose best learning rate is the smallest or largest its LR sweep tried
+    (`artifacts.lr_sweep`): its optimum may lie beyond the grid, so its comparison may not be at its best."""
+    out = {}
+    for r in records:
+        sweep = r.artifacts.get("lr_sweep") or {}
+        tried = sorted(float(lr) for lr in sweep.get("values") or {})  # diverged points too: they were tried
+        if len(tried) < 2 or sweep.get("best") is None:
+            continue
+        best = float(sweep["best"])
+        side = "smallest" if math.isclose(best, tried[0]) else "largest" if math.isclose(best, tried[-1]) else None
+        if side:
+            out[(r.study, r.technique, r.scale)] = (
+                f"{r.study} {r.technique} at {r.scale}: best LR {best:.3g} is the {side} its sweep tried "
+                f"({tried[0]:.3g}-{tried[-1]:.3g})")
+    return [out[k] for k in sorted(out)]
+
+
 def _warnings(profile: str, studies: list[str]) -> str:
     """The report's warnings: package versions that differ between records or from this install, stale records."""
     drift = provenance.package_drift([r for s in studies for r in registry.current(profile, s)])
@@ -284,4 +303,10 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     + ",".join(old) + '"</code> (new code, new run ids: they are measured again).<ul>'
                     + "".join(f"<li>{html.escape(s)}: {len(rs)} record(s), e.g. {html.escape(rs[0].run_id)}</li>"
                               for s, rs in old.items()) + "</ul></div>")
+    edges = sweep_edges([r for s in studies for r in registry.current(profile, s)])
+    if edges:
+        warning += ('<div class="warn"><b>Best learning rate at the edge of its sweep</b>: the optimum may lie beyond '
+                    "the grid, so these techniques may be compared below their best; widen the sweep (<code>--set "
+                    "lr_sweep_points=5</code>) or centre it (the study's <code>lr</code>).<ul>"
+                    + "".join(f"<li>{html.escape(e)}</li>" for e in edges) + "</ul></div>")
     return warning
