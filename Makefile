@@ -89,7 +89,7 @@ figures: $(STAMP)
 	EFFLLM_PAPER_FIGURES=1 $(PY) -m effllm_utils.cli.reproduce --profile $(PROFILE) --only paper_figures
 
 report: $(STAMP)
-	$(PY) -m effllm_utils.cli.report --profile $(PROFILE)
+	$(PY) -m effllm_utils.cli.report --profile $(PROFILE) $(ARGS)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-lab.lock

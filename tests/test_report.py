@@ -218,3 +218,34 @@ def test_the_report_flags_a_best_learning_rate_at_the_edge_of_its_sweep(outputs)
                      "attention nsa at tiny: best LR 0.001 is the smallest its sweep tried (0.001-0.009)"]
     page = webpage._warnings("tiny", ["attention"])
     assert "Best learning rate at the edge of its sweep" in page and "attention mla at tiny: best LR 0.009" in page
+
+
+def test_report_time_sums_the_current_records_of_a_batch_run_in_several_sittings(outputs, capsys):
+    """`cli.report --time`: per study, this code's records (a stale one left out), their summed run time, first and
+    last start, and a total; without records, one line and exit 2."""
+    from effllm_utils.cli import report as report_cli
+
+    assert report_cli.main(["--profile", "tiny", "--time"]) == 2
+    assert "no records for profile 'tiny'" in capsys.readouterr().err
+
+    def rec(study, technique, started, seconds, status="ok", version=None):
+        p = {"seed": 0, "n": technique}
+        r = runs.RunRecord(run_id=runs.make_run_id(study, technique, p, "s"), study=study, technique=technique,
+                           profile="tiny", scale="s", params=p, status=status, started_at=started,
+                           duration_s=seconds, code_version=version or provenance.code_version(study))
+        runs.write_record(r)
+
+    rec("attention", "gqa", "2026-12-06T22:00:00+00:00", 1800.0)
+    rec("attention", "mla", "2026-12-07T09:00:00+00:00", 1800.0, status="failed")  # the next sitting
+    rec("attention", "mqa", "2026-12-05T09:00:00+00:00", 9999.0, version="00000000")  # stale: not counted
+    rec("moe", "dense", "2026-12-06T23:00:00+00:00", 3600.0)
+    t = report_cli.time_table("tiny")
+    assert t.to_dict("records") == [
+        {"study": "attention", "ok": 1, "failed": 1, "hours": 1.0, "first": "2026-12-06T22:00:00+00:00",
+         "last": "2026-12-07T09:00:00+00:00"},
+        {"study": "moe", "ok": 1, "failed": 0, "hours": 1.0, "first": "2026-12-06T23:00:00+00:00",
+         "last": "2026-12-06T23:00:00+00:00"},
+        {"study": "total", "ok": 2, "failed": 1, "hours": 2.0, "first": "2026-12-06T22:00:00+00:00",
+         "last": "2026-12-07T09:00:00+00:00"}]
+    assert report_cli.main(["--profile", "tiny", "--time"]) == 0
+    assert "total   2       1   2.00" in capsys.readouterr().out
