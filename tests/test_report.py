@@ -211,11 +211,15 @@ def test_the_report_flags_a_best_learning_rate_at_the_edge_of_its_sweep(outputs)
 
     rec("gqa", 0.003, {"0.001": 120.0, "0.003": 110.0, "0.009": 115.0})  # inside: fine
     rec("mla", 0.009, {"0.001": 130.0, "0.003": 120.0, "0.009": 112.0})  # the largest tried
-    rec("nsa", 0.001, {"0.001": 118.0, "0.003": None, "0.009": None})  # the others diverged: the smallest
+    # a real grid's keys are its LRs to 6 digits (engine.sweep), the best its full float: lr/3 of 0.001
+    from effllm_utils.engine.sweep import lr_grid
+
+    grid = lr_grid(0.001, 3, 3.0)
+    rec("nsa", grid[0], dict(zip((f"{lr:.6g}" for lr in grid), (118.0, None, None))))  # the others diverged
     rec("mqa", 0.003, {})  # no sweep
     edges = webpage.sweep_edges(registry.current("tiny", "attention"))
     assert edges == ["attention mla at tiny: best LR 0.009 is the largest its sweep tried (0.001-0.009)",
-                     "attention nsa at tiny: best LR 0.001 is the smallest its sweep tried (0.001-0.009)"]
+                     "attention nsa at tiny: best LR 0.000333 is the smallest its sweep tried (0.000333-0.003)"]
     page = webpage._warnings("tiny", ["attention"])
     assert "Best learning rate at the edge of its sweep" in page and "attention mla at tiny: best LR 0.009" in page
 

@@ -312,3 +312,5 @@ def test_a_diverged_sweep_point_is_a_measurement_and_force_redoes_a_sweep_once_p
     at(0, force=True)
     at(1, force=True)
     assert calls == [(0.01, 7), (0.1, 7), (1.0, 7), (0.01, 0), (0.01, 1)]  # the sweep once in the forced batch
+    monkeypatch.setenv(runs.BATCH_STARTED_ENV, "2026-12-06T22:00:00")  # hand-set without a time zone: ignored
+    assert not runs.made_this_batch(rec)

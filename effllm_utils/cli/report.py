@@ -5,7 +5,8 @@
     python -m effllm_utils.cli.report --profile small --time    # the time the current records took, per study
 
 `--time` is how a batch that ran over several sittings (`make reproduce` resumes) states its time: the sum of the
-current code's records' run times (`duration_s`; kernel start-up, figures and the report add seconds per notebook).
+current code's records' run times (`duration_s`; kernel start-up, figures and the report add seconds per notebook;
+records of every setting tried with this code count, runs that `--force` replaced do not).
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def time_table(profile: str):
         if recs:
             starts = sorted(r.started_at for r in recs)
             ok = sum(r.status == "ok" for r in recs)
-            rows.append({"study": study, "ok": ok, "failed": len(recs) - ok,
-                         "hours": sum(r.duration_s or 0.0 for r in recs) / 3600, "first": starts[0], "last": starts[-1]})
+            hours = sum(r.duration_s or 0.0 for r in recs) / 3600
+            rows.append({"study": study, "ok": ok, "failed": len(recs) - ok, "hours": hours, "first": starts[0],
+                         "last": starts[-1]})
     df = pd.DataFrame(rows, columns=["study", "ok", "failed", "hours", "first", "last"])
     if rows:
         df.loc[len(df)] = {"study": "total", "ok": df["ok"].sum(), "failed": df["failed"].sum(),
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
               f"`make reproduce PROFILE={args.profile}` first", file=sys.stderr)
         return 2
     if args.time:
-        print(time_table(args.profile).to_string(index=False, float_format=lambda h: f"{h:.2f}"))
+        t = time_table(args.profile)
+        print(t.to_string(index=False, float_format=lambda h: f"{h:.2f}") if len(t) else
+              f"no records of this checkout's code for profile {args.profile!r} (every record is stale): run "
+              f"`make reproduce PROFILE={args.profile}`")
         return 0
     if args.no_html:
         made = paper_figures(args.profile, args.alpha)

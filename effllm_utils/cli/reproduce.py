@@ -221,8 +221,8 @@ def _sweeps(t: Task, profile: str, root: Path) -> bool:
 def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
     """Each task (a study, or a study and seed) as one job through submitit (`--submit slurm`: sbatch on a Slurm
     cluster; `local`: a process here), in `waves`: at once, except the later seeds of a study that sweeps its LR
-    (after the first seed's sweep) and paper_figures, which draws from every record and so starts when the others
-    ended. Returns their outcomes in task order, as the sequential runner does; job logs under
+    (in a second wave, after every study's first seed) and paper_figures, which draws from every record and so
+    starts when the others ended. Returns their outcomes in task order, as the sequential runner does; job logs under
     outputs/<profile>/jobs/."""
     import submitit  # main() checked it imports before anything ran
 
@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _sigterm)
     outcomes: list[Outcome] = []
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    before = os.environ.get(BATCH_STARTED_ENV)
     os.environ[BATCH_STARTED_ENV] = dt.datetime.now(dt.timezone.utc).isoformat()  # notebooks and jobs inherit it
     where = "while waiting for the jobs (submitted jobs go on)"
     try:
@@ -381,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted {where}: finished records are kept and nothing half-written remains; "
               f"run the same command again to resume", file=sys.stderr)
         return 130
+    finally:  # this batch's mark is not the caller's (main() called again in one process is another batch)
+        if before is None:
+            os.environ.pop(BATCH_STARTED_ENV, None)
+        else:
+            os.environ[BATCH_STARTED_ENV] = before
     summary = {"profile": args.profile, "started_at": started, "force": args.force,
                "studies": [asdict(o) for o in outcomes]}
     atomic_write_text(outputs_dir(args.profile) / "reproduce_summary.json", json.dumps(summary, indent=1) + "\n")

@@ -211,7 +211,10 @@ def made_this_batch(rec: RunRecord | None) -> bool:
     since = os.environ.get(BATCH_STARTED_ENV)
     if rec is None or not since or not rec.started_at:
         return False
-    return dt.datetime.fromisoformat(rec.started_at) >= dt.datetime.fromisoformat(since)
+    try:
+        return dt.datetime.fromisoformat(rec.started_at) >= dt.datetime.fromisoformat(since)
+    except (ValueError, TypeError):  # a hand-set mark that does not parse or has no time zone: not this batch
+        return False
 
 
 def load_records(profile: str, study: str) -> list[RunRecord]:

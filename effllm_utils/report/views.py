@@ -206,10 +206,13 @@ def peft_figures(profile: str, study: str = "peft") -> list:
     from effllm_utils.report import plots as plotting
     from effllm_utils.report.tables import write_table
 
+    table = peft_table(profile)  # with any LR sweep's points
+    if table.empty:
+        return []
+    paths = write_table(table, profile, "peft")
     t = peft_table(profile, sweep_points=False)  # the figures compare each method at its best LR
     if t.empty:
-        return []
-    paths = write_table(peft_table(profile), profile, "peft")  # the table lists any LR sweep's points too
+        return paths
     plotting.use_style()
     for (model, dataset), sub in t.groupby(["model", "dataset"], sort=False):
         methods = list(sub["method"])

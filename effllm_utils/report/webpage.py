@@ -280,7 +280,9 @@ def sweep_edges(records) -> list[str]:
         if len(tried) < 2 or sweep.get("best") is None:
             continue
         best = float(sweep["best"])
-        side = "smallest" if math.isclose(best, tried[0]) else "largest" if math.isclose(best, tried[-1]) else None
+        # the values' keys are the LRs to 6 significant digits (engine.sweep), `best` is the full float
+        side = ("smallest" if math.isclose(best, tried[0], rel_tol=1e-5) else
+                "largest" if math.isclose(best, tried[-1], rel_tol=1e-5) else None)
         if side:
             out[(r.study, r.technique, r.scale)] = (
                 f"{r.study} {r.technique} at {r.scale}: best LR {best:.3g} is the {side} its sweep tried "
