@@ -1,7 +1,9 @@
 # effllm — `make reproduce` (tiny profile, CPU, offline) and `make test` work from a fresh clone with Python 3.10+.
 PYTHON ?= python3
 PROFILE ?= tiny
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. On a GPU host use e.g.
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build. Plain PyPI serves torch==2.13.0
+# as its CUDA build on Linux x86-64: where pip has no local CPU wheel (this project's CI machine has one), use
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"; on a GPU host e.g.
 #   make reproduce PROFILE=gpu TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 # GPTQModel 7.7.0 declares torch>=2.14.1 but runs on torch 2.13 (CPU): installed without its dependency resolution,
@@ -24,7 +26,7 @@ ARGS ?=
 .PHONY: help install llama-cpp lock test-latest reproduce test lab figures report bench tensorboard clean
 
 help:
-	@echo "make reproduce [PROFILE=tiny|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
+	@echo "make reproduce [PROFILE=tiny|small|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
 	@echo "make test       the test suite (CPU, offline), on the locked versions"
 	@echo "make lock       re-resolve requirements.lock / requirements-lab.lock / environment.yml (uv)"
 	@echo "make test-latest  the tests on the newest versions pyproject's ranges allow (.venv-latest), to find drift"
@@ -33,7 +35,7 @@ help:
 	@echo "make report     figures + outputs/PROFILE/report/index.html (static HTML, opens from disk)"
 	@echo "make bench      training-step throughput and MFU (backbone vs transformers Qwen2; MoE vs dense)"
 	@echo "make tensorboard  TensorBoard over outputs/$(PROFILE)/tensorboard (every training run's params, loss and metrics)"
-	@echo "make llama-cpp  build llama-cpp-python (~5 min) for the CPU decode anchor (make bench ARGS='--mode decode --device cpu')"
+	@echo "make llama-cpp  build llama-cpp-python (5-7 min on 2 cores) for the CPU decode anchor (make bench ARGS='--mode decode --device cpu')"
 	@echo "make clean      remove outputs/ and the venv"
 
 $(PY):
