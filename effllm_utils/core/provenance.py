@@ -56,7 +56,8 @@ def _static_environment() -> dict[str, Any]:
     return env
 
 
-# The code whose change changes what a study measures: every module of these layers, plus the study's own module.
+# The code whose change changes what a study measures: the modules of these layers that the study's run function
+# imports, directly or through others (its own module included); a study without a run function: all of them.
 _MEASURING_LAYERS = ("data", "measure", "models", "engine")
 
 
@@ -72,20 +73,68 @@ def _source_digest(path: str) -> str:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 
+def _module_files(dotted: str, root: Path) -> list[Path]:
+    """The files that importing `dotted` (an effllm_utils module, or a name imported from one) executes: each
+    package's __init__ on the way and the module itself; names that are not modules give none."""
+    parts, files = dotted.split("."), []
+    for i in range(2, len(parts) + 1):
+        base = root.joinpath(*parts[1:i])
+        for f in (base / "__init__.py", base.with_suffix(".py")):
+            if f.is_file():
+                files.append(f)
+                break
+    return files
+
+
+def _imports(path: Path, root: Path) -> set[Path]:
+    """The effllm_utils files one module imports anywhere in its body (lazy imports inside functions included, and
+    `importlib.import_module` of a literal name)."""
+    names = set()
+    package = ["effllm_utils", *path.relative_to(root).parent.parts]  # where a relative import starts
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else [])) \
+                if node.level else node.module
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == \
+                "import_module" and node.args and isinstance(node.args[0], ast.Constant):
+            names.add(str(node.args[0].value))
+    return {f for n in names if n.split(".")[0] == "effllm_utils" for f in _module_files(n, root)}
+
+
 @functools.lru_cache(maxsize=None)
-def code_version(study: str) -> str:
-    """The version of the code that measures `study`: 8 hex digits of a hash over the data, measure, models and
-    engine layers and the study's own module (effllm_utils.studies.<family>). Part of every run id, so records of
-    other code are stale: never averaged with fresh ones, listed by the report, re-measured by `make reproduce`."""
+def code_files(study: str) -> tuple[Path, ...]:
+    """The files `code_version(study)` hashes: the study module (effllm_utils.studies.<family>) and every module of
+    the data, measure, models and engine layers it imports, transitively; all of those layers for a study without a
+    run function (hardware: its notebook calls them)."""
     from effllm_utils.studies import registry
 
     root = Path(__file__).resolve().parents[1]
-    files = sorted(p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py"))
+    layer_files = {p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py")}
     entry = registry.get(study)
-    if entry.run is not None:
-        files.append(root / "studies" / f"{entry.run.split(':')[0]}.py")
+    if entry.run is None:
+        return tuple(sorted(layer_files))
+    start = root / "studies" / f"{entry.run.split(':')[0]}.py"
+    seen, todo = set(), [start]
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo.extend(_imports(f, root) - seen)
+    return tuple(sorted(f for f in seen if f == start or f in layer_files))
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(study: str) -> str:
+    """The version of the code that measures `study`: 8 hex digits of a hash over `code_files(study)` (the study's
+    module and the data, measure, models and engine modules it imports). Part of every run id, so records of other
+    code are stale: never averaged with fresh ones, listed by the report, re-measured by `make reproduce`. A change
+    to code a study does not import (the decoder, for a pretraining study) leaves its records current."""
+    root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for p in files:
+    for p in code_files(study):
         h.update(p.relative_to(root).as_posix().encode())
         h.update(_source_digest(str(p)).encode())
     return h.hexdigest()[:8]

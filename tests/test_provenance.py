@@ -1,0 +1,71 @@
+"""Code versions: a study's records go stale when code it imports changes, and only then."""
+from pathlib import Path
+
+import pytest
+
+from effllm_utils.core import provenance
+from effllm_utils.studies import registry
+
+ROOT = Path(provenance.__file__).resolve().parents[1]
+
+
+def _rel(files) -> set[str]:
+    return {f.relative_to(ROOT).as_posix() for f in files}
+
+
+def test_imports_are_read_from_the_whole_module_relative_and_importlib_included(tmp_path):
+    pkg = tmp_path / "effllm_utils"
+    for d in ("engine", "models"):
+        (pkg / d).mkdir(parents=True)
+        (pkg / d / "__init__.py").write_text("")
+    for name in ("b", "d", "e"):
+        (pkg / "engine" / f"{name}.py").write_text("")
+    (pkg / "models" / "c.py").write_text("")
+    (pkg / "engine" / "a.py").write_text(
+        "import importlib\n"
+        "import numpy\n"
+        "from effllm_utils.engine import b, CONSTANT\n"
+        "from .d import something\n"
+        "def lazy():\n"
+        "    from effllm_utils.engine.e import f\n"
+        "    return importlib.import_module('effllm_utils.models.c')\n")
+    got = {f.relative_to(pkg).as_posix() for f in provenance._imports(pkg / "engine" / "a.py", pkg)}
+    assert got == {"engine/__init__.py", "engine/b.py", "engine/d.py", "engine/e.py", "models/__init__.py",
+                   "models/c.py"}
+
+
+def test_a_study_hashes_the_measuring_modules_it_imports_and_no_others():
+    attention = _rel(provenance.code_files("attention"))
+    assert {"studies/pretraining.py", "engine/train.py", "models/modeling.py", "measure/telemetry.py",
+            "data/__init__.py"} <= attention
+    assert not attention & {"engine/decode.py", "engine/quantize.py", "engine/infer.py", "studies/quantization.py"}
+    quantization = _rel(provenance.code_files("quantization"))
+    assert {"studies/quantization.py", "engine/quantize.py", "engine/decode.py", "engine/infer.py"} <= quantization
+    assert all(f.split("/")[0] in ("studies", *provenance._MEASURING_LAYERS) for f in attention | quantization)
+    every = _rel(provenance.code_files("hardware"))  # no run function: all of the measuring layers
+    assert attention - {"studies/pretraining.py"} < every and "engine/decode.py" in every
+    assert len({provenance.code_version(s) for s in ("attention", "moe", "depth_width")}) == 1  # one run function
+
+
+@pytest.fixture
+def edited(monkeypatch):
+    """Pretend one module's code changed: returns a function that edits the given relative path."""
+    real = provenance._source_digest
+
+    def edit(rel: str) -> None:
+        monkeypatch.setattr(provenance, "_source_digest",
+                            lambda path: "edited" if Path(path) == ROOT / rel else real(path))
+        provenance.code_version.cache_clear()
+
+    yield edit
+    provenance.code_version.cache_clear()
+
+
+def test_editing_the_decoder_stales_quantization_records_not_pretraining_ones(edited):
+    before = {s: provenance.code_version(s) for s in registry.names()}
+    edited("engine/decode.py")
+    after = {s: provenance.code_version(s) for s in registry.names()}
+    assert after["quantization"] != before["quantization"] and after["hardware"] != before["hardware"]
+    assert after["attention"] == before["attention"] and after["peft"] == before["peft"]
+    edited("engine/train.py")
+    assert provenance.code_version("attention") != before["attention"]
