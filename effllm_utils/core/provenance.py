@@ -123,7 +123,8 @@ def code_files(study: str) -> tuple[Path, ...]:
         if f not in seen:
             seen.add(f)
             todo.extend(_imports(f, root) - seen)
-    return tuple(sorted(f for f in seen if f == start or f in layer_files))
+    studies = {f for f in (root / "studies").glob("*.py") if f.name not in ("__init__.py", "registry.py")}
+    return tuple(sorted(f for f in seen if f in layer_files or f in studies))  # a study module it imports counts
 
 
 @functools.lru_cache(maxsize=None)
