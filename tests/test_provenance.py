@@ -1,4 +1,6 @@
 """Code versions: a study's records go stale when code it imports changes, and only then."""
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -41,10 +43,25 @@ def test_a_study_hashes_the_measuring_modules_it_imports_and_no_others():
     assert not attention & {"engine/decode.py", "engine/quantize.py", "engine/infer.py", "studies/quantization.py"}
     quantization = _rel(provenance.code_files("quantization"))
     assert {"studies/quantization.py", "engine/quantize.py", "engine/decode.py", "engine/infer.py"} <= quantization
-    assert all(f.split("/")[0] in ("studies", *provenance._MEASURING_LAYERS) for f in attention | quantization)
-    every = _rel(provenance.code_files("hardware"))  # no run function: all of the measuring layers
+    assert {"core/runtime.py", "data/corpus.jsonl.xz"} <= attention & quantization  # seeding, timers; the corpus
+    assert not {f for f in attention | quantization if f.startswith("core/")} - {"core/runtime.py"}
+    assert all(f.split("/")[0] in ("studies", "core", *provenance._MEASURING_LAYERS) for f in attention | quantization)
+    hardware = provenance.code_files("hardware")  # no run function: all of the measuring layers and its notebook
+    every = _rel(f for f in hardware if f.is_relative_to(ROOT))
     assert attention - {"studies/pretraining.py"} < every and "engine/decode.py" in every
+    assert [f.name for f in hardware if not f.is_relative_to(ROOT)] == ["hardware.ipynb"]
     assert len({provenance.code_version(s) for s in ("attention", "moe", "depth_width")}) == 1  # one run function
+
+
+def test_a_run_function_named_by_its_full_dotted_path_is_found(monkeypatch):
+    entry, relative = registry.get("quantization"), provenance.code_files("quantization")
+    monkeypatch.setattr(registry, "get", lambda study: dataclasses.replace(
+        entry, run="effllm_utils.studies.quantization:run_study"))
+    provenance.code_files.cache_clear()
+    try:
+        assert provenance.code_files("quantization") == relative
+    finally:
+        provenance.code_files.cache_clear()
 
 
 @pytest.fixture
@@ -69,3 +86,24 @@ def test_editing_the_decoder_stales_quantization_records_not_pretraining_ones(ed
     assert after["attention"] == before["attention"] and after["peft"] == before["peft"]
     edited("engine/train.py")
     assert provenance.code_version("attention") != before["attention"]
+    edited("core/runtime.py")  # seeding, timer synchronization, memory release
+    assert provenance.code_version("attention") != before["attention"]
+    edited("data/corpus.jsonl.xz")  # the shipped corpus, by its bytes
+    assert provenance.code_version("attention") != before["attention"]
+    edited("core/runs.py")  # record plumbing: not a measurement
+    assert provenance.code_version("attention") == before["attention"]
+
+
+def test_the_hardware_notebooks_code_cells_are_its_code_and_comments_are_not(tmp_path):
+    nb = json.loads((ROOT.parent / "notebooks" / "hardware.ipynb").read_text())
+    path = tmp_path / "hardware.ipynb"
+    path.write_text(json.dumps(nb))
+    digest = provenance._source_digest.__wrapped__
+    base = digest(str(path))
+    code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    code["source"] = ["# a new comment\n", "%matplotlib inline\n", *code["source"]]
+    path.write_text(json.dumps(nb))
+    assert digest(str(path)) == base
+    code["source"] = [*code["source"], "\nx = 1\n"]
+    path.write_text(json.dumps(nb))
+    assert digest(str(path)) != base

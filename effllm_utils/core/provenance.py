@@ -57,20 +57,38 @@ def _static_environment() -> dict[str, Any]:
 
 
 # The code whose change changes what a study measures: the modules of these layers that the study's run function
-# imports, directly or through others (its own module included); a study without a run function: all of them.
+# imports, directly or through others (its own module included), the runtime helpers that seed runs, synchronize
+# timers and release memory, and the data files beside a hashed module (the shipped corpus); a study without a run
+# function: all of them and its notebook's code cells.
 _MEASURING_LAYERS = ("data", "measure", "models", "engine")
+_MEASURING_CORE = ("core/runtime.py",)
+_DATA_SUFFIXES = (".xz", ".gz", ".json", ".jsonl", ".txt", ".csv", ".npz", ".pt")  # shipped data, not editor files
 
 
-@functools.lru_cache(maxsize=None)
-def _source_digest(path: str) -> str:
-    """A hash of a module's syntax tree without docstrings and comments: editing prose is not a new definition."""
-    tree = ast.parse(Path(path).read_text())
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
                 and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    return tree
+
+
+@functools.lru_cache(maxsize=None)
+def _source_digest(path: str) -> str:
+    """A hash of a module's syntax tree without docstrings and comments (editing prose is not a new definition); of a
+    notebook's code cells alike (IPython magics left out); of any other file's bytes."""
+    f = Path(path)
+    if f.suffix == ".py":
+        return hashlib.sha256(ast.dump(_strip_docstrings(ast.parse(f.read_text()))).encode()).hexdigest()
+    if f.suffix == ".ipynb":
+        import json
+
+        cells = ["\n".join(line for line in "".join(c["source"]).splitlines()
+                           if not line.lstrip().startswith(("%", "!")))
+                 for c in json.loads(f.read_text())["cells"] if c["cell_type"] == "code"]
+        return hashlib.sha256("\n".join(ast.dump(_strip_docstrings(ast.parse(c))) for c in cells).encode()).hexdigest()
+    return hashlib.sha256(f.read_bytes()).hexdigest()
 
 
 def _module_files(dotted: str, root: Path) -> list[Path]:
@@ -106,37 +124,50 @@ def _imports(path: Path, root: Path) -> set[Path]:
 
 @functools.lru_cache(maxsize=None)
 def code_files(study: str) -> tuple[Path, ...]:
-    """The files `code_version(study)` hashes: the study module (effllm_utils.studies.<family>) and every module of
-    the data, measure, models and engine layers it imports, transitively; all of those layers for a study without a
-    run function (hardware: its notebook calls them)."""
+    """The files `code_version(study)` hashes: the study's module and every module of the data, measure, models and
+    engine layers it imports, transitively (a study module it imports too), the runtime helpers (`core/runtime.py`)
+    and the data files beside a hashed module; for a study without a run function (hardware: its notebook calls the
+    layers), all of those layers and its notebook."""
     from effllm_utils.studies import registry
 
     root = Path(__file__).resolve().parents[1]
     layer_files = {p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py")}
+    hashed = layer_files | {root / c for c in _MEASURING_CORE}
     entry = registry.get(study)
     if entry.run is None:
-        return tuple(sorted(layer_files))
-    start = root / "studies" / f"{entry.run.split(':')[0]}.py"
-    seen, todo = set(), [start]
-    while todo:
-        f = todo.pop()
-        if f not in seen:
-            seen.add(f)
-            todo.extend(_imports(f, root) - seen)
-    studies = {f for f in (root / "studies").glob("*.py") if f.name not in ("__init__.py", "registry.py")}
-    return tuple(sorted(f for f in seen if f in layer_files or f in studies))  # a study module it imports counts
+        from effllm_utils.core.params import notebook_path
+
+        notebook = notebook_path(study)
+        files = hashed | ({notebook} if notebook.is_file() else set())
+    else:
+        module = entry.run.split(":")[0]
+        start = _module_files(module if module.startswith("effllm_utils.") else f"effllm_utils.studies.{module}",
+                              root)[-1]
+        seen, todo = set(), [start]
+        while todo:
+            f = todo.pop()
+            if f not in seen:
+                seen.add(f)
+                todo.extend(_imports(f, root) - seen)
+        studies = {f for f in (root / "studies").glob("*.py") if f.name not in ("__init__.py", "registry.py")}
+        files = {f for f in seen if f in hashed or f in studies}  # a study module it imports counts
+    data = {d for f in files if f.suffix == ".py" for d in f.parent.iterdir()
+            if d.is_file() and not d.name.startswith(".") and d.suffix in _DATA_SUFFIXES}
+    return tuple(sorted(files | data))
 
 
 @functools.lru_cache(maxsize=None)
 def code_version(study: str) -> str:
     """The version of the code that measures `study`: 8 hex digits of a hash over `code_files(study)` (the study's
-    module and the data, measure, models and engine modules it imports). Part of every run id, so records of other
-    code are stale: never averaged with fresh ones, listed by the report, re-measured by `make reproduce`. A change
-    to code a study does not import (the decoder, for a pretraining study) leaves its records current."""
-    root = Path(__file__).resolve().parents[1]
+    module, the data, measure, models and engine modules it imports, the runtime helpers, the shipped data files).
+    Part of every run id, so records of other code are stale: never averaged with fresh ones, listed by the report,
+    re-measured by `make reproduce`. A change to code a study does not import (the decoder, for a pretraining
+    study) leaves its records current."""
+    package = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for p in code_files(study):
-        h.update(p.relative_to(root).as_posix().encode())
+    for p in code_files(study):  # named from the package (a notebook: notebooks/<name>), wherever the checkout is
+        name = p.relative_to(package.parent).as_posix() if p.is_relative_to(package) else f"notebooks/{p.name}"
+        h.update(name.encode())
         h.update(_source_digest(str(p)).encode())
     return h.hexdigest()[:8]
 
