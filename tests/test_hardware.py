@@ -48,3 +48,8 @@ def test_measured_peak_is_used_for_devices_outside_the_table(outputs):
     value, source = metrics.peak_flops(env["device_name"], "fp32", measured=peaks)
     assert value == pytest.approx(0.25e12) and "measured" in source
     assert hardware.measured_peaks("tiny", "some other CPU") == {}
+    # a later record of other (stale) hardware code does not replace the current code's peak
+    later = runs.RunRecord(**{**rec.__dict__, "run_id": "hardware--matmul_fp32--x--0ther", "code_version": "0ther0de",
+                              "started_at": "2099-01-01T00:00:00+00:00", "metrics": {"matmul_tflops": 9.0}})
+    runs.atomic_write_text(runs.runs_dir("tiny", "hardware") / f"{later.run_id}.json", later.to_json())
+    assert hardware.measured_peaks("tiny", env["device_name"]) == {"fp32": 0.25}

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from effllm_utils.core import aggregate, provenance
+from effllm_utils.core import provenance
 from effllm_utils.core.runtime import synchronize
 from effllm_utils.measure import metrics
 from effllm_utils.measure.telemetry import Monitor
@@ -150,12 +150,16 @@ def telemetry_overhead(device: str, period_s: float, block_s: float, pairs: int,
 
 
 def measured_peaks(profile: str, device_name: str) -> dict[str, float]:
-    """{dtype: TFLOP/s} measured by the hardware study on `device_name` (empty if it never ran there)."""
-    df = aggregate.load_runs(profile, "hardware", status="ok")
-    if df.empty or "matmul_tflops" not in df:
-        return {}
-    df = df[(df["env.device_name"] == device_name) & df["technique"].str.startswith("matmul_")]
-    return {t.removeprefix("matmul_"): float(v) for t, v in zip(df["technique"], df["matmul_tflops"])}
+    """{dtype: TFLOP/s} measured by the hardware study on `device_name` (empty if it never ran there): per dtype the
+    newest record of the current hardware code, else the newest of any (a stale record's peak beats none)."""
+    from effllm_utils.core import runs
+
+    recs = [r for r in runs.load_records(profile, "hardware") if r.status == "ok"
+            and r.technique.startswith("matmul_") and r.metrics.get("matmul_tflops") is not None
+            and r.environment.get("device_name") == device_name]
+    current = provenance.code_version("hardware")
+    recs.sort(key=lambda r: (r.code_version == current, r.started_at))  # the last one per dtype wins
+    return {r.technique.removeprefix("matmul_"): float(r.metrics["matmul_tflops"]) for r in recs}
 
 
 def device_peak(profile: str, device: str, precision: str) -> tuple[float | None, str]:
