@@ -149,6 +149,9 @@ def test_one_pretrained_base_per_recipe_whatever_the_models_name(outputs, monkey
     assert a["checkpoint"] == b["checkpoint"] and a["pretrain"] == b["pretrain"]
     with pytest.raises(AssertionError, match="pretrained twice"):  # a different recipe is a different checkpoint
         suite.load_base("tiny", "tiny-base", spec | {"pretrain_steps": 4}, params, "cpu")
+    monkeypatch.setattr("effllm_utils.core.provenance.builder_version", lambda *modules: "0ther0de")
+    with pytest.raises(AssertionError, match="pretrained twice"):  # so is the same recipe built by other code
+        suite.load_base("tiny", "tiny-base", spec, params, "cpu")
 
 
 def test_hub_model_offline_is_a_failed_record_with_one_clear_line(outputs, monkeypatch, tmp_path):

@@ -10,7 +10,7 @@ from effllm_utils.models import packaged
 from effllm_utils.models.hub import ModelUnavailable
 
 
-def test_gguf_converts_to_a_checkpoint_equal_to_the_dequantized_weights(tiny_package, tmp_path):
+def test_gguf_converts_to_a_checkpoint_equal_to_the_dequantized_weights(tiny_package, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model, tok = tiny_package
@@ -27,6 +27,9 @@ def test_gguf_converts_to_a_checkpoint_equal_to_the_dequantized_weights(tiny_pac
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert packaged.checkpoint("tiny-gguf", tmp_path / "base") == path  # converted once, reused
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    monkeypatch.setattr("effllm_utils.core.provenance.builder_version", lambda *modules: "0ther0de")
+    other = packaged.checkpoint("tiny-gguf", tmp_path / "base")  # other conversion code: converted again, beside it
+    assert other != path and other.name.endswith("0ther0de") and (other / "model.safetensors").is_file()
 
 
 def test_missing_package_names_the_install_command(monkeypatch):

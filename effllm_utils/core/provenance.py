@@ -131,29 +131,59 @@ def code_files(study: str) -> tuple[Path, ...]:
     from effllm_utils.studies import registry
 
     root = Path(__file__).resolve().parents[1]
-    layer_files = {p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py")}
-    hashed = layer_files | {root / c for c in _MEASURING_CORE}
     entry = registry.get(study)
     if entry.run is None:
         from effllm_utils.core.params import notebook_path
 
         notebook = notebook_path(study)
-        files = hashed | ({notebook} if notebook.is_file() else set())
+        files = {p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py")} | \
+            {root / c for c in _MEASURING_CORE} | ({notebook} if notebook.is_file() else set())
     else:
         module = entry.run.split(":")[0]
-        start = _module_files(module if module.startswith("effllm_utils.") else f"effllm_utils.studies.{module}",
-                              root)[-1]
-        seen, todo = set(), [start]
-        while todo:
-            f = todo.pop()
-            if f not in seen:
-                seen.add(f)
-                todo.extend(_imports(f, root) - seen)
-        studies = {f for f in (root / "studies").glob("*.py") if f.name not in ("__init__.py", "registry.py")}
-        files = {f for f in seen if f in hashed or f in studies}  # a study module it imports counts
+        files = _closure(module if module.startswith("effllm_utils.") else f"effllm_utils.studies.{module}")
+    return _with_data(files)
+
+
+def _closure(*modules: str) -> set[Path]:
+    """The hashed files (measuring layers, runtime helpers, study modules) that importing `modules` (dotted names)
+    executes, transitively, the modules themselves included."""
+    root = Path(__file__).resolve().parents[1]
+    hashed = {p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py")} | \
+        {root / c for c in _MEASURING_CORE} | \
+        {f for f in (root / "studies").glob("*.py") if f.name not in ("__init__.py", "registry.py")}
+    starts = [_module_files(m, root)[-1] for m in modules]
+    seen, todo = set(), list(starts)
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo.extend(_imports(f, root) - seen)
+    return {f for f in seen if f in hashed or f in starts}
+
+
+def _with_data(files: set[Path]) -> tuple[Path, ...]:
+    """`files` and the shipped data files beside each of its modules, sorted."""
     data = {d for f in files if f.suffix == ".py" for d in f.parent.iterdir()
             if d.is_file() and not d.name.startswith(".") and d.suffix in _DATA_SUFFIXES}
     return tuple(sorted(files | data))
+
+
+def _digest(files) -> str:
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in files:  # named from the package (a notebook: notebooks/<name>), wherever the checkout is
+        name = p.relative_to(package.parent).as_posix() if p.is_relative_to(package) else f"notebooks/{p.name}"
+        h.update(name.encode())
+        h.update(_source_digest(str(p)).encode())
+    return h.hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=None)
+def builder_version(*modules: str) -> str:
+    """8 hex digits over the code that importing `modules` runs (as `code_version`): part of the key of a cached
+    artifact built by that code (the pretrained base, the converted SmolLM2, the vision encoder), so a change to the
+    code builds it again instead of reusing what the old code built."""
+    return _digest(_with_data(_closure(*modules)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,13 +193,7 @@ def code_version(study: str) -> str:
     Part of every run id, so records of other code are stale: never averaged with fresh ones, listed by the report,
     re-measured by `make reproduce`. A change to code a study does not import (the decoder, for a pretraining
     study) leaves its records current."""
-    package = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for p in code_files(study):  # named from the package (a notebook: notebooks/<name>), wherever the checkout is
-        name = p.relative_to(package.parent).as_posix() if p.is_relative_to(package) else f"notebooks/{p.name}"
-        h.update(name.encode())
-        h.update(_source_digest(str(p)).encode())
-    return h.hexdigest()[:8]
+    return _digest(code_files(study))
 
 
 def stale(records: list[RunRecord]) -> dict[str, list[RunRecord]]:

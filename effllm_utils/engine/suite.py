@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from effllm_utils import check_keys, config_args, data, outputs_dir
-from effllm_utils.core import runs
+from effllm_utils.core import provenance, runs
 from effllm_utils.core.runtime import seed_everything
 from effllm_utils.data.imagesets import IMAGE_TOKEN, digit_examples
 from effllm_utils.engine import tracking
@@ -23,8 +23,11 @@ from effllm_utils.models.llava import build_llava
 
 # -- models and data ---------------------------------------------------------------------------------------------
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
+def _artifact_key(obj) -> str:
+    """10 hex digits over a cached artifact's recipe `obj` and the code that builds it (this module and what it
+    imports): a change to either builds the artifact again instead of reusing what other code built."""
+    text = json.dumps([obj, provenance.builder_version(__name__)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 SUITE_REQUIRED = ("source", "dims", "pretrain_steps", "pretrain_lr")
@@ -87,9 +90,9 @@ def load_base(profile: str, name: str, spec: dict[str, Any], P: dict[str, Any], 
     seq_len, batch = spec.get("pretrain_seq_len", P["seq_len"]), spec.get("pretrain_batch_size", P["batch_size"])
     key = {k: spec[k] for k in ("dims", "pretrain_steps", "pretrain_lr")} | {"vocab": P["vocab_size"],
                                                                             "seq_len": seq_len, "batch_size": batch}
-    # keyed by the recipe, not the model's name: every study and name with the same recipe (the peft, quantization
-    # and vlm studies' tiny models) shares one pretrained checkpoint
-    ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"suite-{_hash(key)}"
+    # keyed by the recipe and the code that builds it, not the model's name: every study and name with the same recipe
+    # (the peft, quantization and vlm studies' tiny models) shares one pretrained checkpoint
+    ckpt = outputs_dir(profile) / "checkpoints" / "base" / f"suite-{_artifact_key(key)}"
     if not (ckpt / "model.safetensors").is_file():  # pretrain once; every method and dataset reuses it
         seed_everything(0)
         model, fpt, _ = build_model(spec["dims"], len(tok), {}, seq_len)
@@ -153,7 +156,7 @@ def vision_encoder(profile: str, spec: dict, seed: int, device: str):
 
     from effllm_utils.data.imagesets import digits
 
-    path = outputs_dir(profile) / "checkpoints" / "vision" / f"clip-{_hash([spec, seed])}"
+    path = outputs_dir(profile) / "checkpoints" / "vision" / f"clip-{_artifact_key([spec, seed])}"
     if not (path / "model.safetensors").is_file():
         seed_everything(seed)
         enc = CLIPVisionModel(CLIPVisionConfig(image_size=8, num_channels=1, **spec["encoder"])).to(device)
@@ -202,7 +205,7 @@ def suite_vlm(profile: str, name: str, spec: dict, P: dict, device: str):
     # beside the suite's base; a pretrained LM's projector goes under this profile's outputs, not the shared cache
     base = (outputs_dir(profile) / "checkpoints" / "base" / name if "language_model" in spec
             else Path(base_info["checkpoint"]))
-    path = base.with_name(f"{name}-llava-{_hash([spec, P['seq_len'], P['seed']])}")
+    path = base.with_name(f"{name}-llava-{_artifact_key([spec, P['seq_len'], P['seed']])}")
     if not (path / "projector.safetensors").is_file():
         seed_everything(P["seed"])
         model.requires_grad_(False)

@@ -72,13 +72,17 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 
 def checkpoint(name: str, root: Path | None = None) -> Path:
-    """The converted checkpoint of a packaged model under `root`/<name>-<version> (default root: $EFFLLM_CACHE/packaged,
-    one copy for every profile and the bench; converted on first use, atomically; a new version converts again)."""
+    """The converted checkpoint of a packaged model under `root`/<name>-<version>-<code> (default root:
+    $EFFLLM_CACHE/packaged, one copy for every profile and the bench; converted on first use, atomically; a new package
+    version or conversion code converts again)."""
     from effllm_utils import cache_dir
     from effllm_utils.core.runs import atomic_dir
 
     gguf = gguf_path(name)
-    out = Path(root or cache_dir() / "packaged") / f"{name}-{PACKAGED[name].version}"
+    from effllm_utils.core.provenance import builder_version
+
+    # keyed by the package version and the conversion code: a change to either converts again
+    out = Path(root or cache_dir() / "packaged") / f"{name}-{PACKAGED[name].version}-{builder_version(__name__)}"
     if not (out / "model.safetensors").is_file():
         with atomic_dir(out) as tmp:
             convert_gguf(gguf, tmp)
