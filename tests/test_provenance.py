@@ -107,3 +107,44 @@ def test_the_hardware_notebooks_code_cells_are_its_code_and_comments_are_not(tmp
     code["source"] = [*code["source"], "\nx = 1\n"]
     path.write_text(json.dumps(nb))
     assert digest(str(path)) != base
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs Linux's /proc/stat")
+def test_host_load_counts_other_processes_cpu_not_this_ones():
+    import os
+    import subprocess
+    import sys
+    import time
+
+    n = os.cpu_count() or 1
+    with provenance.HostLoad() as alone:  # this process busy: its own time is not "other work"
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            pass
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.monotonic() + 5\n"
+                             "while time.monotonic() < end: pass"])
+    try:
+        time.sleep(0.5)  # started and spinning
+        with provenance.HostLoad() as shared:
+            time.sleep(1.0)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert shared.other_cpu_frac > alone.other_cpu_frac + 0.5 / n  # one other process spinning: ~1 / n of the host
+    assert 0 <= alone.other_cpu_frac <= 1 and shared.other_cpu_frac <= 1
+
+
+def test_every_record_says_how_much_other_work_shared_its_cpus_and_the_report_lists_those_above_a_share(outputs):
+    from effllm_utils.core import runs
+    from effllm_utils.report import webpage
+
+    rec = runs.execute("attention", "gqa", "tiny", {"seed": 0}, lambda: {"quality": {"ppl": 1.0}}, verbose=False)
+    frac = rec.environment["host_other_cpu_frac"]
+    assert frac is None or 0 <= frac <= 1
+    assert runs.load_records("tiny", "attention")[0].environment["host_other_cpu_frac"] == frac  # stored
+    assert "shared the CPUs" not in webpage._warnings("tiny", ["attention"]) or frac > provenance.SHARED_CPU_WARN
+    rec.environment["host_other_cpu_frac"] = 0.5
+    runs.write_record(rec)
+    page = webpage._warnings("tiny", ["attention"])
+    assert "Runs that shared the CPUs" in page and f"{rec.run_id}: 50%" in page
+    assert [r.run_id for r in provenance.shared_cpu(runs.load_records("tiny", "attention"))] == [rec.run_id]

@@ -9,6 +9,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,6 +236,52 @@ def environment() -> dict[str, Any]:
     sha = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"git_sha": sha, "git_dirty": (bool(status) if status is not None else None), **_static_environment()}
+
+
+# -- other work on the host while a run ran ----------------------------------------------------------------------
+
+SHARED_CPU_WARN = 0.15  # other processes' share of the host's CPU capacity above which a run's times are suspect
+
+
+def _cpu_snapshot() -> tuple[float, float, float] | None:
+    """(wall clock s, CPU seconds every process on the host has used, CPU seconds this process and its waited-for
+    children have used); None without Linux's /proc/stat."""
+    import resource
+
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    return time.monotonic(), (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own
+
+
+class HostLoad:
+    """The CPU time other processes took on this host while a block ran, as a fraction of the host's capacity
+    (`other_cpu_frac`: 0 alone, 0.5 when other work kept half the CPUs busy; None where /proc/stat is missing).
+    A run that shared its CPUs has distorted step times, throughput and latency (its quality is unaffected):
+    `runs.execute` stores the fraction in every record and the report lists runs above SHARED_CPU_WARN. Other
+    processes include this one's compile workers that are still alive (inductor's pool)."""
+
+    other_cpu_frac: float | None = None
+
+    def __enter__(self) -> HostLoad:
+        self._start = _cpu_snapshot()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        end = _cpu_snapshot()
+        if self._start is not None and end is not None and end[0] > self._start[0]:
+            wall, busy, own = (b - a for a, b in zip(self._start, end))
+            self.other_cpu_frac = max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+        return False
+
+
+def shared_cpu(records: list[RunRecord], threshold: float = SHARED_CPU_WARN) -> list[RunRecord]:
+    """The records whose run shared the host's CPUs with other work (`host_other_cpu_frac` above `threshold`)."""
+    return [r for r in records if (r.environment.get("host_other_cpu_frac") or 0.0) > threshold]
 
 
 def package_drift(records: list[RunRecord]) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from effllm_utils import check_profile, check_study, outputs_dir
-from effllm_utils.core.provenance import code_version, environment
+from effllm_utils.core.provenance import HostLoad, code_version, environment
 from effllm_utils.core.runtime import release_memory
 
 SCHEMA_VERSION = 2  # 2: records carry the version of the code that measured them (code_version)
@@ -239,23 +239,25 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
                     params=params, environment=environment(), code_version=code_version(study),
                     started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
     t0 = time.perf_counter()
-    try:
-        release_memory()  # what the previous run left is not this run's memory
-        result = fn() or {}
-        unknown = set(result) - {"metrics", "quality", "artifacts"}
-        if unknown:
-            raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "
-                             f"use 'metrics', 'quality' and 'artifacts'")
-        rec.metrics = dict(result.get("metrics", {}))
-        rec.quality = dict(result.get("quality", {}))
-        rec.artifacts = dict(result.get("artifacts", {}))
-    except Exception as e:  # noqa: BLE001 - a failed run is recorded and the batch goes on
-        rec.status = "failed"
-        rec.error = out_of_memory_message(e, study, profile) or f"{type(e).__name__}: {e}"
-        rec.artifacts = {"traceback": traceback.format_exc(limit=20)}
-        if verbose:
-            print(f"[failed] {run_id}: {rec.error}")
+    with HostLoad() as load:  # other work on the host during the run: its times are suspect above a share
+        try:
+            release_memory()  # what the previous run left is not this run's memory
+            result = fn() or {}
+            unknown = set(result) - {"metrics", "quality", "artifacts"}
+            if unknown:
+                raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "
+                                 f"use 'metrics', 'quality' and 'artifacts'")
+            rec.metrics = dict(result.get("metrics", {}))
+            rec.quality = dict(result.get("quality", {}))
+            rec.artifacts = dict(result.get("artifacts", {}))
+        except Exception as e:  # noqa: BLE001 - a failed run is recorded and the batch goes on
+            rec.status = "failed"
+            rec.error = out_of_memory_message(e, study, profile) or f"{type(e).__name__}: {e}"
+            rec.artifacts = {"traceback": traceback.format_exc(limit=20)}
+            if verbose:
+                print(f"[failed] {run_id}: {rec.error}")
     rec.duration_s = time.perf_counter() - t0
+    rec.environment["host_other_cpu_frac"] = load.other_cpu_frac
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: the main process records
         write_record(rec)
     if verbose and rec.status == "ok":

@@ -291,7 +291,8 @@ def sweep_edges(records) -> list[str]:
 
 
 def _warnings(profile: str, studies: list[str]) -> str:
-    """The report's warnings: package versions that differ between records or from this install, stale records."""
+    """The report's warnings: package versions that differ between records or from this install, stale records, runs
+    that shared the CPUs with other work, best learning rates at a sweep's edge."""
     drift = provenance.package_drift([r for s in studies for r in registry.current(profile, s)])
     warning = ('<div class="warn"><b>Package versions differ</b> between the records shown or from this install '
                "(the locked versions): compare their numbers with care, or re-run with "
@@ -305,6 +306,14 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     + ",".join(old) + '"</code> (new code, new run ids: they are measured again).<ul>'
                     + "".join(f"<li>{html.escape(s)}: {len(rs)} record(s), e.g. {html.escape(rs[0].run_id)}</li>"
                               for s, rs in old.items()) + "</ul></div>")
+    shared = provenance.shared_cpu([r for s in studies for r in registry.current(profile, s)])
+    if shared:
+        warning += ('<div class="warn"><b>Runs that shared the CPUs</b> with other work (other processes took more '
+                    f"than {provenance.SHARED_CPU_WARN:.0%} of the host's CPU capacity while they ran): their step "
+                    "times, throughput, latency and energy are suspect (quality is not). Re-run them alone with "
+                    "<code>--force</code>.<ul>"
+                    + "".join(f"<li>{html.escape(r.run_id)}: {r.environment['host_other_cpu_frac']:.0%}</li>"
+                              for r in shared) + "</ul></div>")
     edges = sweep_edges([r for s in studies for r in registry.current(profile, s)])
     if edges:
         warning += ('<div class="warn"><b>Best learning rate at the edge of its sweep</b>: the optimum may lie beyond '
