@@ -148,3 +148,20 @@ def test_every_record_says_how_much_other_work_shared_its_cpus_and_the_report_li
     page = webpage._warnings("tiny", ["attention"])
     assert "Runs that shared the CPUs" in page and f"{rec.run_id}: 50%" in page
     assert [r.run_id for r in provenance.shared_cpu(runs.load_records("tiny", "attention"))] == [rec.run_id]
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs Linux's /proc/stat")
+def test_a_batch_warns_in_one_line_when_other_work_is_using_the_cpus(capsys, monkeypatch):
+    from effllm_utils.cli import reproduce
+
+    class Busy(provenance.HostLoad):
+        def __exit__(self, *exc):
+            self.other_cpu_frac = 0.6
+            return False
+
+    monkeypatch.setattr(provenance, "HostLoad", Busy)
+    assert reproduce.busy_host_warning(0.01) == 0.6
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: other processes are using 60% of this host's CPUs")
+    monkeypatch.setattr(Busy, "__exit__", lambda self, *exc: setattr(self, "other_cpu_frac", 0.05))
+    assert reproduce.busy_host_warning(0.01) == 0.05 and capsys.readouterr().err == ""

@@ -281,6 +281,20 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def busy_host_warning(seconds: float = 0.5) -> float | None:
+    """Before a local batch: the share of this host's CPUs other processes use, sampled for `seconds`; one warning
+    line on stderr above `provenance.SHARED_CPU_WARN` (the batch goes on; each record says how much it shared)."""
+    from effllm_utils.core.provenance import SHARED_CPU_WARN, HostLoad
+
+    with HostLoad() as load:
+        time.sleep(seconds)
+    if (load.other_cpu_frac or 0.0) > SHARED_CPU_WARN:
+        print(f"warning: other processes are using {load.other_cpu_frac:.0%} of this host's CPUs; the runs' times, "
+              "throughput and energy will be suspect (each record says how much it shared): stop them or run later",
+              file=sys.stderr)
+    return load.other_cpu_frac
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m effllm_utils.cli.reproduce", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "tiny"), help=f"one of {', '.join(PROFILES)}")
@@ -353,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
+    if not args.submit:
+        busy_host_warning()
     signal.signal(signal.SIGTERM, _sigterm)
     outcomes: list[Outcome] = []
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
