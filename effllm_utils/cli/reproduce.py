@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    if not args.submit:
+    if args.submit != "slurm":  # a local batch, or local jobs: they run on this host
         busy_host_warning()
     signal.signal(signal.SIGTERM, _sigterm)
     outcomes: list[Outcome] = []

@@ -9,7 +9,6 @@ import hashlib
 import os
 import platform
 import subprocess
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,15 +79,22 @@ def _source_digest(path: str) -> str:
     """A hash of a module's syntax tree without docstrings and comments (editing prose is not a new definition); of a
     notebook's code cells alike (IPython magics left out); of any other file's bytes."""
     f = Path(path)
+    if not f.is_file():  # a notebook an installed package runs without (no checkout): that, not a crash
+        return "missing"
     if f.suffix == ".py":
         return hashlib.sha256(ast.dump(_strip_docstrings(ast.parse(f.read_text()))).encode()).hexdigest()
     if f.suffix == ".ipynb":
         import json
 
-        cells = ["\n".join(line for line in "".join(c["source"]).splitlines()
-                           if not line.lstrip().startswith(("%", "!")))
-                 for c in json.loads(f.read_text())["cells"] if c["cell_type"] == "code"]
-        return hashlib.sha256("\n".join(ast.dump(_strip_docstrings(ast.parse(c))) for c in cells).encode()).hexdigest()
+        def cell(source: str) -> str:  # its syntax tree; a cell Python cannot parse (%%bash, x = !ls): its text
+            code = "\n".join(line for line in source.splitlines() if not line.startswith(("%", "!")))
+            try:
+                return ast.dump(_strip_docstrings(ast.parse(code)))
+            except SyntaxError:
+                return source
+
+        cells = [cell("".join(c["source"])) for c in json.loads(f.read_text())["cells"] if c["cell_type"] == "code"]
+        return hashlib.sha256("\n".join(cells).encode()).hexdigest()
     return hashlib.sha256(f.read_bytes()).hexdigest()
 
 
@@ -136,9 +142,8 @@ def code_files(study: str) -> tuple[Path, ...]:
     if entry.run is None:
         from effllm_utils.core.params import notebook_path
 
-        notebook = notebook_path(study)
         files = {p for layer in _MEASURING_LAYERS for p in (root / layer).rglob("*.py")} | \
-            {root / c for c in _MEASURING_CORE} | ({notebook} if notebook.is_file() else set())
+            {root / c for c in _MEASURING_CORE} | {notebook_path(study)}  # hashed as "missing" if it is
     else:
         module = entry.run.split(":")[0]
         files = _closure(module if module.startswith("effllm_utils.") else f"effllm_utils.studies.{module}")
@@ -240,30 +245,84 @@ def environment() -> dict[str, Any]:
 
 # -- other work on the host while a run ran ----------------------------------------------------------------------
 
-SHARED_CPU_WARN = 0.15  # other processes' share of the host's CPU capacity above which a run's times are suspect
+SHARED_CPU_WARN = 0.15  # other processes' share of the run's CPUs above which its times are suspect
+_MIN_WINDOW_S = 1.0  # shorter blocks: /proc/stat's 10 ms ticks cannot tell
 
 
-def _cpu_snapshot() -> tuple[float, float, float] | None:
-    """(wall clock s, CPU seconds every process on the host has used, CPU seconds this process and its waited-for
-    children have used); None without Linux's /proc/stat."""
-    import resource
+def _proc_cpu_s(stat: str) -> tuple[int, float]:
+    """(parent pid, CPU seconds used: user + system) from one /proc/<pid>/stat line."""
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces and parentheses
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def _own_group() -> dict[int, float]:
+    """{pid: CPU seconds} of this process, its live descendants (compile workers, data loaders) and, under a
+    multi-process launch (LOCAL_WORLD_SIZE > 1: torchrun, accelerate), the sibling ranks and theirs: the job's own
+    work, not other work."""
+    procs = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                procs[int(d.name)] = _proc_cpu_s((d / "stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile
+    roots = {os.getpid()}
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        roots |= {pid for pid, (ppid, _) in procs.items() if ppid == os.getppid()}
+    group, todo = set(), list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in group:
+            group.add(pid)
+            todo.extend(c for c, (ppid, _) in procs.items() if ppid == pid)
+    return {pid: procs[pid][1] for pid in group if pid in procs}
+
+
+def _cpu_snapshot() -> tuple[float, float, dict[int, float], float] | None:
+    """(busy CPU seconds of this process's CPUs: user, nice, system, irq, softirq and steal; their total CPU seconds,
+    idle included; {pid: CPU seconds} of the job's own processes; CPU seconds of this process's reaped children),
+    from Linux's /proc; None without it."""
     try:
-        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    except (OSError, ValueError):
+        import resource
+
+        cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}  # a Slurm or container cpuset: its CPUs only
+        busy = total = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            name, *values = line.split()
+            if name in cpus:
+                user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in values[:8])
+                busy += user + nice + system + irq + softirq + steal  # steal: the hypervisor gave the CPU away
+                total += user + nice + system + idle + iowait + irq + softirq + steal
+        if not total:
+            return None
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        tick = os.sysconf("SC_CLK_TCK")
+        return busy / tick, total / tick, _own_group(), reaped.ru_utime + reaped.ru_stime
+    except (OSError, ValueError, ImportError, AttributeError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    own = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-              for f in ("ru_utime", "ru_stime"))
-    return time.monotonic(), (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own
+
+
+def other_cpu_share(start, end) -> float | None:
+    """The share of the CPUs' time between two `_cpu_snapshot`s that processes outside the job used, in [0, 1]; None
+    if either is missing or the window is under _MIN_WINDOW_S of CPU time per CPU."""
+    if start is None or end is None:
+        return None
+    busy, total = end[0] - start[0], end[1] - start[1]
+    n_cpus = max(1, len(os.sched_getaffinity(0)))
+    if total < _MIN_WINDOW_S * n_cpus:
+        return None
+    own = sum(cpu - start[2].get(pid, 0.0) for pid, cpu in end[2].items()) + (end[3] - start[3])
+    return min(1.0, max(0.0, busy - own) / total)
 
 
 class HostLoad:
-    """The CPU time other processes took on this host while a block ran, as a fraction of the host's capacity
-    (`other_cpu_frac`: 0 alone, 0.5 when other work kept half the CPUs busy; None where /proc/stat is missing).
-    A run that shared its CPUs has distorted step times, throughput and latency (its quality is unaffected):
-    `runs.execute` stores the fraction in every record and the report lists runs above SHARED_CPU_WARN. Other
-    processes include this one's compile workers that are still alive (inductor's pool)."""
+    """The share of this process's CPUs that other work used while a block ran (`other_cpu_frac`: 0 alone, 0.5 when
+    other processes kept half of them busy, the hypervisor's steal included; None off Linux or under a second of
+    CPU time). The job's own processes do not count: this one, its live descendants, and under torchrun or
+    accelerate the sibling ranks. A run that shared its CPUs has distorted step times, throughput and latency (its
+    quality is unaffected): `runs.execute` stores the share in every record and the report lists runs above
+    SHARED_CPU_WARN. A process of the job that ended inside the window (other than a reaped child) counts as other
+    work for its last part."""
 
     other_cpu_frac: float | None = None
 
@@ -272,10 +331,7 @@ class HostLoad:
         return self
 
     def __exit__(self, *exc) -> bool:
-        end = _cpu_snapshot()
-        if self._start is not None and end is not None and end[0] > self._start[0]:
-            wall, busy, own = (b - a for a, b in zip(self._start, end))
-            self.other_cpu_frac = max(0.0, busy - own) / (wall * (os.cpu_count() or 1))
+        self.other_cpu_frac = other_cpu_share(self._start, _cpu_snapshot())
         return False
 
 
