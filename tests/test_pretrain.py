@@ -215,3 +215,29 @@ def test_each_technique_at_its_best_learning_rate(outputs):
     assert again.run_id == best.run_id and again.started_at == best.started_at  # resumed: nothing retrained
     with pytest.raises(ValueError, match="lr_sweep_seed 0 is also a reported seed"):
         pretraining.run_study("attention", "tiny", params | {"lr_sweep_seed": 0})
+
+def test_a_run_two_studies_share_is_trained_once_and_recorded_in_both(outputs, monkeypatch):
+    """The default backbone is attention's gqa and positional_encoding's rope: the same model, data, budget, LR and
+    seed. The second study records the first's run (`same_run_as`) instead of training it again; another technique,
+    another seed or --force outside a batch trains."""
+    from effllm_utils.core import runs
+    from effllm_utils.engine import train as train_module
+
+    base = P | {"save_checkpoints": False, "lr_sweep_points": 0}
+    (gqa,) = pretraining.run_study("attention", "tiny", base | {"techniques": {"gqa": {"attention": "gqa"}}})
+    assert gqa.status == "ok" and gqa.artifacts["computation"] and "same_run_as" not in gqa.artifacts
+    trained = []
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    rope, nope = pretraining.run_study("positional_encoding", "tiny", base | {
+        "techniques": {"rope": {"position": "rope"}, "none": {"position": "none"}}})
+    assert rope.artifacts["same_run_as"] == gqa.run_id and rope.quality == gqa.quality
+    assert rope.metrics == gqa.metrics and rope.study == "positional_encoding" and rope.technique == "rope"
+    assert "same_run_as" not in nope.artifacts and len(trained) == 1  # only the other model trained
+    assert runs.load_records("tiny", "positional_encoding")[1].artifacts.get("same_run_as") in (gqa.run_id, None)
+    (seed1,) = pretraining.run_study("positional_encoding", "tiny", base | {
+        "techniques": {"rope": {"position": "rope"}}, "seed": 1})
+    assert "same_run_as" not in seed1.artifacts and len(trained) == 2  # another seed is another run
+    (forced,) = pretraining.run_study("positional_encoding", "tiny", base | {
+        "techniques": {"rope": {"position": "rope"}}}, force=True)
+    assert "same_run_as" not in forced.artifacts and len(trained) == 3  # --force measures it here

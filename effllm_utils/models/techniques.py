@@ -124,6 +124,26 @@ def match_hidden_size(scale_dims: dict[str, Any], vocab_size: int, overrides: di
         non_embedding_params(_base_config(scale_dims, vocab_size, with_width(h))) - target)))
 
 
+def _backbone_config(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any]):
+    """The backbone config a non-baseline technique spec builds (match_params resolved)."""
+    spec = dict(spec)
+    how = spec.pop("match_params", False)
+    if how == "ffn":
+        spec = match_ffn(scale_dims, vocab_size, spec)
+    elif how:
+        spec = match_hidden_size(scale_dims, vocab_size, spec)
+    return _base_config(scale_dims, vocab_size, spec)
+
+
+def model_identity(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """What `build_model` builds, every default filled in: the backbone's full config, or a baseline family with its
+    overrides and the dimensions it is matched to. Two specs with equal identities build the same model (the
+    attention study's `gqa` and the positional-encoding study's `rope` are both the default backbone)."""
+    if "baseline" in spec:
+        return {"baseline": dict(spec), "dims": dict(scale_dims), "vocab_size": vocab_size}
+    return _backbone_config(scale_dims, vocab_size, spec).to_dict()
+
+
 def build_model(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any], context: int):
     """(model, flops_per_token or None, kv_bytes_per_token or None) for one technique spec."""
     from effllm_utils import models
@@ -137,12 +157,7 @@ def build_model(scale_dims: dict[str, Any], vocab_size: int, spec: dict[str, Any
         n_layers = scale_dims.get("num_hidden_layers", backbone.config.num_hidden_layers)
         model = build_baseline(family, backbone.num_parameters(), n_layers, vocab_size, context, overrides=spec)
         return model, 3.0 * baselines.forward_flops_per_token(model, family, context), None
-    how = spec.pop("match_params", False)
-    if how == "ffn":
-        spec = match_ffn(scale_dims, vocab_size, spec)
-    elif how:
-        spec = match_hidden_size(scale_dims, vocab_size, spec)
-    cfg = _base_config(scale_dims, vocab_size, spec)
+    cfg = _backbone_config(scale_dims, vocab_size, spec)
     model = models.EffLLMForCausalLM(cfg)
     shape = cfg.shape()
     return model, metrics.training_flops_per_token(shape, context), metrics.kv_bytes_per_token(shape, 2)

@@ -41,6 +41,37 @@ def token_data(P: dict[str, Any], tok):
     return ids[:cut], ids[cut:]
 
 
+# -- runs two studies share ----------------------------------------------------------------------------------------
+
+def _computation(identity: dict[str, Any]) -> str:
+    """A hash of everything a pretraining run's outcome depends on besides the code: the model as built, the
+    training and data params, the learning rate and the seed."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _runs_of_other_studies(profile: str, study: str, force: bool) -> dict[str, runs.RunRecord]:
+    """{computation: record} of the other pretraining studies' ok records made by this code (their own runs, not
+    ones they took from another study): the baseline every study compares against (the default backbone: attention's
+    gqa, positional_encoding's rope, moe's dense, attention_free's transformer) is one run, trained once and recorded
+    in each study with `artifacts.same_run_as` naming it. With `force`, only records this batch made count."""
+    from effllm_utils.core import provenance
+    from effllm_utils.studies import registry
+
+    version, out = provenance.code_version(study), {}
+    for other in registry.names():
+        if other == study or registry.get(other).run != registry.get(study).run:
+            continue
+        for r in runs.load_records(profile, other):
+            key = r.artifacts.get("computation")
+            if key and r.status == "ok" and r.code_version == version and "same_run_as" not in r.artifacts \
+                    and (not force or runs.made_this_batch(r)):
+                out[key] = r
+    return out
+
+
 # -- one study ---------------------------------------------------------------------------------------------------
 
 def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) -> list[runs.RunRecord]:
@@ -49,6 +80,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
 
     check_specs(P)
     device = resolve_device(profile, P["device"])
+    done_elsewhere = _runs_of_other_studies(profile, study, force)
     records = []
     todo = [(scale, dims, technique, spec) for scale, dims in techniques.scales(P).items()
             for technique, spec in P["techniques"].items()]
@@ -59,7 +91,16 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
             "dims": dims, "spec": spec, "device": device} | (
             {"data_files": P["data_files"]} if P.get("data_files") else {})  # a local copy is other data
 
-        def fn(lr, seed, dims=dims, spec=spec, technique=technique, scale=scale, run_params=run_params):
+        identity = {"model": techniques.model_identity(dims, P["vocab_size"], spec)} | {
+            k: v for k, v in run_params.items() if k != "spec"}
+
+        def fn(lr, seed, dims=dims, spec=spec, technique=technique, scale=scale, run_params=run_params,
+               identity=identity):
+            computation = _computation(identity | {"lr": lr, "seed": seed})
+            same = done_elsewhere.get(computation) if not P["save_checkpoints"] else None
+            if same is not None:  # this very run (model, data, budget, LR, seed, code) is another study's record
+                return {"metrics": dict(same.metrics), "quality": dict(same.quality),
+                        "artifacts": dict(same.artifacts) | {"same_run_as": same.run_id}}
             seed_everything(seed)
             tok = tokenizer_for(P)
             train_ids, val_ids = token_data(P, tok)
@@ -80,6 +121,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                 "analytic, baseline convention (effllm_utils.models.baselines.forward_flops_per_token)"
                 if spec.get("baseline") else "analytic (effllm_utils.measure.metrics.forward_flops_per_token)")
             result["artifacts"]["model_config"] = model.config.to_dict()
+            result["artifacts"]["computation"] = computation
             if spec.get("baseline") == "mamba":  # which selective scan the measured speed is of
                 from effllm_utils.models.mamba_scan import scan_in_use
 
