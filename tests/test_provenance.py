@@ -148,7 +148,7 @@ def test_host_load_counts_other_processes_not_the_jobs_own_children():
     child.wait()
     # a process outside the job (started in its own session by a helper that exits at once: not a descendant)
     outside = f"import subprocess, sys\np = subprocess.Popen([sys.executable, '-c', {spin.format(6)!r}], " \
-              "start_new_session=True)\nprint(p.pid)"
+              "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\nprint(p.pid)"
     helper = subprocess.run([sys.executable, "-c", outside], capture_output=True, text=True, check=True)
     other_pid = int(helper.stdout)
     try:
