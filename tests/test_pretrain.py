@@ -233,11 +233,15 @@ def test_a_run_two_studies_share_is_trained_once_and_recorded_in_both(outputs, m
         "techniques": {"rope": {"position": "rope"}, "none": {"position": "none"}}})
     assert rope.artifacts["same_run_as"] == gqa.run_id and rope.quality == gqa.quality
     assert rope.metrics == gqa.metrics and rope.study == "positional_encoding" and rope.technique == "rope"
+    assert rope.environment == gqa.environment and rope.artifacts["same_run_started"] == gqa.started_at
     assert "same_run_as" not in nope.artifacts and len(trained) == 1  # only the other model trained
-    assert runs.load_records("tiny", "positional_encoding")[1].artifacts.get("same_run_as") in (gqa.run_id, None)
+    assert not runs.shared_copies_changed([rope, nope])
+    (faster,) = pretraining.run_study("positional_encoding", "tiny", base | {
+        "techniques": {"rope": {"position": "rope"}}, "lr": 0.001})
+    assert "same_run_as" not in faster.artifacts and len(trained) == 2  # another LR is another run
     (seed1,) = pretraining.run_study("positional_encoding", "tiny", base | {
         "techniques": {"rope": {"position": "rope"}}, "seed": 1})
-    assert "same_run_as" not in seed1.artifacts and len(trained) == 2  # another seed is another run
+    assert "same_run_as" not in seed1.artifacts and len(trained) == 3  # another seed is another run
     (forced,) = pretraining.run_study("positional_encoding", "tiny", base | {
         "techniques": {"rope": {"position": "rope"}}}, force=True)
-    assert "same_run_as" not in forced.artifacts and len(trained) == 3  # --force measures it here
+    assert "same_run_as" not in forced.artifacts and len(trained) == 4  # --force measures it here

@@ -314,3 +314,42 @@ def test_a_diverged_sweep_point_is_a_measurement_and_force_redoes_a_sweep_once_p
     assert calls == [(0.01, 7), (0.1, 7), (1.0, 7), (0.01, 0), (0.01, 1)]  # the sweep once in the forced batch
     monkeypatch.setenv(runs.BATCH_STARTED_ENV, "2026-12-06T22:00:00")  # hand-set without a time zone: ignored
     assert not runs.made_this_batch(rec)
+
+
+def test_a_shared_run_is_the_newest_donor_of_this_code_without_the_studys_own_markers(outputs, monkeypatch):
+    def donor(study, started, version="v1", status="ok", artifacts=None):
+        r = runs.RunRecord(run_id=f"{study}--gqa--s--{started[-2:]}", study=study, technique="gqa", profile="tiny",
+                           scale="s", params={"seed": 0}, quality={"ppl": float(started[-2:])}, status=status,
+                           started_at=started, code_version=version,
+                           environment={"device_name": "cpu A", "host_other_cpu_frac": 0.3},
+                           artifacts={"computation": "c1", "loss_curve": [3.0, 2.0]} | (artifacts or {}))
+        runs.write_record(r)
+        return r
+
+    old = donor("attention", "2026-12-07T01:00:00+00:10")
+    new = donor("moe", "2026-12-07T02:00:00+00:20", artifacts={"lr_sweep": {"best": 0.003}, "lr_sweep_point": True})
+    donor("depth_width", "2026-12-07T03:00:00+00:30", version="v0")  # other code
+    donor("attention_free", "2026-12-07T03:00:00+00:40", status="failed")
+    shared = runs.shared_runs("tiny", ["attention", "moe", "depth_width", "attention_free"], "v1")
+    assert list(shared) == ["c1"] and shared["c1"].run_id == new.run_id  # the newest ok one of this code
+    assert runs.shared_runs("tiny", ["attention"], "v1", force=True) == {}  # --force: only this batch's records
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert runs.shared_runs("tiny", ["attention", "moe"], "v1") == {}  # ranks would have to agree
+    monkeypatch.delenv("WORLD_SIZE")
+    result = runs.result_of(new)
+    assert result["environment"] == new.environment and result["quality"] == new.quality
+    assert "lr_sweep" not in result["artifacts"] and "lr_sweep_point" not in result["artifacts"]
+    assert result["artifacts"]["loss_curve"] == [3.0, 2.0] and result["artifacts"]["same_run_as"] == new.run_id
+    copy = runs.execute("positional_encoding", "rope", "tiny", {"seed": 0}, lambda: result, scale="s", verbose=False)
+    assert copy.environment == new.environment and copy.quality == new.quality  # measured there, recorded here
+    assert runs.shared_copies_changed([copy]) == []
+    runs.write_record(runs.RunRecord(**{**new.__dict__, "started_at": "2026-12-07T04:00:00+00:00"}))
+    assert [why for _, why in runs.shared_copies_changed([copy])] == ["its run was measured again"]
+    from effllm_utils.report import webpage
+
+    page = webpage._warnings("tiny", ["positional_encoding"])
+    assert "Shared runs out of date" in page and f"{copy.run_id}: its run was measured again" in page
+    assert "positional_encoding rope = moe" in page and '--only positional_encoding --force' in page
+    (runs.runs_dir("tiny", "moe") / f"{new.run_id}.json").unlink()
+    assert [why for _, why in runs.shared_copies_changed([copy])] == ["its run's record is gone"]
+    assert old.run_id  # the older donor stays on disk, unused

@@ -223,6 +223,55 @@ def load_records(profile: str, study: str) -> list[RunRecord]:
     return [read_record(p) for p in sorted(base.glob("*.json"))] if base.is_dir() else []
 
 
+# -- runs shared between studies ---------------------------------------------------------------------------------
+
+# what a study's own run adds and a record taken from another study must not carry over
+_NOT_SHARED = ("lr_sweep", "lr_sweep_point", "traceback")
+
+
+def shared_runs(profile: str, studies: list[str], code_version: str, force: bool = False) -> dict[str, RunRecord]:
+    """{computation: record}: the ok records of `studies` made by `code_version` that trained their run themselves
+    and say what they computed (`artifacts.computation`: a hash of everything the outcome depends on besides the
+    code), the newest per computation; with `force`, only those made this batch. Empty under a multi-process launch
+    (every rank would have to take the same decision)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {}
+    out: dict[str, RunRecord] = {}
+    for study in studies:
+        for r in load_records(profile, study):
+            key = r.artifacts.get("computation")
+            if key and r.status == "ok" and r.code_version == code_version and "same_run_as" not in r.artifacts \
+                    and (not force or made_this_batch(r)) and (key not in out or r.started_at > out[key].started_at):
+                out[key] = r
+    return out
+
+
+def result_of(donor: RunRecord) -> dict[str, Any]:
+    """A run function's result that records `donor`'s run for another study: its measurements, its artifacts but
+    the study's own markers, its environment (where and with what the numbers were measured, and how much other work
+    shared the CPUs), and `same_run_as` / `same_run_started` naming it (`shared_copies_changed` checks them)."""
+    artifacts = {k: v for k, v in donor.artifacts.items() if k not in _NOT_SHARED}
+    return {"metrics": dict(donor.metrics), "quality": dict(donor.quality), "environment": dict(donor.environment),
+            "artifacts": artifacts | {"same_run_as": donor.run_id, "same_run_started": donor.started_at}}
+
+
+def shared_copies_changed(records: list[RunRecord]) -> list[tuple[RunRecord, str]]:
+    """(record, why) for each record taken from another study's run whose run is gone, failed or was measured again
+    since: its numbers no longer match the run it names."""
+    out = []
+    for r in records:
+        donor_id = r.artifacts.get("same_run_as")
+        if not donor_id:
+            continue
+        path = runs_dir(r.profile, donor_id.split("--")[0]) / f"{donor_id}.json"
+        donor = read_record(path) if path.is_file() else None
+        why = ("its run's record is gone" if donor is None else "its run failed since" if donor.status != "ok" else
+               "its run was measured again" if donor.started_at != r.artifacts.get("same_run_started") else None)
+        if why:
+            out.append((r, why))
+    return out
+
+
 # -- running ----------------------------------------------------------------------------------------------------
 
 def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn: Callable[[], dict[str, Any]],
@@ -243,10 +292,12 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
         try:
             release_memory()  # what the previous run left is not this run's memory
             result = fn() or {}
-            unknown = set(result) - {"metrics", "quality", "artifacts"}
+            unknown = set(result) - {"metrics", "quality", "artifacts", "environment"}
             if unknown:
                 raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "
                                  f"use 'metrics', 'quality' and 'artifacts'")
+            if "environment" in result:  # another run's measurements (result_of): the environment they were made in
+                rec.environment = dict(result["environment"])
             rec.metrics = dict(result.get("metrics", {}))
             rec.quality = dict(result.get("quality", {}))
             rec.artifacts = dict(result.get("artifacts", {}))
@@ -257,7 +308,7 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
             if verbose:
                 print(f"[failed] {run_id}: {rec.error}")
     rec.duration_s = time.perf_counter() - t0
-    rec.environment["host_other_cpu_frac"] = load.other_cpu_frac
+    rec.environment.setdefault("host_other_cpu_frac", load.other_cpu_frac)  # a shared run keeps its own
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: the main process records
         write_record(rec)
     if verbose and rec.status == "ok":

@@ -314,6 +314,23 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     "<code>--force</code>.<ul>"
                     + "".join(f"<li>{html.escape(r.run_id)}: {r.environment['host_other_cpu_frac']:.0%}</li>"
                               for r in shared) + "</ul></div>")
+    current = [r for s in studies for r in registry.current(profile, s)]
+    changed = runs.shared_copies_changed(current)
+    if changed:
+        warning += ('<div class="warn"><b>Shared runs out of date</b>: these records took another study\'s run '
+                    "(the same model, budget, learning rate and seed), which has changed since; refresh them with "
+                    f"<code>make reproduce PROFILE={profile} ARGS=\"--only "
+                    + ",".join(sorted({r.study for r, _ in changed})) + ' --force"</code>.<ul>'
+                    + "".join(f"<li>{html.escape(r.run_id)}: {html.escape(why)}</li>" for r, why in changed)
+                    + "</ul></div>")
+    shared = [r for r in current if r.artifacts.get("same_run_as")]
+    if shared:
+        warning += ("<p>" + f"{len(shared)} record(s) are another study's run, recorded in this one too (the default "
+                    "backbone, trained once: same model, budget, learning rate and seed; their times were measured in "
+                    "that study's slot of the batch): "
+                    + ", ".join(f"{html.escape(r.study)} {html.escape(r.technique)} = "
+                                f"{html.escape(r.artifacts['same_run_as'].split('--')[0])}" for r in shared[:6])
+                    + (" ..." if len(shared) > 6 else "") + ".</p>")
     edges = sweep_edges([r for s in studies for r in registry.current(profile, s)])
     if edges:
         warning += ('<div class="warn"><b>Best learning rate at the edge of its sweep</b>: the optimum may lie beyond '

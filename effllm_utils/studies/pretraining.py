@@ -53,23 +53,14 @@ def _computation(identity: dict[str, Any]) -> str:
 
 
 def _runs_of_other_studies(profile: str, study: str, force: bool) -> dict[str, runs.RunRecord]:
-    """{computation: record} of the other pretraining studies' ok records made by this code (their own runs, not
-    ones they took from another study): the baseline every study compares against (the default backbone: attention's
-    gqa, positional_encoding's rope, moe's dense, attention_free's transformer) is one run, trained once and recorded
-    in each study with `artifacts.same_run_as` naming it. With `force`, only records this batch made count."""
+    """{computation: record} of the other pretraining studies' runs this one may record instead of training
+    (`runs.shared_runs`): the baseline every study compares against (the default backbone: attention's gqa,
+    positional_encoding's rope, moe's dense, depth_width's L4) is one run, trained once."""
     from effllm_utils.core import provenance
     from effllm_utils.studies import registry
 
-    version, out = provenance.code_version(study), {}
-    for other in registry.names():
-        if other == study or registry.get(other).run != registry.get(study).run:
-            continue
-        for r in runs.load_records(profile, other):
-            key = r.artifacts.get("computation")
-            if key and r.status == "ok" and r.code_version == version and "same_run_as" not in r.artifacts \
-                    and (not force or runs.made_this_batch(r)):
-                out[key] = r
-    return out
+    family = [s for s in registry.names() if s != study and registry.get(s).run == registry.get(study).run]
+    return runs.shared_runs(profile, family, provenance.code_version(study), force)
 
 
 # -- one study ---------------------------------------------------------------------------------------------------
@@ -99,8 +90,7 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
             computation = _computation(identity | {"lr": lr, "seed": seed})
             same = done_elsewhere.get(computation) if not P["save_checkpoints"] else None
             if same is not None:  # this very run (model, data, budget, LR, seed, code) is another study's record
-                return {"metrics": dict(same.metrics), "quality": dict(same.quality),
-                        "artifacts": dict(same.artifacts) | {"same_run_as": same.run_id}}
+                return runs.result_of(same)
             seed_everything(seed)
             tok = tokenizer_for(P)
             train_ids, val_ids = token_data(P, tok)
