@@ -293,7 +293,8 @@ def sweep_edges(records) -> list[str]:
 def _warnings(profile: str, studies: list[str]) -> str:
     """The report's warnings: package versions that differ between records or from this install, stale records, runs
     that shared the CPUs with other work, best learning rates at a sweep's edge."""
-    drift = provenance.package_drift([r for s in studies for r in registry.current(profile, s)])
+    current = [r for s in studies for r in registry.current(profile, s)]  # read once, for every check
+    drift = provenance.package_drift(current)
     warning = ('<div class="warn"><b>Package versions differ</b> between the records shown or from this install '
                "(the locked versions): compare their numbers with care, or re-run with "
                f"<code>make reproduce PROFILE={profile} ARGS=--force</code>.<ul>"
@@ -306,7 +307,7 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     + ",".join(old) + '"</code> (new code, new run ids: they are measured again).<ul>'
                     + "".join(f"<li>{html.escape(s)}: {len(rs)} record(s), e.g. {html.escape(rs[0].run_id)}</li>"
                               for s, rs in old.items()) + "</ul></div>")
-    shared = provenance.shared_cpu([r for s in studies for r in registry.current(profile, s)])
+    shared = provenance.shared_cpu(current)
     if shared:
         warning += ('<div class="warn"><b>Runs that shared the CPUs</b> with other work (other processes took more '
                     f"than {provenance.SHARED_CPU_WARN:.0%} of the host's CPU capacity while they ran): their step "
@@ -314,7 +315,6 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     "<code>--force</code>.<ul>"
                     + "".join(f"<li>{html.escape(r.run_id)}: {r.environment['host_other_cpu_frac']:.0%}</li>"
                               for r in shared) + "</ul></div>")
-    current = [r for s in studies for r in registry.current(profile, s)]
     changed = runs.shared_copies_changed(current)
     if changed:
         warning += ('<div class="warn"><b>Shared runs out of date</b>: these records took another study\'s run '
@@ -323,15 +323,15 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     + ",".join(sorted({r.study for r, _ in changed})) + ' --force"</code>.<ul>'
                     + "".join(f"<li>{html.escape(r.run_id)}: {html.escape(why)}</li>" for r, why in changed)
                     + "</ul></div>")
-    shared = [r for r in current if r.artifacts.get("same_run_as")]
-    if shared:
-        warning += ("<p>" + f"{len(shared)} record(s) are another study's run, recorded in this one too (the default "
+    copies = [r for r in current if r.artifacts.get("same_run_as")]
+    if copies:
+        warning += ("<p>" + f"{len(copies)} record(s) are another study's run, recorded in this one too (the default "
                     "backbone, trained once: same model, budget, learning rate and seed; their times were measured in "
                     "that study's slot of the batch): "
                     + ", ".join(f"{html.escape(r.study)} {html.escape(r.technique)} = "
-                                f"{html.escape(r.artifacts['same_run_as'].split('--')[0])}" for r in shared[:6])
-                    + (" ..." if len(shared) > 6 else "") + ".</p>")
-    edges = sweep_edges([r for s in studies for r in registry.current(profile, s)])
+                                f"{html.escape(r.artifacts['same_run_as'].split('--')[0])}" for r in copies[:6])
+                    + (" ..." if len(copies) > 6 else "") + ".</p>")
+    edges = sweep_edges(current)
     if edges:
         warning += ('<div class="warn"><b>Best learning rate at the edge of its sweep</b>: the optimum may lie beyond '
                     "the grid, so these techniques may be compared below their best; widen the sweep (<code>--set "
