@@ -14,7 +14,7 @@ MLA_BEST = {"kind": "best", "technique": "mla", "among": ["mha", "gqa", "mqa", "
 
 
 def world(effect: float, seeds: int, rng: random.Random, noise: float = 0.08,
-          techniques=("gqa", "mqa", "mla", "nsa")) -> dict[str, list[float]]:
+          techniques=("mha", "gqa", "mqa", "mla", "nsa")) -> dict[str, list[float]]:
     """Perplexities of each technique over `seeds` runs: one distribution for all (8% relative noise, as measured
     on tiny), MLA's mean lowered by `effect`."""
     return {t: [400 * (1 - effect * (t == "mla")) * math.exp(rng.gauss(0, noise)) for _ in range(seeds)]
@@ -25,22 +25,78 @@ def verdict(test, values):
     return claims.run_test(test, values)[0]
 
 
-def test_a_a_worlds_are_rarely_decided_and_never_from_one_seed():
+SLACK = 0.02  # Monte-Carlo slack on a rate from 400 worlds (its standard error at 2.5% is 0.8%)
+
+
+def test_a_a_worlds_never_reproduce_a_claim_beyond_its_error_rate_nor_from_one_seed():
+    """Every difference claim is false where all techniques draw from one distribution: reproduced at most alpha/2."""
     rng = random.Random(1)
-    for seeds, at_most in ((1, 0.0), (2, 0.05), (3, 0.05)):
-        decided = [verdict(MLA_BEST, world(0.0, seeds, rng)) in (REPRODUCED, CONTRADICTED) for _ in range(400)]
-        assert sum(decided) / len(decided) <= at_most, (seeds, sum(decided))
-    less = {"kind": "less", "a": "mla", "b": "gqa", "metric": "ppl"}  # one comparison: both directions can err
-    decided = [verdict(less, world(0.0, 3, rng)) in (REPRODUCED, CONTRADICTED) for _ in range(400)]
-    assert sum(decided) / 400 <= 0.05
+    less = {"kind": "less", "a": "mla", "b": "gqa", "metric": "ppl"}
+    for test in (MLA_BEST, less):
+        for seeds, at_most in ((1, 0.0), (2, claims.ALPHA / 2 + SLACK), (3, claims.ALPHA / 2 + SLACK)):
+            wrong = [verdict(test, world(0.0, seeds, rng)) == REPRODUCED for _ in range(400)]
+            assert sum(wrong) / 400 <= at_most, (test["kind"], seeds, sum(wrong))
+    decided = [verdict(MLA_BEST, world(0.0, 1, rng)) for _ in range(100)]
+    assert set(decided) == {INCONCLUSIVE}  # one seed never decides a quality claim
 
 
-def test_a_real_30pct_effect_at_8pct_noise_is_found_with_three_seeds():
+def _pair_world(ratio: float, seeds: int, rng: random.Random, noise: float = 0.003) -> dict[str, list[float]]:
+    return {"x": [100 * ratio * math.exp(rng.gauss(0, noise)) for _ in range(seeds)],
+            "y": [100 * math.exp(rng.gauss(0, noise)) for _ in range(seeds)]}
+
+
+def test_a_claimed_difference_is_one_beyond_the_margin_with_both_errors_controlled_at_its_boundary():
+    """`less` means lower by more than the margin (2% for quality): reproduced and contradicted never overlap, and at
+    the boundary each is wrong at most alpha/2 of the time, at any number of seeds (a true ratio of 0.985 was
+    reproduced at 3 seeds and contradicted at 10 under the earlier rule)."""
+    less = {"kind": "less", "a": "x", "b": "y", "metric": "ppl"}
+    rng = random.Random(5)
+    boundary = math.exp(-math.log1p(claims.RULES["quality"].margin))
+    for seeds in (3, 10):
+        got = [verdict(less, _pair_world(boundary, seeds, rng)) for _ in range(400)]
+        assert got.count(REPRODUCED) / 400 <= claims.ALPHA / 2 + SLACK, (seeds, got.count(REPRODUCED))
+        assert got.count(CONTRADICTED) / 400 <= claims.ALPHA / 2 + SLACK, (seeds, got.count(CONTRADICTED))
+        inside = [verdict(less, _pair_world(0.985, seeds, rng)) for _ in range(200)]  # lower, but within the margin
+        assert inside.count(REPRODUCED) / 200 <= claims.ALPHA / 2 + SLACK, (seeds, inside.count(REPRODUCED))
+        beyond = [verdict(less, _pair_world(0.95, seeds, rng)) for _ in range(200)]  # 5% lower: the claim holds
+        assert beyond.count(CONTRADICTED) == 0 and beyond.count(REPRODUCED) / 200 >= 0.95, seeds
+    assert sum(v == CONTRADICTED for v in inside) / 200 >= 0.8  # 10 seeds at 0.3% noise mostly settle "not beyond"
+
+
+def test_a_best_claim_is_not_reproduced_on_a_subset_of_what_it_ranks():
+    vals = world(0.3, 3, random.Random(4), noise=0.01)
+    assert verdict(MLA_BEST, vals) == REPRODUCED
+    partial = {t: v for t, v in vals.items() if t != "mha"}
+    v, evidence, out = claims.run_test(MLA_BEST, partial)
+    assert v == INCONCLUSIVE and "not run: mha" in evidence and out.missing == ("mha",)
+    worse = world(-0.3, 3, random.Random(4), noise=0.01)
+    assert verdict(MLA_BEST, {t: x for t, x in worse.items() if t != "mha"}) == CONTRADICTED  # a subset refutes
+    paper = {t: [v[0]] for t, v in partial.items()}  # the paper's table quotes its own variants: ranked among those
+    assert claims.run_test(MLA_BEST, paper, exact=True)[0] == REPRODUCED
+
+
+def test_the_effect_shown_is_the_comparison_the_verdict_hinges_on_at_the_checks_level():
+    best = {"kind": "best", "technique": "a", "among": ["a", "b", "c"], "metric": "al_s", "direction": "min"}
+    vals = {"a": [1.0, 1.001, 0.999], "b": [1.5, 1.0, 2.2],  # b: furthest behind on average, but noisy
+            "c": [1.1, 1.101, 1.099]}  # c: the closest, yet settled
+    _, _, out = claims.run_test(best, vals)
+    assert out.claimed[0] > 0.05 > out.claimed[1] and out.effect.startswith("al_s a/b ")  # not the closest, c
+    wide = claims.run_test(best, vals, alpha=0.01)[2].effect
+    lo95, hi95 = map(float, out.effect.split("[")[1].rstrip("]").split(", "))
+    lo99, hi99 = map(float, wide.split("[")[1].rstrip("]").split(", "))
+    assert lo99 < lo95 and hi99 > hi95  # --alpha 0.01: 99% intervals
+
+
+def test_a_real_30pct_effect_at_8pct_noise_is_found_with_three_seeds_and_surely_with_five():
+    """Power, ranking five techniques as the attention study does (all four comparisons must clear the 2% margin:
+    74% at 3 seeds, 81% with four techniques, 85% before the margin)."""
     rng = random.Random(2)
     found = [verdict(MLA_BEST, world(0.30, 3, rng)) == REPRODUCED for _ in range(400)]
-    assert sum(found) / 400 >= 0.80, sum(found)
-    # and the other way round: a claimed winner that is truly 30% worse is contradicted (Holm across the three
-    # others makes this the harder direction: 64% at 3 seeds, all at 5)
+    assert sum(found) / 400 >= 0.70, sum(found)
+    found = [verdict(MLA_BEST, world(0.30, 5, rng)) == REPRODUCED for _ in range(100)]
+    assert sum(found) / 100 >= 0.95, sum(found)
+    # and the other way round: a claimed winner that is truly 30% worse is contradicted (Holm across the four
+    # others makes this the harder direction: 69% at 3 seeds, all at 5)
     worse = [verdict(MLA_BEST, world(-0.30, 3, rng)) == CONTRADICTED for _ in range(200)]
     assert sum(worse) / 200 >= 0.50, sum(worse)
     worse = [verdict(MLA_BEST, world(-0.30, 5, rng)) == CONTRADICTED for _ in range(100)]
@@ -136,7 +192,8 @@ def test_a_ranking_that_flips_between_half_and_all_of_the_budget_is_inconclusive
     recs = [_rec("mla", 300.0 * (1 + 0.01 * s), s, curve=[x - 1.0 * (i >= 15) for i, x in enumerate(rising)])
             for s in range(3)]
     recs += [_rec(t, 400.0 * (1 + 0.01 * s), s, curve=flat) for t in ("gqa", "mqa") for s in range(3)]
-    claim = {"id": "x", "claim": "c", "source": "s", "study": "attention", "tests": [MLA_BEST]}
+    claim = {"id": "x", "claim": "c", "source": "s", "study": "attention",
+             "tests": [MLA_BEST | {"among": ["gqa", "mqa", "mla"]}]}
     row = claims.evaluate_group(claim, recs, (), "tiny")
     assert row["verdict"] == INCONCLUSIVE and "ranking unstable" in row["evidence"]
     steady = [r for r in recs if r.technique != "mla"] + [
@@ -226,3 +283,51 @@ def test_power_claims_report_energy_per_token_and_flag_a_reversal():
     flag = _energy_warning(table)
     assert "Power and energy per token disagree" in flag and "nsa_lowest_power [s]: reproduced on power" in flag
     assert "<li>x" not in flag and _energy_warning(table.iloc[1:]) == ""
+
+
+def _swept(technique, ppl, seed, sweep):
+    r = _rec(technique, ppl, seed)
+    r.artifacts = {"lr_sweep": {"metric": "ppl", "values": sweep, "best": 0.003, "seed": 1000}}
+    return r
+
+
+def test_a_learning_rate_picked_within_seed_noise_stops_the_verdict_it_could_flip():
+    """The sweep runs each LR once: where its best two points differ by less than one seed's noise, the pick may be
+    wrong, which only handicaps that technique (the small profile's gqa: 120.4 vs 123.1, seeds 121.7-124.9)."""
+    claim = {"id": "x", "claim": "c", "source": "s", "study": "attention",
+             "tests": [{"kind": "best", "technique": "mla", "among": ["mla", "gqa"], "metric": "ppl",
+                        "direction": "min"}]}
+    clear, close = {"0.001": 118.6, "0.003": 96.9, "0.009": 134.0}, {"0.001": 120.45, "0.003": 123.07}
+    mla = [_swept("mla", p, s, clear) for s, p in enumerate((98.7, 98.4, 102.2))]
+    gqa = [_swept("gqa", p, s, close) for s, p in enumerate((121.7, 124.1, 124.9))]
+    assert claims.lr_pick_note("mla", mla) is None
+    note = claims.lr_pick_note("gqa", gqa)
+    assert note.startswith("gqa's learning rate (0.003) was picked within seed noise: its sweep's best two points "
+                           "differ by 2.2%")
+    row = claims.evaluate_group(claim, mla + gqa, (), "tiny")
+    assert row["verdict"] == INCONCLUSIVE and note in row["evidence"]  # a competitor's pick: reproduced unsafe
+    firm = [_swept("gqa", p, s, {"0.001": 140.0, "0.003": 123.07}) for s, p in enumerate((121.7, 124.1, 124.9))]
+    assert claims.evaluate_group(claim, mla + firm, (), "tiny")["verdict"] == REPRODUCED
+    unsure_winner = [_swept("mla", p, s, close) for s, p in enumerate((98.7, 98.4, 102.2))]
+    assert claims.evaluate_group(claim, unsure_winner + firm, (), "tiny")["verdict"] == REPRODUCED  # only handicaps it
+
+
+def test_a_failed_or_diverged_reported_seed_is_counted_not_dropped(outputs):
+    vals = world(0.3, 3, random.Random(6), noise=0.01)
+    recs = [_rec(t, x, seed=s) for t, xs in vals.items() for s, x in enumerate(xs)]
+    claim = {"id": "x", "claim": "c", "source": "s", "study": "attention", "tests": [MLA_BEST]}
+    assert claims.evaluate_group(claim, recs, (), "tiny")["verdict"] == REPRODUCED
+    failed = _rec("mla", 1.0, seed=3)
+    failed.status, failed.quality, failed.error = "failed", {}, "RuntimeError: loss is nan"
+    extra = [_rec("mla", vals["mla"][0], seed=3)]  # seed 3 measured: nothing lost
+    row = claims.evaluate_group(claim, recs + [failed], (), "tiny")
+    assert row["verdict"] == INCONCLUSIVE and "lost seeds: mla seed 3 failed" in row["evidence"]
+    assert claims.evaluate_group(claim, recs + extra, (), "tiny")["verdict"] == REPRODUCED
+    diverged = _rec("mla", None, seed=3)
+    diverged.quality, diverged.artifacts = {}, {"diverged": "loss nan at step 12"}
+    row = claims.evaluate_group(claim, recs + [diverged], (), "tiny")
+    assert row["verdict"] == INCONCLUSIVE and "mla seed 3 gave no ppl (diverged: loss nan at step 12)" in row[
+        "evidence"]
+    _write(recs + [failed])  # through evaluate: the failed record is read with the ok ones
+    row = claims.evaluate("tiny").set_index("id").loc["mla_lowest_ppl"]
+    assert row["verdict"] == INCONCLUSIVE and "mla seed 3 failed" in row["evidence"]

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m effllm_utils.cli.report", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "tiny"), choices=PROFILES)
     ap.add_argument("--alpha", type=float, default=0.05,
-                    help="the claims check's error rate: chance of a decisive verdict where techniques do not differ")
+                    help="the claims check's error rate: a false claim reproduced, or a true one contradicted, at most "
+                         "alpha/2 per row; the intervals are 1 - alpha")
     ap.add_argument("--no-html", action="store_true", help="figures and tables only")
     ap.add_argument("--time", action="store_true", help="print the time the current records took, per study; "
                     "draw nothing")

@@ -3,22 +3,34 @@ same tests on the paper's own published numbers.
 
 Verdicts, per claim and group of records (a scale, and a dataset where the study varies it):
   reproduced      every comparison the claim makes holds, each at one-sided level ALPHA/2 (Welch's t on the logs
-                  of the repeats). A claim that holds only if all its comparisons hold is an intersection-union
+                  of the repeats). A claimed difference (`less`, `best`) is one beyond the metric's practical margin
+                  (RULES: 2% for quality, 5% for time, memory and energy): "a is lower than b" means lower by more
+                  than the margin. A claim that holds only if all its comparisons hold is an intersection-union
                   test, which keeps its error rate at ALPHA/2 without a multiplicity correction (Berger 1982).
-  contradicted    some comparison goes the other way, or (for a claimed difference between two techniques) their
-                  values are practically equal (both one-sided tests against the metric's equivalence margin reject,
-                  TOST), with Holm's correction across every such hypothesis of the claim at family-wise level
-                  ALPHA/2.
+  contradicted    some comparison is refuted: a is not below b by more than the margin (equal within it, or
+                  higher), or a ratio lies outside its claimed range, with Holm's correction across every such
+                  hypothesis of the claim at family-wise level ALPHA/2. A `best` claim is refuted by another
+                  technique it does not beat by the margin; an exact tie for best (counted or published values) is
+                  left inconclusive.
   inconclusive    neither: the data cannot tell at this number of repeats; also where a technique has fewer repeats
-                  than its metric needs (MIN_RUNS: 3 seeds for a quality claim) or the ranking a quality claim relies
-                  on changed between half and all of the training budget.
+                  than its metric needs (MIN_RUNS: 3 seeds for a quality claim), where a technique a `best` claim
+                  ranks did not run (the claim is over all of them: it cannot be reproduced on a subset), where a
+                  reported seed of a compared technique failed or gave no value (a verdict on the survivors would
+                  flatter the technique), where a quality claim rests on a learning rate its sweep picked within
+                  seed noise (`lr_pick_note`), or where the ranking a quality claim relies on changed between half
+                  and all of the training budget.
   not testable    a metric this profile does not measure, a technique it did not run, a device or scale it lacks.
-In a world where every technique draws from one distribution (A/A), a decisive verdict therefore has probability at
-most ALPHA; tests/test_claims.py checks this and the power to find a 30% effect at 8% noise with 3 seeds.
+What the rule controls, per claims row: a false claim comes out reproduced with probability at most ALPHA/2, and a
+true one (a difference beyond the margin, a ratio inside its range) comes out contradicted with probability at most
+ALPHA/2; an A/A world, where every technique draws from one distribution, makes every difference claim false, so
+"contradicted" is there the right answer, never "reproduced". tests/test_claims.py checks both rates and the power
+to find a 30% effect at 8% noise with 3 seeds. The rate is per row: claims x groups of a report are not
+corrected across rows (a reader scanning all of them should expect up to ALPHA/2 x rows false decisive verdicts
+in the worst case), and the J/token verdict beside a power claim is its own row-level test.
 
-Each row states the effect (the ratio it relies on, with its 95% confidence interval) and the evidence level: model
-size, tokens seen, tokens per parameter and seeds, and a level from EVIDENCE_LEVELS. Timing repeats are seeds run by
-`make reproduce ARGS="--seeds 0,1,2"`, which runs every technique of a seed before the next seed (A B C A B C ...),
+Each row states the effect (the ratio it relies on, with its 1 - ALPHA confidence interval) and the evidence level:
+model size, tokens seen, tokens per parameter and seeds, and a level from EVIDENCE_LEVELS. Timing repeats are seeds run
+by `make reproduce ARGS="--seeds 0,1,2"`, which runs every technique of a seed before the next seed (A B C A B C ...),
 so a drift of the machine lands in the spread, not between techniques. Only the current records of each experiment
 (`core.aggregate`, same settings and same code version) are repeats; records of other code are stale and left out.
 
@@ -30,6 +42,7 @@ from __future__ import annotations
 import math
 import random
 import re
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +53,7 @@ from effllm_utils.studies import registry
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, UNTESTABLE = "reproduced", "contradicted", "inconclusive", "not testable here"
 KINDS = ("best", "less", "ratio", "at_least")
-ALPHA = 0.05  # the chance of any decisive verdict in an A/A world; each direction gets ALPHA / 2
+ALPHA = 0.05  # each wrong decisive verdict (a false claim reproduced, a true one contradicted): at most ALPHA/2
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,7 @@ class Outcome:
     claimed: list[float]  # one-sided p-values of the comparisons the claim needs (all must reject)
     against: list[float]  # p-values of the hypotheses that contradict it (Holm across the claim)
     effect: str = ""
+    missing: tuple[str, ...] = ()  # techniques a best claim ranks that did not run: it cannot be reproduced
 
 
 def _fmt(xs: list[float]) -> str:
@@ -174,14 +188,16 @@ def _fmt(xs: list[float]) -> str:
     return f"{mean:.4g}" + (f" ± {se:.2g}" if se else "") + f" (n={n})"
 
 
-def _effect(name: str, diff: Diff) -> str:
-    r, lo, hi = diff.ratio_ci()
+def _effect(name: str, diff: Diff, level: float = 1 - ALPHA) -> str:
+    r, lo, hi = diff.ratio_ci(level)
     return f"{name} {r:.3g}x" + ("" if diff.exact else f" [{lo:.3g}, {hi:.3g}]")
 
 
-def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = False) -> tuple[str, str, Outcome]:
+def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = False,
+             alpha: float = ALPHA) -> tuple[str, str, Outcome]:
     """(verdict, evidence, outcome) of one test on {technique: its repeats}. `exact`: single published values
-    compared as they are (the paper's numbers), without the minimum number of repeats."""
+    compared as they are (the paper's numbers: no margin, no minimum number of repeats, and a best claim ranked
+    among the techniques the table quotes)."""
     metric = test["metric"]
     r = rule(metric)
     margin = math.log1p(r.margin) if r.margin and not exact else 0.0  # published numbers: exact comparisons
@@ -200,6 +216,9 @@ def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = Fa
         why = f"{metric} is not positive for every run (compared as ratios)"
         return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
     shown = f"{metric}: " + ", ".join(f"{t} {_fmt(values[t])}" for t in names)
+    missing = tuple(t for t in test["among"] if t not in values) if test["kind"] == "best" and not exact else ()
+    if missing:
+        shown += f"; not run: {', '.join(missing)} (the claim ranks all of {', '.join(test['among'])})"
     few = {t: len(values[t]) for t in names if len(values[t]) < r.min_runs}
     if few and not exact:
         why = (f"{min(few.values())} seed(s), needs {r.min_runs} for a {METRIC_KIND.get(metric, 'quality')} claim "
@@ -210,51 +229,51 @@ def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = Fa
     def pair(a: str, b: str) -> Diff:
         return log_diff(values[a], values[b])
 
-    def no_difference(d: Diff) -> list[float]:  # TOST: both one-sided tests against +-margin
-        return [max(d.p_below(margin), d.p_above(-margin))] if margin else []
-
     if test["kind"] in ("less", "best"):
         me = test["a"] if test["kind"] == "less" else test["technique"]
         lower = test["kind"] == "less" or test["direction"] == "min"
+        bound = -margin if lower else margin  # the claimed difference: beyond the practical margin
         for other in [t for t in names if t != me]:
             d = pair(me, other)
-            claimed.append(d.p_below(0.0) if lower else d.p_above(0.0))
-            # a strict difference claimed between two (less) is also refuted by practical equality; being best among
-            # several is refuted by another being better (a tie for best is left inconclusive)
-            against += [d.p_above(0.0) if lower else d.p_below(0.0)] + (no_difference(d) if test["kind"] == "less"
-                                                                         else [])
-            effects.append((other, d))
-        # the effect shown: against the closest competitor (the comparison the verdict hinges on)
-        other, d = min(effects, key=lambda e: abs(e[1].d))
-        effect = _effect(f"{metric} {me}/{other}", d)
+            claimed.append(d.p_below(bound) if lower else d.p_above(bound))
+            if d.exact and test["kind"] == "less":  # counted values: a tie refutes a strict difference
+                against.append(0.0 if (d.d >= bound if lower else d.d <= bound) else 1.0)
+            else:  # refuted: not beyond the margin (within it, or the other way); an exact tie for best stays open
+                against.append(d.p_above(bound) if lower else d.p_below(bound))
+            effects.append((claimed[-1], other, d))
+        # the effect shown: the comparison the verdict hinges on (the weakest claimed one; the closest on a tie)
+        _, other, d = max(effects, key=lambda e: (e[0], -abs(e[2].d)))
+        effect = _effect(f"{metric} {me}/{other}", d, 1 - alpha)
     elif test["kind"] == "ratio":
         d = pair(test["a"], test["b"])
         lo, hi = math.log(test["lo"]), math.log(test["hi"])
         claimed += [d.p_above(lo), d.p_below(hi)]
         against += [d.p_below(lo), d.p_above(hi)]
-        effect = _effect(f"{metric} {test['a']}/{test['b']}", d) + f" (claim {test['lo']}-{test['hi']})"
+        effect = _effect(f"{metric} {test['a']}/{test['b']}", d, 1 - alpha) + f" (claim {test['lo']}-{test['hi']})"
     else:  # at_least: metric(a) >= ratio * metric(b), one-sided (non-inferiority)
         d = pair(test["a"], test["b"])
         bound = math.log(test["ratio"])
         claimed.append(d.p_above(bound))
         against.append(d.p_below(bound))
-        effect = _effect(f"{metric} {test['a']}/{test['b']}", d) + f" (claim >= {test['ratio']})"
-    out = Outcome(INCONCLUSIVE, shown, claimed, against, effect)
-    out.verdict = decide([out])
+        effect = _effect(f"{metric} {test['a']}/{test['b']}", d, 1 - alpha) + f" (claim >= {test['ratio']})"
+    out = Outcome(INCONCLUSIVE, shown, claimed, against, effect, missing)
+    out.verdict = decide([out], alpha)
     return out.verdict, shown, out
 
 
 def decide(outcomes: list[Outcome], alpha: float = ALPHA) -> str:
     """One verdict from a claim's tests: reproduced if every claimed comparison rejects at alpha/2 (intersection-
     union), contradicted if Holm at alpha/2 rejects any contradicting hypothesis, else inconclusive; a claim whose
-    tests could not all run is at most inconclusive, and not testable when none could."""
+    tests could not all run, or that ranks a technique which did not run, is at most inconclusive, and not testable
+    when none could."""
     tested = [o for o in outcomes if o.claimed or o.against]
     if not tested:
         return UNTESTABLE if all(o.verdict == UNTESTABLE for o in outcomes) else INCONCLUSIVE
     against = [p for o in tested for p in o.against]
     if any(holm(against, alpha / 2)):
         return CONTRADICTED
-    if len(tested) == len(outcomes) and all(p <= alpha / 2 for o in tested for p in o.claimed):
+    if len(tested) == len(outcomes) and not any(o.missing for o in outcomes) \
+            and all(p <= alpha / 2 for o in tested for p in o.claimed):
         return REPRODUCED
     return INCONCLUSIVE
 
@@ -366,15 +385,73 @@ def _values(by_tech: dict[str, list[runs.RunRecord]], metric: str) -> dict[str, 
     return {tech: [v for r in rs if (v := _metric(r, metric)) is not None] or None for tech, rs in by_tech.items()}
 
 
+def _compared(test: dict) -> list[str]:
+    return list(test["among"]) if test["kind"] == "best" else [test["a"], test["b"]]
+
+
+def lost_seeds(test: dict, by_tech: dict[str, list[runs.RunRecord]], failed: list[runs.RunRecord]) -> list[str]:
+    """The reported seeds of the test's techniques that gave no value of its metric: a failed run of the same
+    settings and code as the technique's repeats (no ok record of that seed), or an ok run without the metric (a
+    diverged one). Judged on its survivors alone, a technique that fails or diverges on some seeds would look better
+    than it is."""
+    out = []
+    for t in _compared(test):
+        rs = by_tech.get(t)
+        if not rs or all(_metric(r, test["metric"]) is None for r in rs):  # not measured at all: not testable
+            continue
+        keep, seeds = aggregate.settings(rs[0]), {r.params.get("seed") for r in rs}
+        out += [f"{t} seed {s} failed" for s in sorted({r.params.get("seed") for r in failed if r.technique == t
+                                                        and aggregate.settings(r) == keep} - seeds, key=str)]
+        out += [f"{t} seed {r.params.get('seed')} gave no {test['metric']}"
+                + (f" (diverged: {r.artifacts['diverged']})" if r.artifacts.get("diverged") else "")
+                for r in rs if _metric(r, test["metric"]) is None]
+    return out
+
+
+def lr_pick_note(technique: str, rs: list[runs.RunRecord], alpha: float = ALPHA) -> str | None:
+    """Why a technique's learning rate, picked by its sweep (engine.sweep: one run per point, at the sweep's own
+    seed), may not be its best: the sweep's best two points differ by less than one seed's noise can produce
+    (z_{1-alpha/2} x sqrt(2) x the seed standard deviation of the log metric, from the reported repeats). A wrong
+    pick only handicaps the technique, and it is the same for all its seeds, so no interval shows it. None: no
+    sweep, or a clear pick."""
+    sweep = next((r.artifacts.get("lr_sweep") for r in rs if isinstance(r.artifacts.get("lr_sweep"), dict)), None)
+    if not sweep:
+        return None
+    points = sorted(v for v in (sweep.get("values") or {}).values()
+                    if isinstance(v, (int, float)) and math.isfinite(v) and v > 0)
+    logs = [math.log(v) for r in rs if (v := _metric(r, sweep.get("metric", ""))) and v > 0]
+    if len(points) < 2 or len(logs) < 2:
+        return None
+    sd, gap = statistics.stdev(logs), math.log(points[1] / points[0])
+    reach = statistics.NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(2) * sd
+    if gap >= reach:
+        return None
+    return (f"{technique}'s learning rate ({sweep.get('best'):.3g}) was picked within seed noise: its sweep's best "
+            f"two points differ by {gap:.1%} (log {sweep.get('metric')}), one seed's noise reaches {reach:.1%}")
+
+
+def _lr_blocks(test: dict, by_tech: dict[str, list[runs.RunRecord]], alpha: float) -> tuple[list[str], list[str]]:
+    """(notes that stop a reproduced verdict, notes that stop a contradicted one) from uncertain learning-rate picks
+    of a quality test's techniques: a competitor's pick may understate it (reproduced unsafe), the claimed
+    technique's may understate it (contradicted unsafe); a ratio's either way."""
+    if METRIC_KIND.get(test["metric"], "quality") != "quality":
+        return [], []
+    notes = {t: n for t in _compared(test) if t in by_tech and (n := lr_pick_note(t, by_tech[t], alpha))}
+    if test["kind"] in ("less", "best"):
+        me = test["a"] if test["kind"] == "less" else test["technique"]
+        return [n for t, n in notes.items() if t != me], [n for t, n in notes.items() if t == me]
+    return list(notes.values()), list(notes.values())
+
+
 ENERGY_COLUMN = "energy per token"
 DISAGREE = "power and energy per token disagree"
 
 
-def _per_token(test: dict, power: Outcome, by_tech: dict[str, list[runs.RunRecord]]) -> str:
+def _per_token(test: dict, power: Outcome, by_tech: dict[str, list[runs.RunRecord]], alpha: float = ALPHA) -> str:
     """A power (aec_w) comparison made again on J/token: average power rewards slow kernels (a technique drawing
     fewer watts for longer can spend more energy per token), so every power claim reports both, and says where
     their decisive verdicts point opposite ways."""
-    verdict, _, out = run_test(dict(test, metric="j_per_token"), _values(by_tech, "j_per_token"))
+    verdict, _, out = run_test(dict(test, metric="j_per_token"), _values(by_tech, "j_per_token"), alpha=alpha)
     text = f"J/token: {verdict}" + (f" ({out.effect})" if out.effect else "")
     if {verdict, power.verdict} == {REPRODUCED, CONTRADICTED}:
         text += f" — {DISAGREE}"
@@ -383,9 +460,11 @@ def _per_token(test: dict, power: Outcome, by_tech: dict[str, list[runs.RunRecor
 
 def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str, ...], profile: str,
                    alpha: float = ALPHA) -> dict:
-    """One row of the claims table: the claim's verdict on one group of records, with effect and evidence level."""
+    """One row of the claims table: the claim's verdict on one group of records (ok and failed ones), with effect
+    and evidence level."""
     reason = _when(claim, recs)
-    by_tech = repeats(recs, group_by)
+    by_tech = repeats([r for r in recs if r.status == "ok"], group_by)
+    failed = [r for r in recs if r.status != "ok"]
     seeds = min((len(by_tech[t]) for t in _named(claim) if t in by_tech), default=0)
     level = evidence_level(recs, seeds, profile)
     if claim.get("scale"):  # the scale the paper's claim was made at, beside ours
@@ -398,18 +477,21 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
         return row | {"verdict": UNTESTABLE, "effect": "", "evidence": reason}
     outcomes, notes, per_token = [], [], []
     for t in claim["tests"]:
-        _, evidence, out = run_test(t, _values(by_tech, t["metric"]))
+        _, evidence, out = run_test(t, _values(by_tech, t["metric"]), alpha=alpha)
         outcomes.append(out)
         notes.append(evidence)
         if t["metric"] == "aec_w":
-            per_token.append(_per_token(t, out, by_tech))
+            per_token.append(_per_token(t, out, by_tech, alpha))
     row[ENERGY_COLUMN] = " | ".join(per_token)
     verdict = decide(outcomes, alpha)
-    if verdict in (REPRODUCED, CONTRADICTED):
-        unstable = [why for t in claim["tests"] if (why := stable_ranking(t, by_tech))]
-        if unstable:
+    if verdict in (REPRODUCED, CONTRADICTED):  # what the intervals cannot show
+        blocks = [_lr_blocks(t, by_tech, alpha) for t in claim["tests"]]
+        why = [f"lost seeds: {', '.join(lost)}" for t in claim["tests"] if (lost := lost_seeds(t, by_tech, failed))]
+        why += [n for b in blocks for n in b[verdict == CONTRADICTED]]
+        why += [w for t in claim["tests"] if (w := stable_ranking(t, by_tech))]
+        if why:
             verdict = INCONCLUSIVE
-            notes += unstable
+            notes += list(dict.fromkeys(why))
     return row | {"verdict": verdict, "effect": "; ".join(o.effect for o in outcomes if o.effect),
                   "evidence": " | ".join(notes)}
 
@@ -425,8 +507,10 @@ def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPH
     for c in claims:
         if c["study"] not in cache:
             cache[c["study"]] = [r for r in runs.load_records(profile, c["study"])  # each at its best LR: no sweeps
-                                 if r.status == "ok" and not is_sweep_point(r)]
+                                 if not is_sweep_point(r)]
         recs = cache[c["study"]]
+        if not any(r.status == "ok" for r in recs):
+            recs = []
         paper_verdict, paper_evidence = paper_check(c)
         base = {"id": c["id"], "claim": c["claim"], "source": c["source"], "study": c["study"], "profile": profile,
                 "paper's own numbers": paper_verdict, "paper evidence": paper_evidence}
@@ -435,7 +519,8 @@ def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPH
                                 "evidence": f"no {c['study']} records yet", ENERGY_COLUMN: ""})
             continue
         group_by = registry.get(c["study"]).group_by
-        groups = _groups(recs, group_by)
+        # a group of failed runs alone (a sweep point's scale, a group never measured) holds nothing to compare
+        groups = {g: rs for g, rs in _groups(recs, group_by).items() if any(r.status == "ok" for r in rs)}
         # a group that ran none of the claim's techniques (the DiT fine-tuning methods for a DiT attention claim) is
         # not a test of it; all groups stay when none did, so the row says what is missing
         groups = {g: rs for g, rs in groups.items() if {r.technique for r in rs} & _named(c)} or groups

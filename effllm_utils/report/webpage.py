@@ -80,8 +80,9 @@ _EFFECT = re.compile(r"(\S+ \S+/\S+) ([\d.e+-]+)x \[([\d.e+-]+), ([\d.e+-]+)\]")
 
 
 def forest(effect: str, width: int = 300) -> str:
-    """A small forest plot (inline SVG) of a claims row's effects: each ratio with its 95% interval on a log axis,
-    the line of no difference at 1; "" where the effect states no interval."""
+    """A small forest plot (inline SVG) of a claims row's effects: each ratio with its confidence interval (the
+    claims check's level, 1 - alpha) on a log axis, the line of no difference at 1; "" where the effect states no
+    interval."""
     import math
 
     found = [(label, float(r), float(lo), float(hi)) for label, r, lo, hi in _EFFECT.findall(effect)
@@ -104,7 +105,7 @@ def forest(effect: str, width: int = 300) -> str:
                     f'<circle cx="{x(r):.1f}" cy="{y}" r="3" fill="#0072B2"><title>{r:.3g}x [{lo:.3g}, {hi:.3g}]'
                     f'</title></circle>')
     return (f'<svg class="forest" width="{width}" height="{16 * len(found) + 6}" role="img" '
-            f'aria-label="effects with 95% intervals">{"".join(rows)}</svg>')
+            f'aria-label="effects with confidence intervals">{"".join(rows)}</svg>')
 
 
 def summary(claims, figures: list[Path], figure) -> str:
