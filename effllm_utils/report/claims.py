@@ -16,10 +16,11 @@ Verdicts, per claim and group of records (a scale, and a dataset where the study
                   than its metric needs (MIN_RUNS: 3 seeds for a quality claim), where a technique a `best` claim
                   ranks did not run (the claim is over all of them: it cannot be reproduced on a subset), where a
                   reported seed of a compared technique failed or gave no value (a verdict on the survivors would
-                  flatter the technique), where a quality claim rests on a learning rate its sweep picked within
-                  seed noise (`lr_pick_note`), or where the ranking a quality claim relies on changed between half
-                  and all of the training budget.
-  not testable    a metric this profile does not measure, a technique it did not run, a device or scale it lacks.
+                  flatter the technique), where a learning rate a sweep picked within seed noise could flip the
+                  quality verdict (`lr_pick_note`, `_lr_blocks`), or where the ranking a quality claim relies on
+                  changed between half and all of the training budget.
+  not testable    a metric this profile does not measure, a device or scale it lacks, a technique a two-technique
+                  test names that did not run, a best test whose own technique (or every other) did not run.
 What the rule controls, per claims row: a false claim comes out reproduced with probability at most ALPHA/2, and a
 true one (a difference beyond the margin, a ratio inside its range) comes out contradicted with probability at most
 ALPHA/2; an A/A world, where every technique draws from one distribution, makes every difference claim false, so
@@ -77,6 +78,7 @@ METRIC_KIND = {
     **dict.fromkeys(("aec_w", "energy_j", "j_per_token"), "energy"),
     **dict.fromkeys(("memory_bytes", "disk_bytes", "params", "flops_per_token", "kv_bytes_per_token"), "size"),
 }
+HIGHER_IS_BETTER = {"score"}  # quality metrics where more is better (the rest: perplexity, loss, FID)
 # Evidence levels, most demanding first: (name, min parameters, min tokens per parameter for trained models).
 # 20 tokens per parameter is the compute-optimal budget of Hoffmann et al. (2022).
 EVIDENCE_LEVELS = (("paper-scale", 5e8, 20.0), ("small-scale", 1e8, 1.0), ("cpu-scale", 1e6, 0.25), ("smoke", 0.0, 0.0))
@@ -236,9 +238,10 @@ def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = Fa
         for other in [t for t in names if t != me]:
             d = pair(me, other)
             claimed.append(d.p_below(bound) if lower else d.p_above(bound))
-            if d.exact and test["kind"] == "less":  # counted values: a tie refutes a strict difference
-                against.append(0.0 if (d.d >= bound if lower else d.d <= bound) else 1.0)
-            else:  # refuted: not beyond the margin (within it, or the other way); an exact tie for best stays open
+            if d.exact and test["kind"] == "less":  # exact values: a tie at the bound refutes a strict difference
+                against.append(0.0 if d.d >= bound else 1.0)
+            else:  # refuted: not beyond the margin (within it, or the other way); exactly at it (margin 0: a tie
+                # of counted or published values) a best claim stays open
                 against.append(d.p_above(bound) if lower else d.p_below(bound))
             effects.append((claimed[-1], other, d))
         # the effect shown: the comparison the verdict hinges on (the weakest claimed one; the closest on a tie)
@@ -400,12 +403,26 @@ def lost_seeds(test: dict, by_tech: dict[str, list[runs.RunRecord]], failed: lis
         if not rs or all(_metric(r, test["metric"]) is None for r in rs):  # not measured at all: not testable
             continue
         keep, seeds = aggregate.settings(rs[0]), {r.params.get("seed") for r in rs}
-        out += [f"{t} seed {s} failed" for s in sorted({r.params.get("seed") for r in failed if r.technique == t
-                                                        and aggregate.settings(r) == keep} - seeds, key=str)]
+        lost = {r.params.get("seed"): r for r in failed if r.technique == t and aggregate.settings(r) == keep
+                and r.params.get("seed") not in seeds}
+        out += [f"{t} seed {s} failed" + (f" ({_first_line(lost[s].error)})" if lost[s].error else "")
+                for s in sorted(lost, key=str)]  # a reported seed that diverged is a failed run (TrainingDiverged)
         out += [f"{t} seed {r.params.get('seed')} gave no {test['metric']}"
                 + (f" (diverged: {r.artifacts['diverged']})" if r.artifacts.get("diverged") else "")
                 for r in rs if _metric(r, test["metric"]) is None]
     return out
+
+
+def _first_line(text: str, limit: int = 100) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def failed_only(claim: dict, by_tech: dict[str, list[runs.RunRecord]], failed: list[runs.RunRecord]) -> list[str]:
+    """The claim's techniques with failed runs and no ok one in this group (shown as "not run" by the tests)."""
+    return [f"every run of {t} failed ({len(rs)}: {_first_line(rs[0].error)})"
+            for t in sorted(_named(claim) - set(by_tech))
+            if (rs := [r for r in failed if r.technique == t])]
 
 
 def lr_pick_note(technique: str, rs: list[runs.RunRecord], alpha: float = ALPHA) -> str | None:
@@ -415,7 +432,7 @@ def lr_pick_note(technique: str, rs: list[runs.RunRecord], alpha: float = ALPHA)
     pick only handicaps the technique, and it is the same for all its seeds, so no interval shows it. None: no
     sweep, or a clear pick."""
     sweep = next((r.artifacts.get("lr_sweep") for r in rs if isinstance(r.artifacts.get("lr_sweep"), dict)), None)
-    if not sweep:
+    if not sweep or not isinstance(sweep.get("values"), dict) or not isinstance(sweep.get("best"), (int, float)):
         return None
     points = sorted(v for v in (sweep.get("values") or {}).values()
                     if isinstance(v, (int, float)) and math.isfinite(v) and v > 0)
@@ -432,14 +449,17 @@ def lr_pick_note(technique: str, rs: list[runs.RunRecord], alpha: float = ALPHA)
 
 def _lr_blocks(test: dict, by_tech: dict[str, list[runs.RunRecord]], alpha: float) -> tuple[list[str], list[str]]:
     """(notes that stop a reproduced verdict, notes that stop a contradicted one) from uncertain learning-rate picks
-    of a quality test's techniques: a competitor's pick may understate it (reproduced unsafe), the claimed
-    technique's may understate it (contradicted unsafe); a ratio's either way."""
+    of a quality test's techniques. A wrong pick makes a technique look worse than it is: where the claim favours a
+    technique (the best one; `less`'s a on a lower-is-better metric such as perplexity, its b on a score), that
+    technique's uncertain pick makes a contradicted verdict unsafe and the others' a reproduced one; a ratio's is
+    unsafe either way."""
     if METRIC_KIND.get(test["metric"], "quality") != "quality":
         return [], []
     notes = {t: n for t in _compared(test) if t in by_tech and (n := lr_pick_note(t, by_tech[t], alpha))}
     if test["kind"] in ("less", "best"):
-        me = test["a"] if test["kind"] == "less" else test["technique"]
-        return [n for t, n in notes.items() if t != me], [n for t, n in notes.items() if t == me]
+        favoured = test["technique"] if test["kind"] == "best" else (
+            test["b"] if test["metric"] in HIGHER_IS_BETTER else test["a"])
+        return [n for t, n in notes.items() if t != favoured], [n for t, n in notes.items() if t == favoured]
     return list(notes.values()), list(notes.values())
 
 
@@ -462,11 +482,11 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
                    alpha: float = ALPHA) -> dict:
     """One row of the claims table: the claim's verdict on one group of records (ok and failed ones), with effect
     and evidence level."""
-    reason = _when(claim, recs)
-    by_tech = repeats([r for r in recs if r.status == "ok"], group_by)
-    failed = [r for r in recs if r.status != "ok"]
+    ok, failed = [r for r in recs if r.status == "ok"], [r for r in recs if r.status != "ok"]
+    reason = _when(claim, ok)
+    by_tech = repeats(ok, group_by)
     seeds = min((len(by_tech[t]) for t in _named(claim) if t in by_tech), default=0)
-    level = evidence_level(recs, seeds, profile)
+    level = evidence_level(ok, seeds, profile)
     if claim.get("scale"):  # the scale the paper's claim was made at, beside ours
         paper = claim["scale"]
         level += (f"; the paper's claim: {float(paper['params']) / 1e9:.3g}B params, "
@@ -483,6 +503,7 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
         if t["metric"] == "aec_w":
             per_token.append(_per_token(t, out, by_tech, alpha))
     row[ENERGY_COLUMN] = " | ".join(per_token)
+    notes += failed_only(claim, by_tech, failed)
     verdict = decide(outcomes, alpha)
     if verdict in (REPRODUCED, CONTRADICTED):  # what the intervals cannot show
         blocks = [_lr_blocks(t, by_tech, alpha) for t in claim["tests"]]
@@ -508,22 +529,24 @@ def evaluate(profile: str, claims: list[dict] | None = None, alpha: float = ALPH
         if c["study"] not in cache:
             cache[c["study"]] = [r for r in runs.load_records(profile, c["study"])  # each at its best LR: no sweeps
                                  if not is_sweep_point(r)]
-        recs = cache[c["study"]]
+        recs, n_failed = cache[c["study"]], 0
         if not any(r.status == "ok" for r in recs):
-            recs = []
+            n_failed, recs = len(recs), []
         paper_verdict, paper_evidence = paper_check(c)
         base = {"id": c["id"], "claim": c["claim"], "source": c["source"], "study": c["study"], "profile": profile,
                 "paper's own numbers": paper_verdict, "paper evidence": paper_evidence}
         if not recs:
             rows.append(base | {"group": "", "verdict": UNTESTABLE, "effect": "", "evidence level": "",
-                                "evidence": f"no {c['study']} records yet", ENERGY_COLUMN: ""})
+                                "evidence": f"no {'ok ' * bool(n_failed)}{c['study']} records yet"
+                                + (f" ({n_failed} failed)" if n_failed else ""), ENERGY_COLUMN: ""})
             continue
         group_by = registry.get(c["study"]).group_by
         # a group of failed runs alone (a sweep point's scale, a group never measured) holds nothing to compare
         groups = {g: rs for g, rs in _groups(recs, group_by).items() if any(r.status == "ok" for r in rs)}
         # a group that ran none of the claim's techniques (the DiT fine-tuning methods for a DiT attention claim) is
         # not a test of it; all groups stay when none did, so the row says what is missing
-        groups = {g: rs for g, rs in groups.items() if {r.technique for r in rs} & _named(c)} or groups
+        groups = {g: rs for g, rs in groups.items() if {r.technique for r in rs if r.status == "ok"} & _named(c)} \
+            or groups
         for group, grecs in groups.items():
             rows.append(base | {"group": group} | evaluate_group(c, grecs, group_by, profile, alpha))
     cols = ["id", "claim", "source", "study", "profile", "group", "verdict", "effect", "evidence level", "evidence",
