@@ -295,7 +295,8 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
             unknown = set(result) - {"metrics", "quality", "artifacts", "environment"}
             if unknown:
                 raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "
-                                 f"use 'metrics', 'quality' and 'artifacts'")
+                                 f"use 'metrics', 'quality', 'artifacts' (and 'environment' for another run's "
+                                 f"measurements, runs.result_of)")
             if "environment" in result:  # another run's measurements (result_of): the environment they were made in
                 rec.environment = dict(result["environment"])
             rec.metrics = dict(result.get("metrics", {}))

@@ -306,6 +306,11 @@ def repeats(recs: list[runs.RunRecord], group_by: tuple[str, ...] = ()) -> dict[
     return out
 
 
+def _compared(test: dict) -> list[str]:
+    """The techniques one test compares."""
+    return list(test["among"]) if test["kind"] == "best" else [test["a"], test["b"]]
+
+
 def _named(claim: dict) -> set[str]:
     """The techniques a claim's tests compare."""
     return {n for t in claim["tests"] for n in [*t.get("among", []), t.get("technique"), t.get("a"), t.get("b")] if n}
@@ -369,7 +374,7 @@ def stable_ranking(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> str 
     training loss at 50% and at 100% of the budget, else the reason it is not."""
     if test["metric"] not in ("ppl", "loss") or test["kind"] not in ("best", "less"):
         return None
-    names = [t for t in (test["among"] if test["kind"] == "best" else [test["a"], test["b"]]) if t in by_tech]
+    names = [t for t in _compared(test) if t in by_tech]
     half = {t: _curve_point(by_tech[t], 0.5) for t in names}
     end = {t: _curve_point(by_tech[t], 1.0) for t in names}
     if any(v is None for v in [*half.values(), *end.values()]) or len(names) < 2:
@@ -386,10 +391,6 @@ def stable_ranking(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> str 
 
 def _values(by_tech: dict[str, list[runs.RunRecord]], metric: str) -> dict[str, list[float] | None]:
     return {tech: [v for r in rs if (v := _metric(r, metric)) is not None] or None for tech, rs in by_tech.items()}
-
-
-def _compared(test: dict) -> list[str]:
-    return list(test["among"]) if test["kind"] == "best" else [test["a"], test["b"]]
 
 
 def lost_seeds(test: dict, by_tech: dict[str, list[runs.RunRecord]], failed: list[runs.RunRecord]) -> list[str]:
