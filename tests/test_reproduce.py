@@ -83,6 +83,8 @@ def test_batch_goes_on_after_a_failure_and_resumes(root, outputs, capsys, monkey
     assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
     summary = json.loads((outputs / "tiny" / "reproduce_summary.json").read_text())
     assert [s["status"] for s in summary["studies"]] == ["ok", "failed", "failed"]
+    assert summary["seconds"] == pytest.approx(sum(s["seconds"] for s in summary["studies"]), abs=0.2)
+    assert summary["host_speed"] is None and "host speed" not in out.out  # no matmul record: nothing to say
 
     # second run: records that exist are skipped; only the failed study's missing record is retried
     monkeypatch.delenv("EFFLLM_TEST_FAIL")
@@ -353,3 +355,26 @@ def test_a_sweeping_studys_later_seeds_wait_for_its_first_and_a_clashing_sweep_s
                            "--set", "lr_sweep_seed=1"])
     assert code == 2 and not (outputs / "tiny" / "runs").exists()
     assert "error: attention.seed1: lr_sweep_seed 1 is also a reported seed" in capsys.readouterr().err
+
+
+def test_host_speed_is_the_newest_ok_hardware_measure_of_this_device(outputs):
+    """A batch's time means something only beside the host's speed then: the summary keeps the hardware study's
+    newest fp32 matmul peak and reference step measured on this device (not another's, not a failed record's)."""
+    from effllm_utils.core.provenance import device_name
+
+    here = device_name()
+
+    def rec(technique, when, metrics, device=here, status="ok"):
+        runs.write_record(runs.RunRecord(
+            run_id=f"hardware--{technique}--{when[11:13]}{device[:3]}{status}", study="hardware", technique=technique,
+            profile="tiny", metrics=metrics, status=status, environment={"device_name": device}, started_at=when))
+
+    assert reproduce.host_speed("tiny") is None
+    rec("matmul_fp32", "2026-12-06T20:15:00+00:00", {"matmul_tflops": 0.1724})
+    rec("matmul_fp32", "2026-12-07T07:03:00+00:00", {"matmul_tflops": 0.1174})
+    rec("matmul_fp32", "2026-12-07T08:00:00+00:00", {"matmul_tflops": 9.9}, device="NVIDIA H100")
+    rec("matmul_fp32", "2026-12-07T09:00:00+00:00", {"matmul_tflops": 0.5}, status="failed")
+    rec("telemetry_overhead", "2026-12-07T07:03:08+00:00", {"step_s_off": 0.03495})
+    speed = reproduce.host_speed("tiny")
+    assert speed == {"device": here, "matmul_fp32_gflops": 117.4, "matmul_measured_at": "2026-12-07T07:03:00+00:00",
+                     "reference_step_ms": 34.95, "reference_measured_at": "2026-12-07T07:03:08+00:00"}

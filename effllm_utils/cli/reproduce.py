@@ -281,6 +281,32 @@ def _sigterm(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def host_speed(profile: str) -> dict | None:
+    """This host's speed as the hardware study measured it (its newest ok records on this device): the fp32 matmul
+    peak and the reference training step of its telemetry-overhead check. A shared VM's speed can change by 1.8x
+    between hours (2026-12-07: the same tiny runs at 5.5k against 9.9k tokens/s), so a batch's time means something
+    only beside these; the summary keeps them. None where the hardware study has no record here."""
+    from effllm_utils.core import runs
+    from effllm_utils.core.provenance import device_name
+
+    here = device_name()
+    newest: dict[str, runs.RunRecord] = {}
+    for r in sorted(runs.load_records(profile, "hardware"), key=lambda r: r.started_at):
+        if r.status == "ok" and r.environment.get("device_name") == here:
+            newest[r.technique] = r
+    matmul, ref = newest.get("matmul_fp32"), newest.get("telemetry_overhead")
+    if matmul is None and ref is None:
+        return None
+    out = {"device": here}
+    if matmul is not None and matmul.metrics.get("matmul_tflops") is not None:
+        out |= {"matmul_fp32_gflops": round(1e3 * float(matmul.metrics["matmul_tflops"]), 1),
+                "matmul_measured_at": matmul.started_at}
+    if ref is not None and ref.metrics.get("step_s_off") is not None:
+        out |= {"reference_step_ms": round(1e3 * float(ref.metrics["step_s_off"]), 2),
+                "reference_measured_at": ref.started_at}
+    return out
+
+
 def busy_host_warning(seconds: float = 0.5) -> float | None:
     """Before a local batch: the share of this host's CPUs other processes use, sampled for `seconds`; one warning
     line on stderr above `provenance.SHARED_CPU_WARN` (the batch goes on; each record says how much it shared)."""
@@ -403,10 +429,15 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.pop(BATCH_STARTED_ENV, None)
         else:
             os.environ[BATCH_STARTED_ENV] = before
+    speed = host_speed(args.profile) if args.submit != "slurm" else None  # jobs run on other nodes
     summary = {"profile": args.profile, "started_at": started, "force": args.force,
+               "seconds": round(sum(o.seconds for o in outcomes), 1), "host_speed": speed,
                "studies": [asdict(o) for o in outcomes]}
     atomic_write_text(outputs_dir(args.profile) / "reproduce_summary.json", json.dumps(summary, indent=1) + "\n")
     print("\n" + _table(outcomes))
+    if speed:  # a batch's time is comparable only at a like host speed (a shared VM's changes by hours)
+        print(f"host speed (hardware study): fp32 matmul peak {speed.get('matmul_fp32_gflops', '?')} GFLOP/s, "
+              f"reference training step {speed.get('reference_step_ms', '?')} ms; compare batch times at like speeds")
     failed = [o.study for o in outcomes if o.status != "ok"]
     print(f"\n{len(outcomes) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
           + f"; executed notebooks in {outputs_dir(args.profile) / 'notebooks'}")
