@@ -378,3 +378,6 @@ def test_host_speed_is_the_newest_ok_hardware_measure_of_this_device(outputs):
     speed = reproduce.host_speed("tiny")
     assert speed == {"device": here, "matmul_fp32_gflops": 117.4, "matmul_measured_at": "2026-12-07T07:03:00+00:00",
                      "reference_step_ms": 34.95, "reference_measured_at": "2026-12-07T07:03:08+00:00"}
+    assert "before this batch" not in reproduce.speed_line(speed, "2026-12-07T07:00:00+00:00")
+    assert reproduce.speed_line(speed, "2026-12-07T08:30:57+00:00").endswith(
+        "(measured 2026-12-07T07:03, before this batch: `--only hardware --force` measures it now)")

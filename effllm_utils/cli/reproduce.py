@@ -304,7 +304,18 @@ def host_speed(profile: str) -> dict | None:
     if ref is not None and ref.metrics.get("step_s_off") is not None:
         out |= {"reference_step_ms": round(1e3 * float(ref.metrics["step_s_off"]), 2),
                 "reference_measured_at": ref.started_at}
-    return out
+    return out if len(out) > 1 else None  # records without either value: nothing measured to say
+
+
+def speed_line(speed: dict, started: str) -> str:
+    """The summary's host-speed line; a speed measured before the batch started (its hardware study skipped: the
+    records existed) says when, and how to measure it now."""
+    line = (f"host speed (hardware study): fp32 matmul peak {speed.get('matmul_fp32_gflops', '?')} GFLOP/s, "
+            f"reference training step {speed.get('reference_step_ms', '?')} ms; compare batch times at like speeds")
+    when = min(v for k, v in speed.items() if k.endswith("_measured_at"))
+    if dt.datetime.fromisoformat(when) < dt.datetime.fromisoformat(started):
+        line += f" (measured {when[:16]}, before this batch: `--only hardware --force` measures it now)"
+    return line
 
 
 def busy_host_warning(seconds: float = 0.5) -> float | None:
@@ -436,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(outputs_dir(args.profile) / "reproduce_summary.json", json.dumps(summary, indent=1) + "\n")
     print("\n" + _table(outcomes))
     if speed:  # a batch's time is comparable only at a like host speed (a shared VM's changes by hours)
-        print(f"host speed (hardware study): fp32 matmul peak {speed.get('matmul_fp32_gflops', '?')} GFLOP/s, "
-              f"reference training step {speed.get('reference_step_ms', '?')} ms; compare batch times at like speeds")
+        print(speed_line(speed, started))
     failed = [o.study for o in outcomes if o.status != "ok"]
     print(f"\n{len(outcomes) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
           + f"; executed notebooks in {outputs_dir(args.profile) / 'notebooks'}")
