@@ -23,7 +23,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: help install llama-cpp lock test-latest reproduce test lab figures report bench tensorboard clean
+.PHONY: help install llama-cpp lock test-latest reproduce test lab figures report save-records restore-records bench \
+  tensorboard clean
 
 help:
 	@echo "make reproduce [PROFILE=tiny|small|gpu|paper] [ARGS='--only hardware --force']  run the studies (papermill)"
@@ -33,6 +34,7 @@ help:
 	@echo "make lab        JupyterLab with the project's kernel"
 	@echo "make figures    the paper_figures notebook: every figure, table and the claims check from stored records"
 	@echo "make report     figures + outputs/PROFILE/report/index.html (static HTML, opens from disk)"
+	@echo "make save-records / restore-records  outputs/PROFILE/runs <-> results/PROFILE/runs (committed: resume a long batch in a later sitting, read its evidence)"
 	@echo "make bench      training-step throughput and MFU (backbone vs transformers Qwen2; MoE vs dense)"
 	@echo "make tensorboard  TensorBoard over outputs/$(PROFILE)/tensorboard (every training run's params, loss and metrics)"
 	@echo "make llama-cpp  build llama-cpp-python (5-7 min on 2 cores) for the CPU decode anchor (make bench ARGS='--mode decode --device cpu')"
@@ -92,6 +94,12 @@ figures: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m effllm_utils.cli.report --profile $(PROFILE) $(ARGS)
+
+save-records: $(STAMP)
+	$(PY) -m effllm_utils.cli.records save --profile $(PROFILE)
+
+restore-records: $(STAMP)
+	$(PY) -m effllm_utils.cli.records restore --profile $(PROFILE)
 
 lab: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-lab.lock
