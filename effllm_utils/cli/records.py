@@ -4,24 +4,30 @@
     python -m effllm_utils.cli.records restore --profile small   # results/small/runs -> outputs/small/runs
 
 A batch that outlives one sitting (`small`: hours on 2 cores) resumes from its records, and the records are the
-evidence the README's conclusions cite; outputs/ is generated and not committed, results/<profile>/runs/ is. `save`
-copies the records of this checkout's code (stale ones would only be re-measured: left out) and removes saved
-records whose code is no longer this checkout's; `restore` copies the saved records that outputs/ lacks (a record
-already there is newer or the same run: kept), then `make reproduce PROFILE=<profile>` resumes after them and
-`make report PROFILE=<profile>` reads them. Every file is read as a record before it is copied (a malformed one
-stops the command with one line naming it) and written atomically. Records keep the host they were measured on
-(`environment`: `device_name`, `cpu_count`, `hostname`): resuming on other hardware mixes machines in one table, so restore to read, and resume on
-the host that measured them.
+evidence the README's conclusions cite; outputs/ ($EFFLLM_OUTPUTS) is generated and not committed,
+results/<profile>/runs/ is meant to be (`git add results/<profile>/runs` after a save). `save` copies the records of
+this checkout's code (run it from the checkout that runs the batch: records of other code would only be re-measured,
+so they are left out, and a save that finds no current record at all is refused), never replaces a saved ok record
+with a failed one, and drops a study's saved records of older code once a record of its current code is saved.
+`restore` copies the saved records that outputs/ lacks or holds only as failed; then `make reproduce
+PROFILE=<profile>` resumes after them and `make report PROFILE=<profile>` reads them. Checkpoints are not kept: a
+resumed batch retrains a shared base (the PEFT base, the DiT) where a remaining run needs it. Every file is read as a
+record before anything is written (a malformed or misplaced one stops the command with one line naming it), and
+each is written atomically. Records keep the host they were measured on (`environment`: `device_name`, `cpu_count`,
+`hostname`): resuming on other hardware mixes machines in one table, so `restore` warns when the host differs.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+from collections import Counter
 from pathlib import Path
 
 from effllm_utils import PROFILES, repo_root
 from effllm_utils.core import provenance, runs
+from effllm_utils.studies import registry
 
 
 def saved_dir(profile: str) -> Path:
@@ -29,41 +35,82 @@ def saved_dir(profile: str) -> Path:
     return repo_root() / "results" / profile / "runs"
 
 
-def _records(base: Path) -> dict[Path, runs.RunRecord]:
-    """{path relative to base: record} for every record file under base/<study>/ (ValueError names a bad one)."""
+def _records(base: Path, profile: str) -> dict[Path, tuple[runs.RunRecord, str]]:
+    """{path relative to base: (record, its text)} for every record file under base/<study>/; ValueError (one line
+    naming the file) for a file that is not a record of `profile` stored under its own study and run id."""
     out = {}
     for p in sorted(base.glob("*/*.json")) if base.is_dir() else []:
         try:
-            out[p.relative_to(base)] = runs.read_record(p)
-        except Exception as e:  # noqa: BLE001 - one line naming the file, whatever the parse error
-            raise ValueError(f"{p} is not a run record ({type(e).__name__}: {e}); delete or fix it") from None
+            text = p.read_text()
+            rec = runs.RunRecord.from_json(text, source=str(p))
+        except ValueError as e:  # names the file already
+            raise ValueError(f"{e}; delete or fix it") from None
+        except (OSError, UnicodeError) as e:
+            raise ValueError(f"{p}: unreadable ({type(e).__name__}: {e}); delete or fix it") from None
+        rel = p.relative_to(base)
+        if rec.study not in registry.names():
+            raise ValueError(f"{p}: a record of unknown study {rec.study!r} (studies: {', '.join(registry.names())});"
+                             f" delete it")
+        if rel != Path(rec.study) / f"{rec.run_id}.json" or rec.profile != profile:
+            raise ValueError(f"{p}: holds run {rec.study}/{rec.run_id} of profile {rec.profile!r}, not a "
+                             f"{profile!r} record at this path; move or delete it")
+        out[rel] = (rec, text)
     return out
 
 
-def save(profile: str) -> tuple[int, int]:
-    """Copy the current code's records of `profile` into results/; remove saved ones of other code. (copied,
-    removed)."""
+def _current(rec: runs.RunRecord) -> bool:
+    return rec.code_version == provenance.code_version(rec.study)
+
+
+def save(profile: str) -> dict[str, int]:
+    """Copy the current code's records of `profile` into results/; drop saved ones of older code where their study
+    has a current one. {saved, kept_ok (a failed run not saved over an ok one), left_out (older code), removed}."""
     src, dst = runs.runs_dir(profile), saved_dir(profile)
-    current = {rel: rec for rel, rec in _records(src).items()
-               if rec.code_version == provenance.code_version(rec.study)}
-    for rel in current:
-        runs.atomic_write_text(dst / rel, (src / rel).read_text())
-    removed = 0
-    for rel, rec in _records(dst).items():
-        if rel not in current and rec.code_version != provenance.code_version(rec.study):
+    found, saved = _records(src, profile), _records(dst, profile)  # both read before anything is written
+    if not found:
+        raise ValueError(f"no records under {src}; set EFFLLM_OUTPUTS to the folder the batch writes "
+                         f"(e.g. EFFLLM_OUTPUTS=/path/to/outputs make save-records PROFILE={profile})")
+    current = {rel: rt for rel, rt in found.items() if _current(rt[0])}
+    if not current:
+        versions = sorted({f"{r.study} {r.code_version}" for r, _ in found.values()})
+        raise ValueError(f"none of the {len(found)} records under {src} is of this checkout's code ({', '.join(versions[:3])}"
+                         f"{' ...' if len(versions) > 3 else ''}); run the save from the checkout that runs the batch")
+    n = Counter()
+    for rel, (rec, text) in current.items():
+        old = saved.get(rel)
+        if rec.status != "ok" and old is not None and old[0].status == "ok":
+            n["kept_ok"] += 1
+            continue
+        runs.atomic_write_text(dst / rel, text)
+        n["saved"] += 1
+    n["left_out"] = len(found) - len(current)
+    studies_now = {rec.study for rec, _ in current.values()}
+    for rel, (rec, _) in saved.items():
+        if rel not in current and rec.study in studies_now and not _current(rec):
             (dst / rel).unlink()
-            removed += 1
-    return len(current), removed
+            n["removed"] += 1
+    return {k: n[k] for k in ("saved", "kept_ok", "left_out", "removed")}
 
 
-def restore(profile: str) -> tuple[int, int]:
-    """Copy the saved records of `profile` that outputs/ lacks. (copied, already there)."""
+def restore(profile: str) -> dict[str, int]:
+    """Copy the saved records of `profile` that outputs/ lacks or holds as failed. {restored, kept (outputs/ has it),
+    stale (restored, of older code), other_host (restored, measured on another host)}."""
     src, dst = saved_dir(profile), runs.runs_dir(profile)
-    saved = _records(src)
-    todo = [rel for rel in saved if not (dst / rel).exists()]
-    for rel in todo:
-        runs.atomic_write_text(dst / rel, (src / rel).read_text())
-    return len(todo), len(saved) - len(todo)
+    if not src.is_dir():
+        raise ValueError(f"no saved records for profile {profile!r} under {src}; "
+                         f"`make save-records PROFILE={profile}` saves them")
+    saved, there = _records(src, profile), _records(dst, profile)
+    n = Counter()
+    for rel, (rec, text) in saved.items():
+        mine = there.get(rel)
+        if mine is not None and not (mine[0].status != "ok" and rec.status == "ok"):
+            n["kept"] += 1
+            continue
+        runs.atomic_write_text(dst / rel, text)
+        n["restored"] += 1
+        n["stale"] += not _current(rec)
+        n["other_host"] += rec.environment.get("hostname", socket.gethostname()) != socket.gethostname()
+    return {k: n[k] for k in ("restored", "kept", "stale", "other_host")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,19 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("action", choices=("save", "restore"))
     ap.add_argument("--profile", default=os.environ.get("PROFILE", "tiny"), choices=PROFILES)
     args = ap.parse_args(argv)
+    src, dst = runs.runs_dir(args.profile), saved_dir(args.profile)
     try:
         if args.action == "save":
-            copied, removed = save(args.profile)
-            print(f"saved {copied} records of this code to {saved_dir(args.profile)}"
-                  + (f"; removed {removed} of older code" if removed else ""))
+            n = save(args.profile)
+            print(f"saved {n['saved']} records of this code from {src} to {dst}"
+                  + (f"; kept {n['kept_ok']} saved ok records over failed reruns" if n["kept_ok"] else "")
+                  + (f"; left out {n['left_out']} of other code (re-measured by make reproduce)" if n["left_out"]
+                     else "")
+                  + (f"; removed {n['removed']} saved records of older code" if n["removed"] else "")
+                  + f" (commit them: git add {dst})")
         else:
-            if not saved_dir(args.profile).is_dir():
-                print(f"error: no saved records for profile {args.profile!r} under {saved_dir(args.profile)}; "
-                      f"`make save-records PROFILE={args.profile}` saves them", file=sys.stderr)
-                return 2
-            copied, kept = restore(args.profile)
-            print(f"restored {copied} records to {runs.runs_dir(args.profile)}"
-                  + (f" ({kept} already there, kept)" if kept else ""))
+            n = restore(args.profile)
+            print(f"restored {n['restored']} records from {dst} to {src}"
+                  + (f" ({n['kept']} already there, kept)" if n["kept"] else "")
+                  + (f"; {n['stale']} of older code: make reproduce re-measures them" if n["stale"] else ""))
+            if n["other_host"]:
+                print(f"warning: {n['other_host']} restored records were measured on another host than "
+                      f"{socket.gethostname()!r}: read them (make report), and resume the batch on the host that "
+                      f"measured them, or its tables mix machines", file=sys.stderr)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
