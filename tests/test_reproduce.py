@@ -108,6 +108,19 @@ def test_a_killed_kernel_is_one_line_pointing_at_memory(root, outputs, capsys, m
     assert counter(root) == ["first", "first", "second"]  # attention's first record kept; moe ran after it
 
 
+def test_the_cell_timeout_is_the_profiles_unless_given_and_a_timed_out_study_keeps_its_records(root, outputs, capsys):
+    assert reproduce.cell_timeout("tiny", None) == 3600 and reproduce.cell_timeout("gpu", None) is None
+    assert reproduce.cell_timeout("small", None) > 2 * 3600  # small's PEFT seed 0 with its sweep took ~85 min
+    assert reproduce.cell_timeout("small", 0) is None and reproduce.cell_timeout("tiny", 5) == 5
+    assert reproduce.main(["--root", str(root), "--timeout", "-1"]) == 2
+    assert "--timeout -1: give seconds (> 0), or 0 for no timeout" in capsys.readouterr().err
+    make_study(root, "hardware", "sleep_s: 30\n")
+    assert reproduce.main(["--profile", "tiny", "--root", str(root), "--timeout", "3"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hardware"))
+    assert "failed" in line and "CellTimeoutError" in line
+    assert counter(root) == ["first"]  # the record written before the timeout is kept: a rerun resumes after it
+
+
 def test_cli_errors_and_dry_run(root, capsys):
     make_study(root, "hardware", "sleep_s: 0.5\n")
     assert reproduce.main(["--root", str(root), "--only", "atention"]) == 2

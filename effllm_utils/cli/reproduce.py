@@ -49,6 +49,26 @@ from effllm_utils.engine.sweep import check_sweep_seed, sweep_settings
 from effllm_utils.studies import registry
 
 
+# A study's notebook does its work in one cell, so the per-cell timeout bounds one study (one seed) and must exceed
+# its longest honest run: a hung kernel, not a long study, is what it catches. small's PEFT seed 0 with its LR sweep
+# (28 runs on SmolLM2) took ~85 min on 2 cores and attention_free's ~80-160 min; gpu/paper studies run for many hours
+# and Slurm's time limit (`slurm:` time_min) bounds their jobs. None: no timeout.
+CELL_TIMEOUT_S: dict[str, int | None] = {"tiny": 3600, "small": 8 * 3600, "gpu": None, "paper": None}
+
+
+def _timeout_text(t: int | None) -> str:
+    return "none" if not t else f"{t / 3600:g} h"
+
+
+def cell_timeout(profile: str, timeout: int | None) -> int | None:
+    """The per-cell timeout in seconds for `profile` (None: none): `timeout` if given (0: none), else the profile's."""
+    if timeout is not None:
+        if timeout < 0:
+            raise ValueError(f"--timeout {timeout}: give seconds (> 0), or 0 for no timeout")
+        return timeout or None
+    return CELL_TIMEOUT_S.get(profile, 3600)
+
+
 @dataclass
 class Outcome:
     study: str
@@ -105,7 +125,7 @@ def _ipc_kernel_manager():
     return IPCKernelManager
 
 
-def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int, kernel: str | None,
+def run_study(study: str, profile: str, root: Path, force: bool, timeout_s: int | None, kernel: str | None,
               overrides: dict | None = None, name: str | None = None) -> Outcome:
     """Execute one study's notebook with its params (and `overrides`) into outputs/<profile>/notebooks/<name>.ipynb
     (`name`: the study by default; a row of the summary table)."""
@@ -237,7 +257,7 @@ def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
         for t in group:
             executor.update_parameters(**slurm.submitit_parameters(requests[t.name], f"effllm-{t.name}"))
             try:
-                jobs[t.name] = executor.submit(run_study, t.study, args.profile, root, args.force, args.timeout,
+                jobs[t.name] = executor.submit(run_study, t.study, args.profile, root, args.force, timeout,
                                                args.kernel, t.overrides, t.name)
             except Exception as e:  # noqa: BLE001 - sbatch refused the request outright: one line, the rest go on
                 why = slurm.refused_message(t.name, requests[t.name], e, args.submit)
@@ -338,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated studies to run (default: every study with a notebook)")
     ap.add_argument("--dry-run", action="store_true", help="validate params and print the plan; run nothing")
     ap.add_argument("--force", action="store_true", help="re-run techniques whose records exist")
-    ap.add_argument("--timeout", type=int, default=3600, help="per-cell execution timeout in seconds")
+    ap.add_argument("--timeout", type=int, default=None,
+                    help="per-cell execution timeout in seconds, 0 for none (default: the profile's, "
+                         + ", ".join(f"{p} {_timeout_text(t)}" for p, t in CELL_TIMEOUT_S.items()) + ")")
     ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default: the notebook's, python3)")
     ap.add_argument("--root", type=Path, default=None, help="effllm checkout holding notebooks/ and params/")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -363,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.profile not in PROFILES:
             raise ValueError(f"unknown profile {args.profile!r}; choose one of {', '.join(PROFILES)}")
+        timeout = cell_timeout(args.profile, args.timeout)
         studies = select(args.only, root)
         overrides = parse_overrides(args.overrides)
         for st in studies:  # every override must be a parameter of every selected study, before anything runs
@@ -423,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                 # the study's stage (technique n of N) and its innermost bar, beside its name (core.progress)
                 with progress.relay(lambda line, name=t.name: bar.set_postfix_str(f"{name}: {line}"),
                                     progress.PUBLISH_EVERY_S if sys.stderr.isatty() else LOG_PROGRESS_EVERY_S):
-                    o = run_study(t.study, args.profile, root, args.force, args.timeout, args.kernel, t.overrides,
+                    o = run_study(t.study, args.profile, root, args.force, timeout, args.kernel, t.overrides,
                                   t.name)
                 outcomes.append(o)
                 if o.status != "ok":
