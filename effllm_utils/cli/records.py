@@ -73,8 +73,9 @@ def save(profile: str) -> dict[str, int]:
     current = {rel: rt for rel, rt in found.items() if _current(rt[0])}
     if not current:
         versions = sorted({f"{r.study} {r.code_version}" for r, _ in found.values()})
-        raise ValueError(f"none of the {len(found)} records under {src} is of this checkout's code ({', '.join(versions[:3])}"
-                         f"{' ...' if len(versions) > 3 else ''}); run the save from the checkout that runs the batch")
+        raise ValueError(f"none of the {len(found)} records under {src} is of this checkout's code "
+                         f"({', '.join(versions[:3])}{' ...' if len(versions) > 3 else ''}); run the save from the "
+                         f"checkout that runs the batch")
     n = Counter()
     for rel, (rec, text) in current.items():
         old = saved.get(rel)

@@ -249,6 +249,7 @@ def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
     folder = outputs_dir(args.profile) / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
     requests = {t.name: job_resources(t.study, args, root) for t in tasks}
+    timeout = cell_timeout(args.profile, args.timeout)  # main() checked it
 
     refused: dict[str, Outcome] = {}
 
