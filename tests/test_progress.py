@@ -50,6 +50,7 @@ def test_the_relay_shows_what_a_child_process_publishes(monkeypatch):
 def test_a_training_run_shows_live_progress_in_a_notebook_kernel():
     """In a Jupyter kernel (as in JupyterLab or under papermill) the run's bar reaches the notebook while the cell is
     still running: several progress messages arrive before the cell's reply, the last naming the final step."""
+    import re
     import time
 
     from jupyter_client.manager import start_new_kernel
@@ -62,9 +63,15 @@ def test_a_training_run_shows_live_progress_in_a_notebook_kernel():
             "ids = torch.randint(0, 128, (40000,))\n"
             "cfg = TrainConfig(steps=150, batch_size=8, seq_len=64, eval_every=10**6, log_every=10,\n"
             "                  progress_desc='live run')\n"
+            "import time\n"
             "from effllm_utils.core import progress\n"
-            "_bar = progress.bar  # redraw every 50 ms (1 s in a study), so a fast machine also shows several\n"
-            "progress.bar = lambda **kw: _bar(**{**kw, 'mininterval': 0.05})\n"
+            "_bar = progress.bar\n"
+            "def slow_bar(**kw):  # redraw every 50 ms (1 s in a study) and take >= 10 ms a step, so any machine\n"
+            "    b = _bar(**{**kw, 'mininterval': 0.05})  # spends >= 1.5 s in the steps and shows bars mid-run\n"
+            "    update = b.update\n"
+            "    b.update = lambda n=1: (time.sleep(0.01), update(n))[1]\n"
+            "    return b\n"
+            "progress.bar = slow_bar\n"
             "r = train(m, ids, ids, cfg)\n")
     km, kc = start_new_kernel(kernel_name="python3")
     try:
@@ -83,8 +90,10 @@ def test_a_training_run_shows_live_progress_in_a_notebook_kernel():
                 replied = time.monotonic()
         bars = [(t, s) for t, s in seen if "live run" in s]
         assert replied is not None and len(bars) >= 3, seen[-5:]
-        assert bars[0][0] < replied - 0.3  # the first update well before the cell ended: live, not at the end
         assert "150/150" in bars[-1][1] and "loss=" in bars[-1][1]
+        done = next(t for t, s in bars if "150/150" in s)
+        mid = [t for t, s in bars if re.search(r"\b([1-9]\d?|1[0-4]\d)/150\b", s)]  # a step between 1 and 149
+        assert mid and mid[0] < done - 0.3, bars  # bars arrived while the steps ran, not all at the end
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)

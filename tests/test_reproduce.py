@@ -109,8 +109,11 @@ def test_a_killed_kernel_is_one_line_pointing_at_memory(root, outputs, capsys, m
 
 
 def test_the_cell_timeout_is_the_profiles_unless_given_and_a_timed_out_study_keeps_its_records(root, outputs, capsys):
-    assert reproduce.cell_timeout("tiny", None) == 3600 and reproduce.cell_timeout("gpu", None) is None
-    assert reproduce.cell_timeout("small", None) > 2 * 3600  # small's PEFT seed 0 with its sweep took ~85 min
+    from effllm_utils import PROFILES
+
+    assert set(reproduce.CELL_TIMEOUT_S) == set(PROFILES)  # a new profile must state its own
+    assert reproduce.cell_timeout("tiny", None) == 3600 and reproduce.cell_timeout("paper", None) is None
+    assert reproduce.cell_timeout("small", None) > 2 * 3600  # small's PEFT seed 0 with its sweep needs ~85-90 min
     assert reproduce.cell_timeout("small", 0) is None and reproduce.cell_timeout("tiny", 5) == 5
     assert reproduce.main(["--root", str(root), "--timeout", "-1"]) == 2
     assert "--timeout -1: give seconds (> 0), or 0 for no timeout" in capsys.readouterr().err
@@ -119,6 +122,20 @@ def test_the_cell_timeout_is_the_profiles_unless_given_and_a_timed_out_study_kee
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("hardware"))
     assert "failed" in line and "CellTimeoutError" in line
     assert counter(root) == ["first"]  # the record written before the timeout is kept: a rerun resumes after it
+
+
+def test_each_study_runs_under_its_profiles_cell_timeout_unless_given(root, outputs, monkeypatch):
+    make_study(root, "hardware")
+    for profile in ("small", "gpu"):
+        (root / "params" / profile).mkdir(parents=True, exist_ok=True)
+        (root / "params" / profile / "hardware.yaml").write_text("")
+    seen = []
+    monkeypatch.setattr(reproduce, "run_study", lambda study, profile, root, force, timeout_s, *a, **k:
+                        seen.append((profile, timeout_s)) or reproduce.Outcome(study, "ok"))
+    for argv in (["--profile", "tiny"], ["--profile", "small"], ["--profile", "small", "--timeout", "0"],
+                 ["--profile", "gpu", "--timeout", "60"]):
+        assert reproduce.main(["--root", str(root), "--only", "hardware", *argv]) == 0
+    assert seen == [("tiny", 3600), ("small", 8 * 3600), ("small", None), ("gpu", 60)]
 
 
 def test_cli_errors_and_dry_run(root, capsys):

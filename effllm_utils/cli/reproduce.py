@@ -51,9 +51,10 @@ from effllm_utils.studies import registry
 
 # A study's notebook does its work in one cell, so the per-cell timeout bounds one study (one seed) and must exceed
 # its longest honest run: a hung kernel, not a long study, is what it catches. small's PEFT seed 0 with its LR sweep
-# (28 runs on SmolLM2) took ~85 min on 2 cores and attention_free's ~80-160 min; gpu/paper studies run for many hours
-# and Slurm's time limit (`slurm:` time_min) bounds their jobs. None: no timeout.
-CELL_TIMEOUT_S: dict[str, int | None] = {"tiny": 3600, "small": 8 * 3600, "gpu": None, "paper": None}
+# (28 runs on SmolLM2, ~2-4 min each on 2 cores) needs ~85-90 min (estimated: the 1-hour timeout stopped it after 16),
+# attention_free's Mamba and RWKV ~80-160 min; a gpu study's seed 0 with its sweep ~17 h (estimated). paper: none (a
+# Slurm job's time limit bounds it; a local run passes --timeout). None: no timeout.
+CELL_TIMEOUT_S: dict[str, int | None] = {"tiny": 3600, "small": 8 * 3600, "gpu": 48 * 3600, "paper": None}
 
 
 def _timeout_text(t: int | None) -> str:
@@ -66,7 +67,7 @@ def cell_timeout(profile: str, timeout: int | None) -> int | None:
         if timeout < 0:
             raise ValueError(f"--timeout {timeout}: give seconds (> 0), or 0 for no timeout")
         return timeout or None
-    return CELL_TIMEOUT_S.get(profile, 3600)
+    return CELL_TIMEOUT_S[profile]
 
 
 @dataclass

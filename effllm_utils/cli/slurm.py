@@ -19,7 +19,7 @@ from typing import Any
 
 PROFILE_RESOURCES: dict[str, dict[str, Any]] = {
     "tiny": {"cpus": 2, "mem_gb": 8, "gpus": 0, "time_min": 60},
-    "small": {"cpus": 2, "mem_gb": 16, "gpus": 0, "time_min": 6 * 60},
+    "small": {"cpus": 2, "mem_gb": 16, "gpus": 0, "time_min": 8 * 60},  # a study's seed: up to ~3 h measured
     "gpu": {"cpus": 16, "mem_gb": 96, "gpus": 1, "time_min": 24 * 60},
     "paper": {"cpus": 64, "mem_gb": 960, "gpus": 8, "time_min": 72 * 60},
 }
