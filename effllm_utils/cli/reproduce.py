@@ -239,7 +239,7 @@ def _sweeps(t: Task, profile: str, root: Path) -> bool:
         return False
 
 
-def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
+def submit(tasks: list[Task], args, root: Path, timeout: int | None) -> list[Outcome]:
     """Each task (a study, or a study and seed) as one job through submitit (`--submit slurm`: sbatch on a Slurm
     cluster; `local`: a process here), in `waves`: at once, except the later seeds of a study that sweeps its LR
     (in a second wave, after every study's first seed) and paper_figures, which draws from every record and so
@@ -250,7 +250,6 @@ def submit(tasks: list[Task], args, root: Path) -> list[Outcome]:
     folder = outputs_dir(args.profile) / "jobs"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.submit)
     requests = {t.name: job_resources(t.study, args, root) for t in tasks}
-    timeout = cell_timeout(args.profile, args.timeout)  # main() checked it
 
     refused: dict[str, Outcome] = {}
 
@@ -439,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     where = "while waiting for the jobs (submitted jobs go on)"
     try:
         if args.submit:
-            outcomes = submit(tasks, args, root)
+            outcomes = submit(tasks, args, root, timeout)
         else:
             bar = tqdm(tasks, desc=f"reproduce[{args.profile}]", unit="run", file=sys.stderr)
             for t in bar:
