@@ -285,6 +285,36 @@ def test_power_claims_report_energy_per_token_and_flag_a_reversal():
     assert "<li>x" not in flag and _energy_warning(table.iloc[1:]) == ""
 
 
+def test_a_run_that_shared_its_cpus_is_set_aside_from_time_and_energy_tests_only():
+    """Session 21's case: PEFT's full fine-tuning seed 0 ran beside a test suite (other work held 47% of the CPUs;
+    977 s against ~200 s alone). Its latency must not decide a time claim; its quality still counts."""
+    def shared(r, frac):
+        r.environment = {"host_other_cpu_frac": frac}
+        return r
+
+    recs = [_rec(t, ppl * (1 + 0.01 * s), s, al_s=al * (1 + 0.01 * s)) for t, ppl, al in
+            (("nsa", 100.0, 1.0), ("gqa", 110.0, 2.0)) for s in range(3)]
+    time_claim = {"id": "x", "claim": "c", "source": "s", "study": "attention",
+                  "tests": [{"kind": "less", "a": "nsa", "b": "gqa", "metric": "al_s"}]}
+    ppl_claim = time_claim | {"tests": [{"kind": "less", "a": "nsa", "b": "gqa", "metric": "ppl"}]}
+    assert claims.evaluate_group(time_claim, recs, (), "tiny")["verdict"] == REPRODUCED
+    slowed = shared(_rec("nsa", 102.0, 2, al_s=5.0), 0.47)  # the same seed, run beside other work
+    dirty = recs[:2] + [slowed] + recs[3:]
+    with_it = claims.evaluate_group(time_claim, [*dirty[:2], _rec("nsa", 102.0, 2, al_s=5.0), *dirty[3:]], (), "tiny")
+    assert with_it["verdict"] == INCONCLUSIVE  # what the contaminated run would have done to the verdict
+    row = claims.evaluate_group(time_claim, dirty, (), "tiny")
+    assert row["verdict"] == REPRODUCED and "nsa 1.005 ± 0.005 (n=2)" in row["evidence"]
+    assert "set aside for al_s (other work held the CPUs): nsa seed 2 (47%)" in row["evidence"]
+    quality = claims.evaluate_group(ppl_claim, dirty, (), "tiny")
+    assert quality["verdict"] == REPRODUCED and "set aside" not in quality["evidence"] and "(n=3)" in quality[
+        "evidence"]
+    below = [shared(r, claims.provenance.SHARED_CPU_WARN - 0.05) if r.technique == "nsa" else r for r in recs]
+    assert "set aside" not in claims.evaluate_group(time_claim, below, (), "tiny")["evidence"]  # under the bar: kept
+    gone = [shared(r, 0.5) if r.technique == "gqa" else r for r in recs]
+    none_left = claims.evaluate_group(time_claim, gone, (), "tiny")
+    assert none_left["verdict"] == INCONCLUSIVE and "0 seed(s), needs 2" in none_left["evidence"]
+
+
 def _swept(technique, ppl, seed, sweep):
     r = _rec(technique, ppl, seed)
     r.artifacts = {"lr_sweep": {"metric": "ppl", "values": sweep, "best": float(min(sweep, key=sweep.get)),

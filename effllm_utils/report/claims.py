@@ -33,7 +33,8 @@ Each row states the effect (the ratio it relies on, with its 1 - ALPHA confidenc
 model size, tokens seen, tokens per parameter and seeds, and a level from EVIDENCE_LEVELS. Timing repeats are seeds run
 by `make reproduce ARGS="--seeds 0,1,2"`, which runs every technique of a seed before the next seed (A B C A B C ...),
 so a drift of the machine lands in the spread, not between techniques. Only the current records of each experiment
-(`core.aggregate`, same settings and same code version) are repeats; records of other code are stale and left out.
+(`core.aggregate`, same settings and same code version) are repeats; records of other code are stale and left out. A
+time or energy test also leaves out the runs that shared their CPUs with other work, and says which (`set_aside`).
 
 Long by design: the claims file, the statistical rule, evidence levels and the paper's own numbers are read together
 by a reviewer.
@@ -47,7 +48,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from effllm_utils.core import aggregate, runs
+from effllm_utils.core import aggregate, provenance, runs
 from effllm_utils.engine.sweep import is_sweep_point
 from effllm_utils.report.stats import Diff, holm, log_diff
 from effllm_utils.studies import registry
@@ -186,6 +187,8 @@ class Outcome:
 
 
 def _fmt(xs: list[float]) -> str:
+    if not xs:
+        return "none left (n=0)"
     mean, se, n = aggregate.mean_se(xs)
     return f"{mean:.4g}" + (f" ± {se:.2g}" if se else "") + f" (n={n})"
 
@@ -210,7 +213,7 @@ def run_test(test: dict, values: dict[str, list[float] | None], exact: bool = Fa
     if test["kind"] != "best" and not all(n in values for n in names):
         why = f"needs {test['a']} and {test['b']} (ran: {sorted(values)})"
         return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
-    absent = [t for t in names if not values.get(t)]
+    absent = [t for t in names if values.get(t) is None]
     if absent:
         why = f"{metric} not measured for {', '.join(absent)}"
         return UNTESTABLE, why, Outcome(UNTESTABLE, why, [], [])
@@ -390,7 +393,31 @@ def stable_ranking(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> str 
 
 
 def _values(by_tech: dict[str, list[runs.RunRecord]], metric: str) -> dict[str, list[float] | None]:
-    return {tech: [v for r in rs if (v := _metric(r, metric)) is not None] or None for tech, rs in by_tech.items()}
+    """{technique: its values of `metric`}: None where its runs did not measure it, [] where it has no runs left
+    (all set aside): the first is not testable, the second too few repeats."""
+    return {tech: [v for r in rs if (v := _metric(r, metric)) is not None] or (None if rs else [])
+            for tech, rs in by_tech.items()}
+
+
+CPU_SENSITIVE = ("time", "energy")  # metric kinds a run that shared its CPUs distorts (quality, memory, size stand)
+
+
+def set_aside(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> tuple[dict[str, list[runs.RunRecord]], list[str]]:
+    """The repeats a time or energy test compares: without the runs whose CPUs other work shared
+    (`provenance.shared_cpu`, above SHARED_CPU_WARN of the host's capacity), with one note naming them. Their times
+    and watts measure the other work as much as the technique; the contention comes from outside the run (a test
+    suite beside the batch), not from the technique, so leaving the run out does not bias the comparison the way
+    dropping a failed seed would (`lost_seeds`), and MIN_RUNS still applies to what is left. A quality, memory or
+    size test keeps them."""
+    if METRIC_KIND.get(test["metric"], "quality") not in CPU_SENSITIVE:
+        return by_tech, []
+    shared = {id(r) for t in _compared(test) for r in provenance.shared_cpu(by_tech.get(t, []))}
+    if not shared:
+        return by_tech, []
+    kept = {t: [r for r in rs if id(r) not in shared] for t, rs in by_tech.items()}
+    named = [f"{t} seed {r.params.get('seed')} ({r.environment['host_other_cpu_frac']:.0%})"
+             for t in _compared(test) for r in by_tech.get(t, []) if id(r) in shared]
+    return (kept, [f"set aside for {test['metric']} (other work held the CPUs): {', '.join(named)}"])
 
 
 def lost_seeds(test: dict, by_tech: dict[str, list[runs.RunRecord]], failed: list[runs.RunRecord]) -> list[str]:
@@ -498,11 +525,12 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
         return row | {"verdict": UNTESTABLE, "effect": "", "evidence": reason}
     outcomes, notes, per_token = [], [], []
     for t in claim["tests"]:
-        _, evidence, out = run_test(t, _values(by_tech, t["metric"]), alpha=alpha)
+        clean, aside = set_aside(t, by_tech)
+        _, evidence, out = run_test(t, _values(clean, t["metric"]), alpha=alpha)
         outcomes.append(out)
-        notes.append(evidence)
+        notes += [evidence, *aside]
         if t["metric"] == "aec_w":
-            per_token.append(_per_token(t, out, by_tech, alpha))
+            per_token.append(_per_token(t, out, clean, alpha))
     row[ENERGY_COLUMN] = " | ".join(per_token)
     notes += failed_only(claim, by_tech, failed)
     verdict = decide(outcomes, alpha)

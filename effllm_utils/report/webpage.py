@@ -312,8 +312,8 @@ def _warnings(profile: str, studies: list[str]) -> str:
     if shared:
         warning += ('<div class="warn"><b>Runs that shared the CPUs</b> with other work (other processes took more '
                     f"than {provenance.SHARED_CPU_WARN:.0%} of the host's CPU capacity while they ran): their step "
-                    "times, throughput, latency and energy are suspect (quality is not). Re-run them alone with "
-                    "<code>--force</code>.<ul>"
+                    "times, throughput, latency and energy are suspect (quality is not), and the claims check sets "
+                    "them aside from its time and energy tests. Re-run them alone with <code>--force</code>.<ul>"
                     + "".join(f"<li>{html.escape(r.run_id)}: {r.environment['host_other_cpu_frac']:.0%}</li>"
                               for r in shared) + "</ul></div>")
     changed = runs.shared_copies_changed(current)
