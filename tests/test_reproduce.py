@@ -147,8 +147,11 @@ def test_cli_errors_and_dry_run(root, capsys):
     assert reproduce.main(["--root", str(root), "--profile", "huge"]) == 2
     assert "unknown profile 'huge'" in capsys.readouterr().err
     assert reproduce.main(["--root", str(root), "--dry-run"]) == 0
-    assert 'hardware: notebooks/hardware.ipynb with params/tiny/hardware.yaml {"sleep_s": 0.5}' in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert 'hardware: notebooks/hardware.ipynb with params/tiny/hardware.yaml {"sleep_s": 0.5}' in out
+    assert out.startswith("per-cell timeout: 1 h (the tiny profile's; --timeout to change)\n")
+    assert reproduce.main(["--root", str(root), "--dry-run", "--timeout", "0"]) == 0
+    assert capsys.readouterr().out.startswith("per-cell timeout: none (--timeout)\n")
     (root / "params" / "tiny" / "hardware.yaml").write_text("slep_s: 1\n")
     assert reproduce.main(["--root", str(root), "--dry-run"]) == 1
     assert "unknown key 'slep_s'" in capsys.readouterr().out

@@ -411,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         bad = 0
+        print(f"per-cell timeout: {_timeout_text(timeout)} ("
+              + ("--timeout" if args.timeout is not None else f"the {args.profile} profile's; --timeout to change") + ")")
         for t in tasks:
             s = t.study
             try:
