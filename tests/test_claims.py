@@ -186,6 +186,25 @@ def test_evaluate_on_records_states_effect_and_evidence_level(outputs):
     assert one["verdict"] == INCONCLUSIVE and "1 seed(s), needs 3" in one["evidence"]
 
 
+def test_an_inference_studys_scale_is_counted_from_its_unquantized_rows():
+    """Quantization records carry no parameter count: at `small` its SmolLM2-135M rows read "params unknown" and were
+    labelled smoke. An fp32/bf16 row's bytes in memory over bytes per element count them; int4's bytes do not."""
+    def row(tech, nbytes, bits):
+        return runs.RunRecord(run_id=f"q-{tech}", study="quantization", technique=tech, profile="small",
+                              scale="smollm2-135m", params={"seed": 0}, quality={"ppl": 50.0},
+                              metrics={"memory_bytes": nbytes, "nominal_bits": bits}, code_version="x")
+
+    fp32, bf16, int4 = row("fp32", 538_060_288, 32), row("bf16", 269_030_272, 16), row("int4_gptq", 118_677_952, 4)
+    # the records' own bytes: the bf16 model keeps its rotary buffer in fp32 (64 bytes more)
+    assert claims.model_params(fp32) == 134_515_072 and claims.model_params(bf16) == pytest.approx(134_515_072, abs=100)
+    assert claims.model_params(int4) is None  # packed weights, scales and a bf16 embedding: not a count
+    assert claims.evidence_level([int4, bf16, fp32], 3, "small") == "small-scale: 135M params, 3 seeds"
+    assert claims.evidence_level([int4], 3, "small") == "smoke: params unknown, 3 seeds"
+    assert claims.model_params(_rec("gqa", 100.0)) == 1.8e6  # a trained model's own count comes first
+    big = {"id": "x", "claim": "c", "source": "s", "study": "quantization", "when": {"min_params": 1e8}, "tests": []}
+    assert claims._when(big, [int4, bf16]) is None and "the largest here has 0" in claims._when(big, [int4])
+
+
 def test_a_ranking_that_flips_between_half_and_all_of_the_budget_is_inconclusive():
     rising = [6.0 - 0.01 * i for i in range(20)]  # mla: slow start, best at the end
     flat = [5.5 - 0.005 * i for i in range(20)]

@@ -327,11 +327,22 @@ def _when(claim: dict, recs: list[runs.RunRecord]) -> str | None:
         if not any(any(d in dev for d in when["device"]) for dev in devices):
             return f"needs a {' / '.join(when['device'])} GPU; these runs used {', '.join(devices) or 'unknown'}"
     if "min_params" in when:
-        sizes = [_metric(r, "base_params") or _metric(r, "params") for r in recs]
+        sizes = [model_params(r) for r in recs]
         biggest = max((s for s in sizes if s), default=0)
         if biggest < float(when["min_params"]):
             return f"needs models of >= {float(when['min_params']):.3g} parameters; the largest here has {biggest:.3g}"
     return None
+
+
+def model_params(r: runs.RunRecord) -> float | None:
+    """The parameters of the model a run measured: its `base_params` (a fine-tuned or adapted base) or `params`; for
+    an inference record of an unquantized float precision (quantization's fp32, fp16, bf16 rows), its weights' bytes
+    in memory over bytes per element (parameters and buffers, tied embeddings once: within a few hundred of the
+    parameter count). A quantized row's bytes mix packed weights, scales and unquantized layers: no count."""
+    if n := _metric(r, "base_params") or _metric(r, "params"):
+        return n
+    nbytes, bits = _metric(r, "memory_bytes"), _metric(r, "nominal_bits")
+    return nbytes * 8 / bits if nbytes and bits in (16.0, 32.0) else None
 
 
 def tokens_seen(r: runs.RunRecord) -> float | None:
@@ -346,7 +357,7 @@ def tokens_seen(r: runs.RunRecord) -> float | None:
 
 def evidence_level(recs: list[runs.RunRecord], seeds: int, profile: str) -> str:
     """The scale a verdict was reached at: level, parameters, tokens, tokens per parameter, seeds."""
-    params = max((s for r in recs if (s := _metric(r, "base_params") or _metric(r, "params"))), default=0.0)
+    params = max((s for r in recs if (s := model_params(r))), default=0.0)
     tokens = max((t for r in recs if (t := tokens_seen(r))), default=None)
     tpp = tokens / params if tokens and params else None
     level = next(name for name, min_p, min_tpp in EVIDENCE_LEVELS
