@@ -40,17 +40,34 @@ def test_missing_package_names_the_install_command(monkeypatch):
         packaged.gguf_path("absent")
 
 
-def test_quantization_study_measures_the_packaged_model(tiny_package, outputs):
+def test_quantization_study_measures_the_packaged_model(tiny_package, outputs, monkeypatch):
+    import time
+
+    from effllm_utils.core import provenance
     from effllm_utils.studies import quantization
+
+    class Busy(provenance.HostLoad):  # other work held 30% of the CPUs while the precisions were measured
+        def __exit__(self, *exc):
+            self.other_cpu_frac = 0.3
+            return False
+
+    monkeypatch.setattr(quantization, "HostLoad", Busy)
 
     Q = dict(device="cpu", precisions=["fp32", "int4_rtn"], models={"tiny-gguf": {"source": "tiny-gguf"}},
              vocab_size=1024, seq_len=64, batch_size=16, eval_batches=1, group_size=32, calibration_samples=8,
              calibration_data="embedded", one_at_a_time=False,
              calibration_len=64, prompt_len=16, new_tokens=4, decode="eager", batch_sizes=[1, 2], min_time_s=0.0,
              min_requests=2, ppl_seq_len=64, ppl_windows=4, tasks=[], task_limit=0, task_include_path="", seed=0)
+    t0 = time.perf_counter()
     recs = quantization.run_study("quantization", "tiny", Q)
+    took = time.perf_counter() - t0
     assert [(r.technique, r.status) for r in recs] == [("fp32", "ok"), ("int4_rtn", "ok")], [r.error for r in recs]
     fp32, int4 = recs
+    # measured side by side before the records are written: each record carries the load beside the measurement
+    # and its share of the time (they add up to the study's time, not to the ~0 s of writing a record)
+    assert fp32.environment["host_other_cpu_frac"] == int4.environment["host_other_cpu_frac"] == 0.3
+    assert fp32.duration_s == int4.duration_s and 0.4 * took < fp32.duration_s + int4.duration_s <= took
+    assert set(fp32.environment) == set(provenance.environment()) | {"host_other_cpu_frac"}  # the whole environment
     base = fp32.artifacts["base"]
     assert base["package"] == "tiny-gguf-pkg==0.0.1" and "Q4_1" in base["weights"] and base["license"] == "MIT"
     assert 1 < fp32.quality["ppl"] < 1e4 and int4.quality["ppl"] > 1  # held-out text in the model's own tokenizer

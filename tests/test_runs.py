@@ -47,6 +47,11 @@ def test_failed_run_is_recorded_and_retried(outputs):
         runs.execute("atention", "t", "tiny", {}, lambda: {}, verbose=False)
     rec = runs.execute("hardware", "t3", "tiny", {}, lambda: {"metric": {}}, verbose=False)
     assert rec.status == "failed" and "unknown section(s) ['metric']" in rec.error
+    # measured before fn (side by side with other records): the seconds and environment fn hands over are kept
+    made = {"metrics": {"al_s": 1.0}, "duration_s": 42.0, "environment": {"host_other_cpu_frac": 0.2, "cpu_model": "x"}}
+    rec = runs.execute("hardware", "t4", "tiny", {}, lambda: made, verbose=False)
+    assert rec.duration_s == 42.0 and rec.environment == made["environment"] and rec.metrics == {"al_s": 1.0}
+    assert runs.execute("hardware", "t5", "tiny", {}, lambda: {}, verbose=False).duration_s < 42.0  # its own time
 
 
 def test_the_previous_runs_memory_is_released_before_a_run(outputs, monkeypatch):

@@ -287,18 +287,21 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
     rec = RunRecord(run_id=run_id, study=study, technique=technique, profile=profile, scale=scale,
                     params=params, environment=environment(), code_version=code_version(study),
                     started_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
-    t0 = time.perf_counter()
+    t0, took = time.perf_counter(), None
     with HostLoad() as load:  # other work on the host during the run: its times are suspect above a share
         try:
             release_memory()  # what the previous run left is not this run's memory
             result = fn() or {}
-            unknown = set(result) - {"metrics", "quality", "artifacts", "environment"}
+            unknown = set(result) - {"metrics", "quality", "artifacts", "environment", "duration_s"}
             if unknown:
                 raise ValueError(f"{technique}: fn returned unknown section(s) {sorted(unknown)}; "
-                                 f"use 'metrics', 'quality', 'artifacts' (and 'environment' for another run's "
-                                 f"measurements, runs.result_of)")
-            if "environment" in result:  # another run's measurements (result_of): the environment they were made in
+                                 f"use 'metrics', 'quality', 'artifacts' (and 'environment', 'duration_s' for "
+                                 f"measurements made before fn, runs.result_of)")
+            # measurements made before fn (another run's, result_of; several records measured side by side): the
+            # environment they were made in, the other work beside them, and their seconds
+            if "environment" in result:
                 rec.environment = dict(result["environment"])
+            took = result.get("duration_s")
             rec.metrics = dict(result.get("metrics", {}))
             rec.quality = dict(result.get("quality", {}))
             rec.artifacts = dict(result.get("artifacts", {}))
@@ -308,7 +311,7 @@ def execute(study: str, technique: str, profile: str, params: dict[str, Any], fn
             rec.artifacts = {"traceback": traceback.format_exc(limit=20)}
             if verbose:
                 print(f"[failed] {run_id}: {rec.error}")
-    rec.duration_s = time.perf_counter() - t0
+    rec.duration_s = took if took is not None else time.perf_counter() - t0
     rec.environment.setdefault("host_other_cpu_frac", load.other_cpu_frac)  # a shared run keeps its own
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate launch: the main process records
         write_record(rec)

@@ -3,12 +3,14 @@ memory, latency and throughput from the inference harness, MCR against the bf16 
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
 from effllm_utils import check_choices, data, outputs_dir
 from effllm_utils.core import progress, runs
+from effllm_utils.core.provenance import HostLoad, environment
 from effllm_utils.core.runtime import release_memory, resolve_device, seed_everything
 from effllm_utils.engine.quantize import (
     DECODE_CHOICES,
@@ -36,33 +38,41 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                  for p in P["precisions"]}
         pending = [p for p in P["precisions"]
                    if force or runs.ok_record(profile, "quantization", p, keyed[p], name) is None]
-        results: dict[str, dict] = {}
-        if pending:
-            seed_everything(P["seed"])
-            try:
-                src, tok, base_info = base_checkpoint(profile, name, spec, P, device)
-            except ModelUnavailable as e:  # this model cannot be had: its records say why, the other models go on
-                results, pending = {p: e for p in P["precisions"]}, []
-        if pending:
-            work = outputs_dir(profile) / "checkpoints" / "quantization" / name
-            calib, calib_source = calibration(tok, P)
-            val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
-            # every precision resident and measured interleaved (drift hits all alike), or one at a time, each freed
-            # before the next is built (models that do not fit several times over)
-            groups = [[p] for p in P["precisions"]] if P.get("one_at_a_time", False) else [list(P["precisions"])]
-            for group in groups:
-                results |= _measure(group, src, tok, P, device, work, calib, val,
-                                    base_info | {"calibration": calib_source})
-                release_memory()
-            _add_mcr({p: r for p, r in results.items() if not isinstance(r, Exception)})
+        t0, load = time.perf_counter(), HostLoad()
+        with load:  # the precisions are measured together, before their records are written
+            results = _measure_model(name, spec, pending, profile, P, device) if pending else {}
+        # each record: the load beside the measurement and its share of the time (the batch's time adds up)
+        made = {"environment": environment() | {"host_other_cpu_frac": load.other_cpu_frac},
+                "duration_s": (time.perf_counter() - t0) / max(len(pending), 1)}
         for p in P["precisions"]:
             def fn(p=p):
                 r = results[p]
                 if isinstance(r, Exception):
                     raise r
-                return r
+                return r | made
             records.append(runs.execute("quantization", p, profile, keyed[p], fn, scale=name, force=force))
     return records
+
+
+def _measure_model(name: str, spec, pending: list[str], profile: str, P: dict[str, Any], device: str) -> dict:
+    """{precision: result or error} of one model's precisions, measured side by side (`pending`: not empty)."""
+    seed_everything(P["seed"])
+    try:
+        src, tok, base_info = base_checkpoint(profile, name, spec, P, device)
+    except ModelUnavailable as e:  # this model cannot be had: its records say why, the other models go on
+        return {p: e for p in P["precisions"]}
+    work = outputs_dir(profile) / "checkpoints" / "quantization" / name
+    calib, calib_source = calibration(tok, P)
+    val = data.token_ids("validation", tok)  # the shipped held-out text, in the model's own tokenizer
+    # every precision resident and measured interleaved (drift hits all alike), or one at a time, each freed before
+    # the next is built (models that do not fit several times over)
+    groups = [[p] for p in P["precisions"]] if P.get("one_at_a_time", False) else [list(P["precisions"])]
+    results: dict[str, Any] = {}
+    for group in groups:
+        results |= _measure(group, src, tok, P, device, work, calib, val, base_info | {"calibration": calib_source})
+        release_memory()
+    _add_mcr({p: r for p, r in results.items() if not isinstance(r, Exception)})
+    return results
 
 
 def calibration(tok, P) -> tuple[list[str], str]:
