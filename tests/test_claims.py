@@ -1,5 +1,6 @@
 """The claims check: its statistical rule (calibrated on A/A worlds and a positive control), every claim's
 reachability, effect sizes, evidence levels, ranking stability, stale records and the paper's own numbers."""
+import dataclasses
 import math
 import random
 
@@ -307,9 +308,8 @@ def test_power_claims_report_energy_per_token_and_flag_a_reversal():
 def test_a_run_that_shared_its_cpus_is_set_aside_from_time_and_energy_tests_only():
     """Session 21's case: PEFT's full fine-tuning seed 0 ran beside a test suite (other work held 47% of the CPUs;
     977 s against ~200 s alone). Its latency must not decide a time claim; its quality still counts."""
-    def shared(r, frac):
-        r.environment = {"host_other_cpu_frac": frac}
-        return r
+    def shared(r, frac):  # a copy of the record, run beside other work
+        return dataclasses.replace(r, environment={"host_other_cpu_frac": frac})
 
     recs = [_rec(t, ppl * (1 + 0.01 * s), s, al_s=al * (1 + 0.01 * s)) for t, ppl, al in
             (("nsa", 100.0, 1.0), ("gqa", 110.0, 2.0)) for s in range(3)]
@@ -332,6 +332,13 @@ def test_a_run_that_shared_its_cpus_is_set_aside_from_time_and_energy_tests_only
     gone = [shared(r, 0.5) if r.technique == "gqa" else r for r in recs]
     none_left = claims.evaluate_group(time_claim, gone, (), "tiny")
     assert none_left["verdict"] == INCONCLUSIVE and "0 seed(s), needs 2" in none_left["evidence"]
+    best = time_claim | {"tests": [{"kind": "best", "technique": "nsa", "among": ["nsa", "gqa"], "metric": "al_s",
+                                    "direction": "min"}]}
+    assert claims.evaluate_group(best, dirty, (), "tiny")["verdict"] == REPRODUCED  # as in every comparison
+    # all set aside where nothing measured the metric (no RAPL: no power): still "not measured", not "too few"
+    power = time_claim | {"tests": [{"kind": "less", "a": "nsa", "b": "gqa", "metric": "aec_w"}]}
+    unmeasured = claims.evaluate_group(power, [shared(r, 0.5) for r in recs], (), "tiny")
+    assert unmeasured["verdict"] == UNTESTABLE and "aec_w not measured for nsa, gqa" in unmeasured["evidence"]
 
 
 def _swept(technique, ppl, seed, sweep):

@@ -403,11 +403,16 @@ def stable_ranking(test: dict, by_tech: dict[str, list[runs.RunRecord]]) -> str 
     return f"ranking unstable: training loss at 50% of the budget {half}, at 100% {end}"
 
 
-def _values(by_tech: dict[str, list[runs.RunRecord]], metric: str) -> dict[str, list[float] | None]:
-    """{technique: its values of `metric`}: None where its runs did not measure it, [] where it has no runs left
-    (all set aside): the first is not testable, the second too few repeats."""
-    return {tech: [v for r in rs if (v := _metric(r, metric)) is not None] or (None if rs else [])
-            for tech, rs in by_tech.items()}
+def _values(by_tech: dict[str, list[runs.RunRecord]], metric: str,
+            measured: dict[str, list[runs.RunRecord]] | None = None) -> dict[str, list[float] | None]:
+    """{technique: its values of `metric`}: None where its runs (`measured`: before any were set aside) did not
+    measure it, [] where they did but none is left (all set aside): the first is not testable, the second too few
+    repeats."""
+    def of(rs):
+        return [v for r in rs if (v := _metric(r, metric)) is not None]
+
+    measured = by_tech if measured is None else measured
+    return {tech: of(rs) if of(measured.get(tech, rs)) else None for tech, rs in by_tech.items()}
 
 
 CPU_SENSITIVE = ("time", "energy")  # metric kinds a run that shared its CPUs distorts (quality, memory, size stand)
@@ -510,7 +515,9 @@ def _per_token(test: dict, power: Outcome, by_tech: dict[str, list[runs.RunRecor
     """A power (aec_w) comparison made again on J/token: average power rewards slow kernels (a technique drawing
     fewer watts for longer can spend more energy per token), so every power claim reports both, and says where
     their decisive verdicts point opposite ways."""
-    verdict, _, out = run_test(dict(test, metric="j_per_token"), _values(by_tech, "j_per_token"), alpha=alpha)
+    j_test = dict(test, metric="j_per_token")
+    clean, _ = set_aside(j_test, by_tech)
+    verdict, _, out = run_test(j_test, _values(clean, "j_per_token", by_tech), alpha=alpha)
     text = f"J/token: {verdict}" + (f" ({out.effect})" if out.effect else "")
     if {verdict, power.verdict} == {REPRODUCED, CONTRADICTED}:
         text += f" — {DISAGREE}"
@@ -537,11 +544,11 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
     outcomes, notes, per_token = [], [], []
     for t in claim["tests"]:
         clean, aside = set_aside(t, by_tech)
-        _, evidence, out = run_test(t, _values(clean, t["metric"]), alpha=alpha)
+        _, evidence, out = run_test(t, _values(clean, t["metric"], by_tech), alpha=alpha)
         outcomes.append(out)
         notes += [evidence, *aside]
         if t["metric"] == "aec_w":
-            per_token.append(_per_token(t, out, clean, alpha))
+            per_token.append(_per_token(t, out, by_tech, alpha))
     row[ENERGY_COLUMN] = " | ".join(per_token)
     notes += failed_only(claim, by_tech, failed)
     verdict = decide(outcomes, alpha)

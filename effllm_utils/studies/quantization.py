@@ -40,10 +40,11 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
                    if force or runs.ok_record(profile, "quantization", p, keyed[p], name) is None]
         t0, load = time.perf_counter(), HostLoad()
         with load:  # the precisions are measured together, before their records are written
-            results = _measure_model(name, spec, pending, profile, P, device) if pending else {}
-        # each record: the load beside the measurement and its share of the time (the batch's time adds up)
+            results = _measure_model(name, spec, profile, P, device) if pending else {}
+        # each record: the load beside the measurement and an equal share of its time among the precisions measured
+        # (a retry of one failed precision measures them all again, side by side, and records one)
         made = {"environment": environment() | {"host_other_cpu_frac": load.other_cpu_frac},
-                "duration_s": (time.perf_counter() - t0) / max(len(pending), 1)}
+                "duration_s": (time.perf_counter() - t0) / max(len(results), 1)}
         for p in P["precisions"]:
             def fn(p=p):
                 r = results[p]
@@ -54,8 +55,8 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
     return records
 
 
-def _measure_model(name: str, spec, pending: list[str], profile: str, P: dict[str, Any], device: str) -> dict:
-    """{precision: result or error} of one model's precisions, measured side by side (`pending`: not empty)."""
+def _measure_model(name: str, spec, profile: str, P: dict[str, Any], device: str) -> dict:
+    """{precision: result or error} of one model's precisions, measured side by side."""
     seed_everything(P["seed"])
     try:
         src, tok, base_info = base_checkpoint(profile, name, spec, P, device)
