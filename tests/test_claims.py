@@ -156,6 +156,22 @@ def test_every_claim_can_reach_both_verdicts_and_unreachable_tests_are_rejected(
             claims.load_claims(p)
 
 
+def test_the_papers_scale_is_one_size_or_a_range_with_tokens_where_trained(tmp_path):
+    assert claims.paper_scale({"params": 1.5e9, "tokens": 1e9}) == "1.5B params, 1B tokens (0.67 tok/param)"
+    assert claims.paper_scale({"params": [1.4e10, 3.4e10]}) == "14B-34B params"
+    memory = next(c for c in claims.load_claims() if c["id"] == "int4_memory_3_9x")
+    int4 = runs.RunRecord(run_id="q", study="quantization", technique="int4_gptq", profile="small", scale="m",
+                          params={"seed": 0}, metrics={"memory_bytes": 2e8, "nominal_bits": 16}, code_version="x")
+    row = claims.evaluate_group(memory, [int4], (), "small")
+    assert row["evidence level"].endswith("; the paper's claim: 14B-34B params")  # our 0.1B beside it
+    p = tmp_path / "c.yaml"
+    for scale in ("{params: [3, 1]}", "{tokens: 1e9}", "{params: 1e9, steps: 4}", "7"):
+        p.write_text("claims:\n  - {id: x, claim: c, source: s, study: attention, scale: " + scale
+                     + ", tests: [{kind: less, a: x, b: y, metric: ppl}]}\n")
+        with pytest.raises(ValueError, match=r"claim 'x': scale must be \{params: N or \[smallest, largest\]"):
+            claims.load_claims(p)
+
+
 def _rec(technique, ppl, seed=0, study="attention", scale="s", curve=None, **metrics):
     r = runs.RunRecord(run_id=runs.make_run_id(study, technique, {"seed": seed}, scale), study=study,
                        technique=technique, profile="tiny", scale=scale,

@@ -120,6 +120,14 @@ def load_claims(path: Path | None = None) -> list[dict]:
                 raise ValueError(f"{path}: claim {cid!r} has no {key!r}")
         if c["study"] not in registry.names():
             raise ValueError(f"{path}: claim {cid!r}: unknown study {c['study']!r}")
+        scale = c.get("scale")
+        if scale is not None:
+            p = scale.get("params") if isinstance(scale, dict) else None
+            ok = (isinstance(p, (int, float)) or (isinstance(p, list) and len(p) == 2
+                                                  and all(isinstance(x, (int, float)) for x in p) and p[0] <= p[1]))
+            if not ok or not set(scale) <= {"params", "tokens"} or not isinstance(scale.get("tokens", 0), (int, float)):
+                raise ValueError(f"{path}: claim {cid!r}: scale must be {{params: N or [smallest, largest], "
+                                 f"tokens: N (optional)}}, got {scale!r}")
         for t in c["tests"]:
             need = _NEEDS.get(t.get("kind"))
             if need is None:
@@ -524,6 +532,17 @@ def _per_token(test: dict, power: Outcome, by_tech: dict[str, list[runs.RunRecor
     return text
 
 
+def paper_scale(scale: dict) -> str:
+    """A claim's `scale` in words: `params` (one model size, or [smallest, largest] of the checkpoints it was
+    measured on) and, for a trained backbone, `tokens`."""
+    p = scale["params"]
+    lo, hi = (float(p[0]), float(p[1])) if isinstance(p, list) else (float(p), float(p))
+    text = f"{lo / 1e9:.3g}B" + (f"-{hi / 1e9:.3g}B" if hi != lo else "") + " params"
+    if "tokens" in scale:
+        text += f", {float(scale['tokens']) / 1e9:.3g}B tokens ({float(scale['tokens']) / lo:.2g} tok/param)"
+    return text
+
+
 def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str, ...], profile: str,
                    alpha: float = ALPHA) -> dict:
     """One row of the claims table: the claim's verdict on one group of records (ok and failed ones), with effect
@@ -534,10 +553,7 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
     seeds = min((len(by_tech[t]) for t in _named(claim) if t in by_tech), default=0)
     level = evidence_level(ok, seeds, profile)
     if claim.get("scale"):  # the scale the paper's claim was made at, beside ours
-        paper = claim["scale"]
-        level += (f"; the paper's claim: {float(paper['params']) / 1e9:.3g}B params, "
-                  f"{float(paper['tokens']) / 1e9:.3g}B tokens ({float(paper['tokens']) / float(paper['params']):.2g} "
-                  "tok/param)")
+        level += f"; the paper's claim: {paper_scale(claim['scale'])}"
     row = {"evidence level": level, ENERGY_COLUMN: ""}
     if reason:
         return row | {"verdict": UNTESTABLE, "effect": "", "evidence": reason}
