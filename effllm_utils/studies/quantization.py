@@ -44,9 +44,9 @@ def run_study(study: str, profile: str, P: dict[str, Any], force: bool = False) 
         # each record: the load beside the measurement and an equal share of its time among the precisions measured
         # (a retry of one failed precision measures them all again, side by side, and records one)
         made = {"environment": environment() | {"host_other_cpu_frac": load.other_cpu_frac},
-                "duration_s": (time.perf_counter() - t0) / max(len(results), 1)}
+                "duration_s": (time.perf_counter() - t0) / len(results)} if results else {}
         for p in P["precisions"]:
-            def fn(p=p):
+            def fn(p=p, results=results, made=made):  # called here, in this model's turn
                 r = results[p]
                 if isinstance(r, Exception):
                     raise r
