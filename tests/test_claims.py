@@ -222,6 +222,24 @@ def test_an_inference_studys_scale_is_counted_from_its_unquantized_rows():
     assert claims._when(big, [int4, bf16]) is None and "the largest here has 0" in claims._when(big, [int4])
 
 
+def test_fine_tuning_runs_are_judged_by_their_base_not_by_a_pretraining_budget():
+    """PEFT at `small` fine-tunes SmolLM2-135M for 30 steps (30,720 tokens): 0.0002 tokens per parameter read as a
+    pretraining budget labelled it smoke. A fine-tuned run's level is its base's size; its tokens are stated as
+    fine-tuning tokens. A run that trained its model keeps the tokens-per-parameter bar."""
+    def tuned(tech):
+        return runs.RunRecord(run_id=f"p-{tech}", study="peft", technique=tech, profile="small", scale="smollm2-135m",
+                              params={"seed": 0}, quality={"loss": 2.0}, code_version="x",
+                              metrics={"base_params": 134_515_008, "params": 134_515_008 + 10_000, "tokens_seen": 30720})
+
+    assert claims.evidence_level([tuned("lora"), tuned("full")], 3, "small") == (
+        "small-scale: 135M params, 0.0307M fine-tuning tokens, 3 seeds")
+    assert claims.evidence_level([tuned("lora")], 3, "tiny").startswith("smoke: ")  # tiny stays a smoke test
+    scratch = runs.RunRecord(run_id="s", study="attention", technique="gqa", profile="small", scale="x",
+                             params={"seed": 0}, quality={"ppl": 9.0}, code_version="x",
+                             metrics={"params": 1.2e8, "tokens_seen": 3e7})
+    assert claims.evidence_level([scratch], 3, "small") == "cpu-scale: 120M params, 30M tokens (0.25 tok/param), 3 seeds"
+
+
 def test_a_ranking_that_flips_between_half_and_all_of_the_budget_is_inconclusive():
     rising = [6.0 - 0.01 * i for i in range(20)]  # mla: slow start, best at the end
     flat = [5.5 - 0.005 * i for i in range(20)]

@@ -364,16 +364,23 @@ def tokens_seen(r: runs.RunRecord) -> float | None:
 
 
 def evidence_level(recs: list[runs.RunRecord], seeds: int, profile: str) -> str:
-    """The scale a verdict was reached at: level, parameters, tokens, tokens per parameter, seeds."""
+    """The scale a verdict was reached at: level, parameters, tokens, tokens per parameter, seeds.
+
+    Tokens per parameter is a pretraining budget (how far from compute-optimal a model trained from scratch is): it
+    judges runs that trained their model. Runs that fine-tuned a pretrained base (`base_params`: PEFT, the VLM's
+    language model) are judged by the base's size, and their tokens are stated as fine-tuning tokens."""
     params = max((s for r in recs if (s := model_params(r))), default=0.0)
+    tuned = bool(recs) and all(_metric(r, "base_params") for r in recs)
     tokens = max((t for r in recs if (t := tokens_seen(r))), default=None)
-    tpp = tokens / params if tokens and params else None
+    tpp = tokens / params if tokens and params and not tuned else None
     level = next(name for name, min_p, min_tpp in EVIDENCE_LEVELS
                  if params >= min_p and (tpp is None or tpp >= min_tpp))
     if profile == "tiny":
         level = "smoke"
     parts = [f"{params / 1e6:.3g}M params" if params else "params unknown"]
-    if tokens:
+    if tokens and tuned:
+        parts.append(f"{tokens / 1e6:.3g}M fine-tuning tokens")
+    elif tokens:
         parts.append(f"{tokens / 1e6:.3g}M tokens ({tpp:.2g} tok/param)")
     return f"{level}: " + ", ".join(parts + [f"{seeds} seed{'s' * (seeds != 1)}"])
 
