@@ -388,7 +388,7 @@ def test_a_learning_rate_picked_within_seed_noise_stops_the_verdict_it_could_fli
     claim = {"id": "x", "claim": "c", "source": "s", "study": "attention",
              "tests": [{"kind": "best", "technique": "mla", "among": ["mla", "gqa"], "metric": "ppl",
                         "direction": "min"}]}
-    clear, close = {"0.001": 118.6, "0.003": 96.9, "0.009": 134.0}, {"0.001": 120.45, "0.003": 123.07}
+    clear, close = {"0.001": 118.6, "0.003": 96.9, "0.009": 134.0}, {"0.0003": 131.0, "0.001": 120.45, "0.003": 123.07}
     mla = [_swept("mla", p, s, clear) for s, p in enumerate((98.7, 98.4, 102.2))]
     gqa = [_swept("gqa", p, s, close) for s, p in enumerate((121.7, 124.1, 124.9))]
     assert claims.lr_pick_note("mla", mla) is None
@@ -397,7 +397,7 @@ def test_a_learning_rate_picked_within_seed_noise_stops_the_verdict_it_could_fli
                            "differ by 2.2%")
     row = claims.evaluate_group(claim, mla + gqa, (), "tiny")
     assert row["verdict"] == INCONCLUSIVE and note in row["evidence"]  # a competitor's pick: reproduced unsafe
-    firm = [_swept("gqa", p, s, {"0.001": 140.0, "0.003": 123.07}) for s, p in enumerate((121.7, 124.1, 124.9))]
+    firm = [_swept("gqa", p, s, {"0.001": 140.0, "0.003": 123.07, "0.009": 150.0}) for s, p in enumerate((121.7, 124.1, 124.9))]
     assert claims.evaluate_group(claim, mla + firm, (), "tiny")["verdict"] == REPRODUCED
     unsure_winner = [_swept("mla", p, s, close) for s, p in enumerate((98.7, 98.4, 102.2))]
     assert claims.evaluate_group(claim, unsure_winner + firm, (), "tiny")["verdict"] == REPRODUCED  # only handicaps it
@@ -407,6 +407,31 @@ def test_a_learning_rate_picked_within_seed_noise_stops_the_verdict_it_could_fli
     assert row["verdict"] == INCONCLUSIVE and "mla's learning rate" in row["evidence"]
     behind_firm = [_swept("mla", p, s, clear) for s, p in enumerate((128.0, 131.4, 135.2))]
     assert claims.evaluate_group(claim, behind_firm + gqa, (), "tiny")["verdict"] == CONTRADICTED  # gqa's: safe
+
+
+def test_a_learning_rate_at_the_end_of_its_sweep_is_an_uncertain_pick():
+    """A best LR at an end of the grid (PEFT at small: 5 of 7 methods) may have its optimum beyond it: like a pick
+    within noise it handicaps only that technique, so it stops the verdict it could flip. A larger LR that diverged
+    bounds the grid on that side."""
+    claim = {"id": "x", "claim": "c", "source": "s", "study": "attention",
+             "tests": [{"kind": "best", "technique": "mla", "among": ["mla", "gqa"], "metric": "ppl",
+                        "direction": "min"}]}
+    mla = [_swept("mla", p, s, {"0.001": 118.6, "0.003": 96.9, "0.009": 134.0})
+           for s, p in enumerate((98.7, 98.4, 102.2))]
+    top = [_swept("gqa", p, s, {"0.001": 160.0, "0.003": 140.0, "0.009": 123.07})
+           for s, p in enumerate((121.7, 124.1, 124.9))]
+    note = claims.lr_pick_note("gqa", top)
+    assert note == "gqa's learning rate (0.009) is the largest its sweep tried (0.001-0.009): its best may lie beyond the grid"
+    row = claims.evaluate_group(claim, mla + top, (), "tiny")
+    assert row["verdict"] == INCONCLUSIVE and note in row["evidence"]
+    bounded = [_swept("gqa", p, s, {"0.001": 160.0, "0.003": 140.0, "0.009": 123.07})
+               for s, p in enumerate((121.7, 124.1, 124.9))]
+    for r in bounded:
+        r.artifacts["lr_sweep"]["values"]["0.027"] = None  # diverged
+    assert claims.lr_pick_note("gqa", bounded) is None
+    assert claims.evaluate_group(claim, mla + bounded, (), "tiny")["verdict"] == REPRODUCED
+    low = [_swept("mla", p, s, {"0.001": 96.9, "0.003": 118.6}) for s, p in enumerate((128.0, 131.4, 135.2))]
+    assert "mla's learning rate (0.001) is the smallest" in claims.evaluate_group(claim, low + top, (), "tiny")["evidence"]
 
 
 def failed_run(technique, seed):

@@ -16,9 +16,9 @@ Verdicts, per claim and group of records (a scale, and a dataset where the study
                   than its metric needs (MIN_RUNS: 3 seeds for a quality claim), where a technique a `best` claim
                   ranks did not run (the claim is over all of them: it cannot be reproduced on a subset), where a
                   reported seed of a compared technique failed or gave no value (a verdict on the survivors would
-                  flatter the technique), where a learning rate a sweep picked within seed noise could flip the
-                  quality verdict (`lr_pick_note`, `_lr_blocks`), or where the ranking a quality claim relies on
-                  changed between half and all of the training budget.
+                  flatter the technique), where a learning rate a sweep picked within seed noise or at an end of
+                  its grid could flip the quality verdict (`lr_pick_note`, `_lr_blocks`), or where the ranking a
+                  quality claim relies on changed between half and all of the training budget.
   not testable    a metric this profile does not measure, a device or scale it lacks, a technique a two-technique
                   test names that did not run, a best test whose own technique (or every other) did not run.
 What the rule controls, per claims row: a false claim comes out reproduced with probability at most ALPHA/2, and a
@@ -484,15 +484,33 @@ def failed_only(claim: dict, by_tech: dict[str, list[runs.RunRecord]], failed: l
             if (rs := [r for r in failed if r.technique == t])]
 
 
+def sweep_edge(sweep: dict) -> tuple[str, float, float] | None:
+    """("smallest" or "largest", the smallest and the largest LR tried) where a sweep's (`artifacts.lr_sweep`) best
+    learning rate is an end of its grid, else None. Diverged points count as tried: a best next to a diverged larger
+    LR is bounded on that side."""
+    tried = sorted(float(lr) for lr in sweep.get("values") or {})
+    if len(tried) < 2 or not isinstance(sweep.get("best"), (int, float)):
+        return None
+    best = float(sweep["best"])
+    # the values' keys are the LRs to 6 significant digits (engine.sweep), `best` is the full float
+    side = ("smallest" if math.isclose(best, tried[0], rel_tol=1e-5) else
+            "largest" if math.isclose(best, tried[-1], rel_tol=1e-5) else None)
+    return (side, tried[0], tried[-1]) if side else None
+
+
 def lr_pick_note(technique: str, rs: list[runs.RunRecord], alpha: float = ALPHA) -> str | None:
     """Why a technique's learning rate, picked by its sweep (engine.sweep: one run per point, at the sweep's own
-    seed), may not be its best: the sweep's best two points differ by less than one seed's noise can produce
+    seed), may not be its best: the pick is an end of the grid (`sweep_edge`: the metric was still improving there,
+    the optimum may lie beyond), or the sweep's best two points differ by less than one seed's noise can produce
     (z_{1-alpha/2} x sqrt(2) x the seed standard deviation of the log metric, from the reported repeats). A wrong
     pick only handicaps the technique, and it is the same for all its seeds, so no interval shows it. None: no
-    sweep, or a clear pick."""
+    sweep, or a clear pick inside the grid."""
     sweep = next((r.artifacts.get("lr_sweep") for r in rs if isinstance(r.artifacts.get("lr_sweep"), dict)), None)
     if not sweep or not isinstance(sweep.get("values"), dict) or not isinstance(sweep.get("best"), (int, float)):
         return None
+    if edge := sweep_edge(sweep):
+        return (f"{technique}'s learning rate ({sweep['best']:.3g}) is the {edge[0]} its sweep tried "
+                f"({edge[1]:.3g}-{edge[2]:.3g}): its best may lie beyond the grid")
     points = sorted(v for v in (sweep.get("values") or {}).values()
                     if isinstance(v, (int, float)) and math.isfinite(v) and v > 0)
     logs = [math.log(v) for r in rs if (v := _metric(r, sweep.get("metric", ""))) and v > 0]

@@ -273,21 +273,16 @@ def _energy_warning(checked) -> str:
 
 def sweep_edges(records) -> list[str]:
     """One line per (study, technique, scale) whose best learning rate is the smallest or largest its LR sweep tried
-    (`artifacts.lr_sweep`): its optimum may lie beyond the grid, so its comparison may not be at its best."""
+    (`claims.sweep_edge`): its optimum may lie beyond the grid, so its comparison may not be at its best."""
+    from effllm_utils.report.claims import sweep_edge
+
     out = {}
     for r in records:
-        sweep = r.artifacts.get("lr_sweep") or {}
-        tried = sorted(float(lr) for lr in sweep.get("values") or {})  # diverged points too: they were tried
-        if len(tried) < 2 or sweep.get("best") is None:
-            continue
-        best = float(sweep["best"])
-        # the values' keys are the LRs to 6 significant digits (engine.sweep), `best` is the full float
-        side = ("smallest" if math.isclose(best, tried[0], rel_tol=1e-5) else
-                "largest" if math.isclose(best, tried[-1], rel_tol=1e-5) else None)
-        if side:
+        sweep = r.artifacts.get("lr_sweep")
+        if isinstance(sweep, dict) and (edge := sweep_edge(sweep)):
             out[(r.study, r.technique, r.scale)] = (
-                f"{r.study} {r.technique} at {r.scale}: best LR {best:.3g} is the {side} its sweep tried "
-                f"({tried[0]:.3g}-{tried[-1]:.3g})")
+                f"{r.study} {r.technique} at {r.scale}: best LR {float(sweep['best']):.3g} is the {edge[0]} its "
+                f"sweep tried ({edge[1]:.3g}-{edge[2]:.3g})")
     return [out[k] for k in sorted(out)]
 
 
