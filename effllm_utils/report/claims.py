@@ -30,7 +30,8 @@ corrected across rows (a reader scanning all of them should expect up to ALPHA/2
 in the worst case), and the J/token verdict beside a power claim is its own row-level test.
 
 Each row states the effect (the ratio it relies on, with its 1 - ALPHA confidence interval) and the evidence level:
-model size, tokens seen, tokens per parameter and seeds, and a level from EVIDENCE_LEVELS. Timing repeats are seeds run
+model size, tokens seen, tokens per parameter (fine-tuning tokens for a run that fine-tuned a pretrained checkpoint,
+`evidence_level`) and seeds, and a level from EVIDENCE_LEVELS. Timing repeats are seeds run
 by `make reproduce ARGS="--seeds 0,1,2"`, which runs every technique of a seed before the next seed (A B C A B C ...),
 so a drift of the machine lands in the spread, not between techniques. Only the current records of each experiment
 (`core.aggregate`, same settings and same code version) are repeats; records of other code are stale and left out. A
@@ -363,25 +364,45 @@ def tokens_seen(r: runs.RunRecord) -> float | None:
     return None
 
 
+def pretrained_base(r: runs.RunRecord) -> bool:
+    """Whether a run fine-tuned a checkpoint pretrained elsewhere (SmolLM2, a Hub model): some level of its
+    `artifacts.base` (the VLM's: its language model's) has a source other than "suite". A base the suite pretrained
+    itself (PEFT at tiny, the DiT fine-tuning) is judged by its own short pretraining, which the record does not
+    carry."""
+    base = r.artifacts.get("base") if isinstance(r.artifacts, dict) else None
+    while isinstance(base, dict):
+        if base.get("source") not in (None, "suite"):
+            return True
+        base = base.get("base")
+    return False
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
 def evidence_level(recs: list[runs.RunRecord], seeds: int, profile: str) -> str:
     """The scale a verdict was reached at: level, parameters, tokens, tokens per parameter, seeds.
 
     Tokens per parameter is a pretraining budget (how far from compute-optimal a model trained from scratch is): it
-    judges runs that trained their model. Runs that fine-tuned a pretrained base (`base_params`: PEFT, the VLM's
-    language model) are judged by the base's size, and their tokens are stated as fine-tuning tokens."""
+    judges runs that trained their model. Runs that fine-tuned a pretrained checkpoint (`base_params` and
+    `pretrained_base`: PEFT and the VLM on SmolLM2) are judged by the base's size, and their tokens are stated as
+    fine-tuning tokens: the level says nothing of the fine-tuning budget, which the row states beside it."""
     params = max((s for r in recs if (s := model_params(r))), default=0.0)
-    tuned = bool(recs) and all(_metric(r, "base_params") for r in recs)
-    tokens = max((t for r in recs if (t := tokens_seen(r))), default=None)
-    tpp = tokens / params if tokens and params and not tuned else None
+    tuned = [r for r in recs if _metric(r, "base_params") and pretrained_base(r)]
+    scratch = [r for r in recs if not (_metric(r, "base_params") and pretrained_base(r))]
+    tokens = max((t for r in scratch if (t := tokens_seen(r))), default=None)
+    ft_tokens = max((t for r in tuned if (t := tokens_seen(r))), default=None)
+    tpp = tokens / params if tokens and params else None
     level = next(name for name, min_p, min_tpp in EVIDENCE_LEVELS
                  if params >= min_p and (tpp is None or tpp >= min_tpp))
     if profile == "tiny":
         level = "smoke"
-    parts = [f"{params / 1e6:.3g}M params" if params else "params unknown"]
-    if tokens and tuned:
-        parts.append(f"{tokens / 1e6:.3g}M fine-tuning tokens")
-    elif tokens:
+    parts = [f"{_size(params)} params" if params else "params unknown"]
+    if tokens:
         parts.append(f"{tokens / 1e6:.3g}M tokens ({tpp:.2g} tok/param)")
+    if ft_tokens:
+        parts.append(f"{ft_tokens / 1e6:.3g}M fine-tuning tokens")
     return f"{level}: " + ", ".join(parts + [f"{seeds} seed{'s' * (seeds != 1)}"])
 
 
@@ -486,16 +507,28 @@ def failed_only(claim: dict, by_tech: dict[str, list[runs.RunRecord]], failed: l
 
 def sweep_edge(sweep: dict) -> tuple[str, float, float] | None:
     """("smallest" or "largest", the smallest and the largest LR tried) where a sweep's (`artifacts.lr_sweep`) best
-    learning rate is an end of its grid, else None. Diverged points count as tried: a best next to a diverged larger
-    LR is bounded on that side."""
-    tried = sorted(float(lr) for lr in sweep.get("values") or {})
-    if len(tried) < 2 or not isinstance(sweep.get("best"), (int, float)):
+    learning rate is an end of its grid, else None. A point without a value (engine.sweep writes None for a diverged
+    and a failed point alike) bounds the grid only above the largest finite one: a larger LR diverging is why it has
+    none, while a failure that does not depend on the LR (out of memory) would have failed at every point; below, it
+    says nothing. A malformed sweep (not a dict of LR -> value) gives None."""
+    values = sweep.get("values")
+    if not isinstance(values, dict) or not isinstance(sweep.get("best"), (int, float)):
+        return None
+    try:
+        points = sorted((float(lr), v) for lr, v in values.items())
+    except (TypeError, ValueError):
+        return None
+    finite = [lr for lr, v in points if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite:
+        return None
+    lo, hi = finite[0], max(lr for lr, _ in points)
+    if hi - lo <= 0:
         return None
     best = float(sweep["best"])
     # the values' keys are the LRs to 6 significant digits (engine.sweep), `best` is the full float
-    side = ("smallest" if math.isclose(best, tried[0], rel_tol=1e-5) else
-            "largest" if math.isclose(best, tried[-1], rel_tol=1e-5) else None)
-    return (side, tried[0], tried[-1]) if side else None
+    side = ("smallest" if math.isclose(best, lo, rel_tol=1e-5) else
+            "largest" if math.isclose(best, hi, rel_tol=1e-5) else None)
+    return (side, lo, hi) if side else None
 
 
 def lr_pick_note(technique: str, rs: list[runs.RunRecord], alpha: float = ALPHA) -> str | None:
@@ -576,7 +609,7 @@ def evaluate_group(claim: dict, recs: list[runs.RunRecord], group_by: tuple[str,
     reason = _when(claim, ok)
     by_tech = repeats(ok, group_by)
     seeds = min((len(by_tech[t]) for t in _named(claim) if t in by_tech), default=0)
-    level = evidence_level(ok, seeds, profile)
+    level = evidence_level([r for rs in by_tech.values() for r in rs] or ok, seeds, profile)  # the repeats
     if claim.get("scale"):  # the scale the paper's claim was made at, beside ours
         level += f"; the paper's claim: {paper_scale(claim['scale'])}"
     row = {"evidence level": level, ENERGY_COLUMN: ""}
