@@ -224,6 +224,31 @@ def test_the_report_flags_a_best_learning_rate_at_the_edge_of_its_sweep(outputs)
     assert "Best learning rate at the edge of its sweep" in page and "attention mla at tiny: best LR 0.009" in page
 
 
+def test_the_report_names_each_copied_run_once_with_its_count(outputs):
+    """Records that are another study's run (`same_run_as`: the default backbone trained once) are listed per
+    study and technique with the run they copy and how many records copy it, not one entry per record."""
+    def rec(study, technique, seed, donor=None):
+        p = {"seed": seed}
+        r = runs.RunRecord(run_id=runs.make_run_id(study, technique, p, "tiny"), study=study, technique=technique,
+                           profile="tiny", scale="tiny", params=p, quality={"ppl": 100.0 + seed},
+                           started_at="2026-12-07T10:00:00+00:00", code_version=provenance.code_version(study))
+        if donor:
+            r.artifacts = {"same_run_as": donor.run_id, "same_run_started": donor.started_at}
+        runs.write_record(r)
+        return r
+
+    gqa = [rec("attention", "gqa", seed) for seed in (0, 1, 2)]
+    for g in gqa:
+        rec("positional_encoding", "rope", g.params["seed"], donor=g)
+    rec("moe", "dense", 0, donor=gqa[0])
+    current = [r for s in ("attention", "positional_encoding", "moe") for r in registry.current("tiny", s)]
+    assert webpage.copied_runs(current) == ["moe dense = attention gqa (1 record)",
+                                            "positional_encoding rope = attention gqa (3 records)"]
+    page = webpage._warnings("tiny", ["attention", "positional_encoding", "moe"])
+    assert "positional_encoding rope = attention gqa (3 records)" in page and page.count("rope =") == 1
+    assert webpage.copied_runs(gqa) == []
+
+
 def test_report_time_sums_the_current_records_of_a_batch_run_in_several_sittings(outputs, capsys):
     """`cli.report --time`: per study, this code's records (a stale one left out), their summed run time, first and
     last start, and a total; without records, one line and exit 2."""

@@ -286,6 +286,19 @@ def sweep_edges(records) -> list[str]:
     return [out[k] for k in sorted(out)]
 
 
+def copied_runs(records) -> list[str]:
+    """One line per (study, technique, run copied) whose records are another study's run (`same_run_as`: the default
+    backbone, trained once): which run, and how many of the records (sweep points and seeds) are its copies."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for r in records:
+        if donor := r.artifacts.get("same_run_as"):
+            donor_study, donor_technique = (donor.split("--") + [""])[:2]
+            key = (r.study, r.technique, f"{donor_study} {donor_technique}".strip())
+            counts[key] = counts.get(key, 0) + 1
+    return [f"{study} {technique} = {donor} ({n} record{'s' if n > 1 else ''})"
+            for (study, technique, donor), n in sorted(counts.items())]
+
+
 def _warnings(profile: str, studies: list[str]) -> str:
     """The report's warnings: package versions that differ between records or from this install, stale records, runs
     that shared the CPUs with other work, best learning rates at a sweep's edge."""
@@ -319,14 +332,10 @@ def _warnings(profile: str, studies: list[str]) -> str:
                     + ",".join(sorted({r.study for r, _ in changed})) + ' --force"</code>.<ul>'
                     + "".join(f"<li>{html.escape(r.run_id)}: {html.escape(why)}</li>" for r, why in changed)
                     + "</ul></div>")
-    copies = [r for r in current if r.artifacts.get("same_run_as")]
-    if copies:
-        warning += ("<p>" + f"{len(copies)} record(s) are another study's run, recorded in this one too (the default "
-                    "backbone, trained once: same model, budget, learning rate and seed; their times were measured in "
-                    "that study's slot of the batch): "
-                    + ", ".join(f"{html.escape(r.study)} {html.escape(r.technique)} = "
-                                f"{html.escape(r.artifacts['same_run_as'].split('--')[0])}" for r in copies[:6])
-                    + (" ..." if len(copies) > 6 else "") + ".</p>")
+    if copies := copied_runs(current):
+        warning += ("<p>Records that are another study's run, recorded in this one too (the default backbone, trained "
+                    "once: same model, budget, learning rate and seed; their times were measured in that study's slot "
+                    "of the batch): " + "; ".join(html.escape(c) for c in copies) + ".</p>")
     edges = sweep_edges(current)
     if edges:
         warning += ('<div class="warn"><b>Best learning rate at the edge of its sweep</b>: the optimum may lie beyond '
