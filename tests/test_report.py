@@ -247,6 +247,10 @@ def test_the_report_names_each_copied_run_once_with_its_count(outputs):
     page = webpage._warnings("tiny", ["attention", "positional_encoding", "moe"])
     assert "positional_encoding rope = attention gqa (3 records)" in page and page.count("rope =") == 1
     assert webpage.copied_runs(gqa) == []
+    [dense] = registry.current("tiny", "moe")  # a copied run flagged at its sweep's edge says whose run it is
+    dense.artifacts["lr_sweep"] = {"metric": "ppl", "values": {"0.001": 120.0, "0.003": 121.0}, "best": 0.001}
+    assert webpage.sweep_edges([dense]) == ["moe dense at tiny: best LR 0.001 is the smallest its sweep tried "
+                                            "(0.001-0.003) (the run of attention gqa)"]
 
 
 def test_report_time_sums_the_current_records_of_a_batch_run_in_several_sittings(outputs, capsys):

@@ -273,16 +273,19 @@ def _energy_warning(checked) -> str:
 
 def sweep_edges(records) -> list[str]:
     """One line per (study, technique, scale) whose best learning rate is the smallest or largest its LR sweep tried
-    (`claims.sweep_edge`): its optimum may lie beyond the grid, so its comparison may not be at its best."""
+    (`claims.sweep_edge`): its optimum may lie beyond the grid, so its comparison may not be at its best. A record
+    that copies another study's run says whose, so one run flagged in several studies reads as one."""
     from effllm_utils.report.claims import sweep_edge
 
     out = {}
     for r in records:
         sweep = r.artifacts.get("lr_sweep")
         if isinstance(sweep, dict) and (edge := sweep_edge(sweep)):
+            copy = r.artifacts.get("same_run_as")
             out[(r.study, r.technique, r.scale)] = (
                 f"{r.study} {r.technique} at {r.scale}: best LR {float(sweep['best']):.3g} is the {edge[0]} its "
-                f"sweep tried ({edge[1]:.3g}-{edge[2]:.3g})")
+                f"sweep tried ({edge[1]:.3g}-{edge[2]:.3g})"
+                + (f" (the run of {' '.join(copy.split('--')[:2])})" if copy else ""))
     return [out[k] for k in sorted(out)]
 
 
