@@ -389,9 +389,9 @@ def evidence_level(recs: list[runs.RunRecord], seeds: int, profile: str) -> str:
     `pretrained_base`: PEFT and the VLM on SmolLM2) are judged by the base's size, and their tokens are stated as
     fine-tuning tokens: the level says nothing of the fine-tuning budget, which the row states beside it."""
     params = max((s for r in recs if (s := model_params(r))), default=0.0)
-    is_tuned = {id(r): bool(_metric(r, "base_params")) and pretrained_base(r) for r in recs}
-    tuned = [r for r in recs if is_tuned[id(r)]]
-    scratch = [r for r in recs if not is_tuned[id(r)]]
+    tuned, scratch = [], []
+    for r in recs:
+        (tuned if _metric(r, "base_params") and pretrained_base(r) else scratch).append(r)
     tokens = max((t for r in scratch if (t := tokens_seen(r))), default=None)
     ft_tokens = max((t for r in tuned if (t := tokens_seen(r))), default=None)
     tpp = tokens / params if tokens and params else None

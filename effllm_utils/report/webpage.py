@@ -8,6 +8,7 @@ import html
 import math
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from effllm_utils import outputs_dir
@@ -271,6 +272,11 @@ def _energy_warning(checked) -> str:
             + "</ul></div>")
 
 
+def _run_named(run_id: str) -> str:
+    """"study technique" of a run id (`runs.make_run_id`: study--technique--...)."""
+    return " ".join(run_id.split("--")[:2])
+
+
 def sweep_edges(records) -> list[str]:
     """One line per (study, technique, scale) whose best learning rate is the smallest or largest its LR sweep tried
     (`claims.sweep_edge`): its optimum may lie beyond the grid, so its comparison may not be at its best. A record
@@ -285,19 +291,15 @@ def sweep_edges(records) -> list[str]:
             out[(r.study, r.technique, r.scale)] = (
                 f"{r.study} {r.technique} at {r.scale}: best LR {float(sweep['best']):.3g} is the {edge[0]} its "
                 f"sweep tried ({edge[1]:.3g}-{edge[2]:.3g})"
-                + (f" (the run of {' '.join(copy.split('--')[:2])})" if copy else ""))
+                + (f" (the run of {_run_named(copy)})" if copy else ""))
     return [out[k] for k in sorted(out)]
 
 
 def copied_runs(records) -> list[str]:
     """One line per (study, technique, run copied) whose records are another study's run (`same_run_as`: the default
     backbone, trained once): which run, and how many of the records (sweep points and seeds) are its copies."""
-    counts: dict[tuple[str, str, str], int] = {}
-    for r in records:
-        if donor := r.artifacts.get("same_run_as"):
-            donor_study, donor_technique = (donor.split("--") + [""])[:2]
-            key = (r.study, r.technique, f"{donor_study} {donor_technique}".strip())
-            counts[key] = counts.get(key, 0) + 1
+    counts = Counter((r.study, r.technique, _run_named(donor)) for r in records
+                     if (donor := r.artifacts.get("same_run_as")))
     return [f"{study} {technique} = {donor} ({n} record{'s' if n > 1 else ''})"
             for (study, technique, donor), n in sorted(counts.items())]
 
